@@ -1,0 +1,144 @@
+"""Layout-independent checkpoints: expert tensors keyed by logical expert id, written with torch DCP.
+
+A checkpoint is a folder: DCP shards holding `model/<name>` and `optim<i>/<name>/<state>` tensors, where
+an expert parameter `<name>` of shape [slots, ...] is stored per logical expert as `<name>:<expert>`, plus
+`meta.pt` with everything else Lightning saves (loops, schedulers, callbacks, optimizer hyperparameters).
+Any layout that can build the model can load it: each rank reads the keys of the experts it holds.
+"""
+
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.optim import Optimizer
+
+from lightning_smartmoe.errors import ConfigError
+from lightning_smartmoe.moe.experts import GroupedExperts
+
+META = "meta.pt"
+
+
+def _expert_ids(module: nn.Module) -> dict[int, list[int]]:
+    """id(expert parameter) -> logical expert of each of its slots."""
+    return {id(p): m.logical_ids for m in module.modules() if isinstance(m, GroupedExperts) for p in (m.w1, m.w2)}
+
+
+def _split(name: str, tensor: Tensor, ids: list[int] | None) -> dict[str, Tensor]:
+    if ids is None:
+        return {name: tensor}
+    return {f"{name}:{e}": tensor[i] for i, e in enumerate(ids)}
+
+
+def model_tensors(module: nn.Module) -> dict[str, Tensor]:
+    """`model/<name>` -> tensor (views of the live parameters and buffers), experts split by logical id."""
+    ids = _expert_ids(module)
+    out: dict[str, Tensor] = {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        out.update(_split(f"model/{name}", t.detach(), ids.get(id(t))))
+    return out
+
+
+def optimizer_tensors(module: nn.Module, optimizer: Optimizer, index: int) -> dict[str, Tensor]:
+    """`optim<index>/<param name>/<state>` -> tensor (views of the live state), experts split by logical id.
+
+    Per-parameter scalars (Adam's step) are stored once per logical expert too.
+    """
+    ids = _expert_ids(module)
+    out: dict[str, Tensor] = {}
+    for name, p in module.named_parameters():
+        for key, value in optimizer.state.get(p, {}).items():
+            if not isinstance(value, Tensor):
+                continue
+            expert = ids.get(id(p))
+            if expert is not None and value.shape != p.shape:
+                out.update({f"optim{index}/{name}:{e}/{key}": value for e in expert})
+            else:
+                out.update(_split(f"optim{index}/{name}/{key}", value, expert))
+    return out
+
+
+def _init_optimizer_state(module: nn.Module, optimizer: Optimizer, index: int, saved: dict[str, Any]) -> None:
+    """Create zero optimizer state shaped like the checkpoint's, so DCP can load into it."""
+    ids = _expert_ids(module)
+    for name, p in module.named_parameters():
+        if p in optimizer.state and optimizer.state[p]:
+            continue
+        expert = ids.get(id(p))
+        prefix = f"optim{index}/{name}" + (f":{expert[0]}" if expert is not None else "") + "/"
+        state = {}
+        for key, meta in saved.items():
+            if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata):
+                shape = tuple(meta.size)
+                if expert is not None and shape == p.shape[1:]:
+                    shape = tuple(p.shape)
+                state[key[len(prefix) :]] = torch.zeros(shape, dtype=meta.properties.dtype, device=p.device)
+        if state:
+            optimizer.state[p] = state
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast_path(path: Path) -> Path:
+    if not dist.is_initialized():
+        return path
+    box = [str(path)]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0])
+
+
+def save(path: str | Path, module: nn.Module, optimizers: list[Optimizer], meta: dict[str, Any]) -> None:
+    """Collective save. Written to a temporary folder and renamed, so a crash leaves no half checkpoint."""
+    path = _broadcast_path(Path(path))
+    tmp = _broadcast_path(path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"))
+    tensors = model_tensors(module)
+    for i, opt in enumerate(optimizers):
+        tensors.update(optimizer_tensors(module, opt, i))
+    dcp.save(tensors, checkpoint_id=tmp)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        meta = dict(meta, optimizer_hparams=[[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in optimizers])
+        torch.save(meta, tmp / META)
+    _barrier()
+    if rank == 0:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        tmp.rename(path)
+    _barrier()
+
+
+def load(path: str | Path, module: nn.Module, optimizers: list[Optimizer]) -> dict[str, Any]:
+    """Collective load into the live module and optimizers; returns the metadata for Lightning."""
+    path = Path(path)
+    if not (path / META).is_file():
+        raise ConfigError(f"ckpt_path={str(path)!r} is not a smartmoe checkpoint folder (no {META})")
+    try:
+        saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        for i, opt in enumerate(optimizers):
+            _init_optimizer_state(module, opt, i, saved)
+        tensors = model_tensors(module)
+        for i, opt in enumerate(optimizers):
+            tensors.update(optimizer_tensors(module, opt, i))
+        missing = sorted(k for k in tensors if k not in saved)
+        if missing:
+            raise ConfigError(f"ckpt_path={str(path)!r} lacks {len(missing)} tensors this model needs, e.g. {missing[:3]}")
+        dcp.load(tensors, checkpoint_id=path)
+        meta = torch.load(path / META, weights_only=False)
+    except ConfigError:
+        raise
+    except Exception as err:  # a damaged file surfaces as many different errors
+        raise ConfigError(f"ckpt_path={str(path)!r} could not be read: {err}") from err
+    for opt, groups in zip(optimizers, meta.pop("optimizer_hparams", [])):
+        for group, saved_group in zip(opt.param_groups, groups):
+            group.update(saved_group)
+    return meta

@@ -1,0 +1,71 @@
+"""From a composed Hydra config to checked objects. Every check runs here, before any process starts."""
+
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_smartmoe.data import TokenDataModule
+from lightning_smartmoe.errors import ConfigError
+from lightning_smartmoe.layout import ParallelSizes
+from lightning_smartmoe.models import GPTMoEConfig, OptimConfig
+from lightning_smartmoe.moe import MoEConfig
+
+PACKAGE = Path(__file__).resolve().parent
+
+
+def _resource_dir(name: str) -> Path:
+    """conf/ or recipes/: at the top of a checkout, or inside the installed package."""
+    checkout = PACKAGE.parent / name
+    return checkout if checkout.is_dir() else PACKAGE / name
+
+
+def conf_dir() -> Path:
+    return _resource_dir("conf")
+
+
+def register_recipes() -> None:
+    """Make each recipes/NAME.yaml selectable as `recipe=NAME` (a global override of the groups)."""
+    store = ConfigStore.instance()
+    for path in sorted(_resource_dir("recipes").glob("*.yaml")):
+        store.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
+
+
+def _section(cfg: DictConfig, key: str, cls: type, **extra):
+    """cls(**cfg[key], **extra), refusing keys the dataclass does not have."""
+    values = OmegaConf.to_container(cfg[key], resolve=True)
+    known = set(cls.__dataclass_fields__) - set(extra)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]} is not a known key; allowed: {', '.join(sorted(known))}")
+    return cls(**values, **extra)
+
+
+def model_config(cfg: DictConfig) -> GPTMoEConfig:
+    return _section(cfg, "model", GPTMoEConfig, moe=_section(cfg, "moe", MoEConfig))
+
+
+def optim_config(cfg: DictConfig) -> OptimConfig:
+    return _section(cfg, "optim", OptimConfig)
+
+
+def parallel_sizes(cfg: DictConfig) -> ParallelSizes:
+    p = cfg.parallel
+    world = cfg.trainer.devices * cfg.trainer.num_nodes
+    return ParallelSizes.resolve(world, dp=p.dp, tp=p.tp, pp=p.pp, ep=p.ep)
+
+
+def datamodule(cfg: DictConfig, model: GPTMoEConfig, sizes: ParallelSizes) -> TokenDataModule:
+    """Build and load the data (so a bad path or corpus fails here)."""
+    d = cfg.data
+    dm = TokenDataModule(
+        path=d.path,
+        seq_len=model.seq_len,
+        global_batch_size=d.global_batch_size,
+        val_fraction=d.val_fraction,
+        vocab_size=model.vocab_size,
+        num_workers=d.num_workers,
+        seed=d.seed,
+    )
+    dm.prepare(sizes.dp, cfg.trainer.accumulate_grad_batches)
+    return dm

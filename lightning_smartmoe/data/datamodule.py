@@ -1,0 +1,94 @@
+"""Next-token windows over a token array, and the LightningDataModule that serves them."""
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_smartmoe.data.corpus import BYTE_VOCAB, load_splits, max_token
+from lightning_smartmoe.errors import ConfigError
+
+
+class TokenWindows(Dataset):
+    """Item i is (x, y): [seq_len] int64 tokens and the same shifted by one.
+
+    With `seed`, window starts are drawn uniformly once (deterministic per index); without, the
+    windows tile the array back to back.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int | None = None) -> None:
+        span = len(tokens) - seq_len - 1
+        if span < 0:
+            raise ConfigError(f"data: {len(tokens)} tokens cannot fill one window of model.seq_len={seq_len} + 1")
+        self.tokens = tokens
+        self.seq_len = seq_len
+        count = max(1, len(tokens) // seq_len) if seed is not None else span // seq_len + 1
+        if seed is None:
+            self.starts = np.arange(count, dtype=np.int64) * seq_len
+        else:
+            self.starts = np.random.default_rng(seed).integers(0, span + 1, size=count)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = int(self.starts[i])
+        chunk = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
+        return chunk[:-1], chunk[1:]
+
+
+class TokenDataModule(pl.LightningDataModule):
+    """Language-model batches over `load_splits(path)`.
+
+    `global_batch_size` sequences make one optimizer step; each rank's loader yields
+    global_batch_size / (data-parallel size * accumulate_grad_batches) of them per micro-step.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        seq_len: int = 128,
+        global_batch_size: int = 32,
+        val_fraction: float = 0.05,
+        vocab_size: int = BYTE_VOCAB,
+        num_workers: int = 0,
+        seed: int = 1234,
+    ) -> None:
+        super().__init__()
+        if global_batch_size < 1:
+            raise ConfigError(f"data.global_batch_size={global_batch_size} must be >= 1")
+        self.path, self.seq_len, self.global_batch_size = path, seq_len, global_batch_size
+        self.val_fraction, self.vocab_size = val_fraction, vocab_size
+        self.num_workers, self.seed = num_workers, seed
+        self.train: TokenWindows | None = None
+        self.val: TokenWindows | None = None
+        self.micro_batch_size = global_batch_size
+
+    def prepare(self, data_parallel_size: int, accumulate: int) -> None:
+        """Load and check the corpus, and size the per-rank batch. Raises ConfigError on bad input."""
+        if self.global_batch_size % (data_parallel_size * accumulate):
+            raise ConfigError(
+                f"data.global_batch_size={self.global_batch_size} must be divisible by data-parallel size "
+                f"{data_parallel_size} x trainer.accumulate_grad_batches={accumulate}"
+            )
+        self.micro_batch_size = self.global_batch_size // (data_parallel_size * accumulate)
+        train, val = load_splits(self.path, self.val_fraction)
+        top = max(max_token(train), max_token(val) if len(val) else 0)
+        if top >= self.vocab_size:
+            raise ConfigError(f"data.path holds token id {top}; model.vocab_size={self.vocab_size} must exceed it")
+        self.train = TokenWindows(train, self.seq_len, seed=self.seed)
+        self.val = TokenWindows(val, self.seq_len)
+
+    def setup(self, stage: str) -> None:
+        if self.train is None:
+            strategy = self.trainer.strategy
+            dp = strategy.distributed_sampler_kwargs["num_replicas"] if strategy.distributed_sampler_kwargs else 1
+            self.prepare(dp, self.trainer.accumulate_grad_batches)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train, batch_size=self.micro_batch_size, shuffle=False, drop_last=True, num_workers=self.num_workers
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val, batch_size=self.micro_batch_size, shuffle=False, num_workers=self.num_workers)

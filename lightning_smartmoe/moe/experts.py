@@ -1,0 +1,54 @@
+"""A group of expert FFNs computed over expert-contiguous tokens."""
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class GroupedExperts(nn.Module):
+    """`num_slots` two-layer GELU FFNs, stored stacked.
+
+    w1: [num_slots, d_model, hidden], w2: [num_slots, hidden, d_model]. Slot i holds logical expert
+    `logical_ids[i]` (checkpoints key expert weights by it, so they do not depend on the layout).
+    """
+
+    def __init__(self, num_slots: int, d_model: int, hidden: int, out_std: float = 0.02) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_slots, d_model, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_slots, hidden, d_model))
+        nn.init.normal_(self.w1, std=0.02)
+        nn.init.normal_(self.w2, std=out_std)
+        self.logical_ids = list(range(num_slots))
+
+    @property
+    def num_slots(self) -> int:
+        return self.w1.shape[0]
+
+    def forward(self, rows: Tensor, counts: list[int]) -> Tensor:
+        """Apply slot i's FFN to the i-th block of rows.
+
+        Args:
+            rows: [N, d_model] tokens grouped by slot, N = sum(counts).
+            counts: rows per slot, len num_slots.
+
+        Returns:
+            [N, d_model].
+        """
+        outs = []
+        for w1, w2, block in zip(self.w1, self.w2, rows.split(counts)):
+            outs.append(nn.functional.gelu(block @ w1.to(block.dtype)) @ w2.to(block.dtype))
+        return torch.cat(outs) if outs else rows
+
+    @torch.no_grad()
+    def keep_slots(self, slots: list[int]) -> None:
+        """Keep only the given slots (in that order), e.g. this rank's share of a full set of experts."""
+        index = torch.tensor(slots, dtype=torch.long, device=self.w1.device)
+        self.w1 = nn.Parameter(self.w1.index_select(0, index))
+        self.w2 = nn.Parameter(self.w2.index_select(0, index))
+        self.logical_ids = [self.logical_ids[s] for s in slots]
+
+
+def default_out_std(n_layers: int) -> float:
+    """GPT-2 style scaled init of residual-branch output projections."""
+    return 0.02 / math.sqrt(2 * n_layers)

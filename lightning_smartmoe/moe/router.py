@@ -1,0 +1,97 @@
+"""Token-to-expert router: the gates naive, gshard and switch, with optional capacity dropping."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lightning_smartmoe.moe.config import MoEConfig
+from triton_ops import expert_histogram, topk_softmax
+
+
+@dataclass
+class Routing:
+    """One router decision for T = B * S tokens.
+
+    expert_ids: [T, k] int64 logical expert per assignment, -1 where dropped (capacity or random routing).
+    weights: [T, k] combine weights (differentiable).
+    probs: [T, E] router probabilities (differentiable, for the aux loss).
+    logits: [T, E] router logits (differentiable, for the z-loss).
+    (Router math runs in fp32, or fp64 for an fp64 model.)
+    routed: [E] int64 assignments per expert before any drop (this rank's tokens).
+    dropped: [] int64 assignments dropped for lack of capacity.
+    """
+
+    expert_ids: Tensor
+    weights: Tensor
+    probs: Tensor
+    logits: Tensor
+    routed: Tensor
+    dropped: Tensor
+
+
+def capacity_mask(expert_ids: Tensor, num_experts: int, capacity: int) -> Tensor:
+    """Which assignments fit each expert's per-sequence capacity.
+
+    Within a sequence, all first choices queue before all second choices, each in token order
+    (GShard's priority). Capacity is per sequence, so the decision does not depend on how the batch
+    is split over ranks or micro-batches.
+
+    Args:
+        expert_ids: [B, S, k] int64 expert per assignment (-1 = already dropped).
+        num_experts: E.
+        capacity: slots per expert per sequence.
+
+    Returns:
+        [B, S, k] bool, True where the assignment is kept.
+    """
+    b, s, k = expert_ids.shape
+    queued = expert_ids.transpose(1, 2).reshape(b, k * s)  # choice-major queue per sequence
+    onehot = torch.nn.functional.one_hot(queued.clamp(min=0), num_experts) * (queued >= 0).unsqueeze(-1)
+    position = onehot.cumsum(dim=1) * onehot  # 1-based position of each assignment in its expert's queue
+    keep = (position.sum(dim=-1) <= capacity) & (queued >= 0)
+    return keep.reshape(b, k, s).transpose(1, 2)
+
+
+class Router(nn.Module):
+    """Linear router over d_model features with one of three gates.
+
+    - naive: top-k of the softmax, weights renormalised over the k chosen.
+    - gshard: top-2, weights renormalised; in training the 2nd expert is kept with probability 2 * w2.
+    - switch: top-1 with the raw top-1 probability as weight; in training the router input is
+      multiplied by U(1 - jitter_eps, 1 + jitter_eps) noise.
+    Every gate honours `capacity_factor` (per-sequence capacity ceil(cf * S * k / E)) when it is set.
+    """
+
+    def __init__(self, d_model: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, d_model))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def capacity(self, seq_len: int) -> int:
+        """Per-sequence slots per expert."""
+        cfg = self.cfg
+        return math.ceil(cfg.capacity_factor * seq_len * cfg.top_k / cfg.num_experts)
+
+    def forward(self, x: Tensor) -> Routing:
+        """Route x [B, S, d]."""
+        cfg = self.cfg
+        b, s, _ = x.shape
+        if cfg.gate == "switch" and self.training and cfg.jitter_eps > 0:
+            x = x * torch.empty_like(x).uniform_(1 - cfg.jitter_eps, 1 + cfg.jitter_eps)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        logits = nn.functional.linear(x.reshape(b * s, -1).to(dtype), self.weight.to(dtype))
+        probs, weights, expert_ids = topk_softmax(logits, cfg.top_k, renormalize=cfg.gate != "switch")
+        routed = expert_histogram(expert_ids, cfg.num_experts)
+        if cfg.gate == "gshard" and self.training and cfg.random_routing:
+            keep_second = torch.rand(b * s, device=x.device) < 2 * weights[:, 1].detach()
+            expert_ids = torch.stack([expert_ids[:, 0], expert_ids[:, 1].where(keep_second, -1)], dim=1)
+        dropped = torch.zeros((), dtype=torch.long, device=x.device)
+        if cfg.capacity_factor is not None:
+            keep = capacity_mask(expert_ids.reshape(b, s, -1), cfg.num_experts, self.capacity(s))
+            keep = keep.reshape(b * s, -1)
+            dropped = ((expert_ids >= 0) & ~keep).sum()
+            expert_ids = expert_ids.where(keep, -1)
+        return Routing(expert_ids, weights, probs, logits, routed, dropped)

@@ -1,0 +1,55 @@
+"""smartmoe-train: train GPT-MoE from the Hydra config (`python -m lightning_smartmoe.train`)."""
+
+import sys
+from pathlib import Path
+
+import hydra
+import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig
+
+from lightning_smartmoe import config
+from lightning_smartmoe.callbacks import TokensPerSecond
+from lightning_smartmoe.errors import ConfigError
+from lightning_smartmoe.models import GPTMoEModule
+from lightning_smartmoe.strategy import SmartMoEStrategy
+
+
+def build(cfg: DictConfig, output_dir: Path) -> tuple[pl.Trainer, GPTMoEModule, pl.LightningDataModule]:
+    """Check the whole config and build trainer, module and data. Raises ConfigError on bad input."""
+    model_cfg = config.model_config(cfg)
+    optim_cfg = config.optim_config(cfg)
+    sizes = config.parallel_sizes(cfg)
+    sizes.check_experts(model_cfg.moe.num_experts)
+    dm = config.datamodule(cfg, model_cfg, sizes)
+    pl.seed_everything(cfg.seed, workers=True)
+    module = GPTMoEModule(model_cfg, optim_cfg)
+    strategy = SmartMoEStrategy(
+        dp=sizes.dp, tp=sizes.tp, pp=sizes.pp, ep=sizes.ep,
+        start_method=cfg.parallel.start_method, bucket_mb=cfg.parallel.bucket_mb,
+    )
+    checkpoints = ModelCheckpoint(
+        dirpath=output_dir / "checkpoints", save_last=True, every_n_train_steps=cfg.checkpoint_every_n_steps
+    )
+    logger = hydra.utils.instantiate(cfg.logger)
+    trainer = pl.Trainer(strategy=strategy, logger=logger, callbacks=[checkpoints, TokensPerSecond()], **cfg.trainer)
+    return trainer, module, dm
+
+
+def run(cfg: DictConfig) -> None:
+    try:
+        trainer, module, dm = build(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except ConfigError as err:
+        print(f"smartmoe-train: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    trainer.fit(module, dm, ckpt_path=cfg.ckpt_path)
+
+
+def main() -> None:
+    config.register_recipes()
+    hydra.main(config_path=str(config.conf_dir()), config_name="train", version_base="1.3")(run)()
+
+
+if __name__ == "__main__":
+    main()
