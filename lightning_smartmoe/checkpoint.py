@@ -29,37 +29,34 @@ def _expert_ids(module: nn.Module) -> dict[int, list[int]]:
     return {id(p): m.logical_ids for m in module.modules() if isinstance(m, GroupedExperts) for p in (m.w1, m.w2)}
 
 
-def _split(name: str, tensor: Tensor, ids: list[int] | None) -> dict[str, Tensor]:
+def _entries(name: str, tensor: Tensor, ids: list[int] | None, per_slot: bool = True) -> list[tuple[str, Tensor]]:
+    """(`name` or `name:<expert>`, tensor or its slot) pairs; per_slot=False repeats a per-parameter scalar."""
     if ids is None:
-        return {name: tensor}
-    return {f"{name}:{e}": tensor[i] for i, e in enumerate(ids)}
+        return [(name, tensor)]
+    return [(f"{name}:{e}", tensor[i] if per_slot else tensor) for i, e in enumerate(ids)]
 
 
 def model_tensors(module: nn.Module) -> dict[str, Tensor]:
-    """`model/<name>` -> tensor (views of the live parameters and buffers), experts split by logical id."""
+    """`model/<name>[:<expert>]` -> tensor (views of the live parameters and buffers)."""
     ids = _expert_ids(module)
     out: dict[str, Tensor] = {}
     for name, t in module.state_dict(keep_vars=True).items():
-        out.update(_split(f"model/{name}", t.detach(), ids.get(id(t))))
+        out.update(_entries(f"model/{name}", t.detach(), ids.get(id(t))))
     return out
 
 
 def optimizer_tensors(module: nn.Module, optimizer: Optimizer, index: int) -> dict[str, Tensor]:
-    """`optim<index>/<param name>/<state>` -> tensor (views of the live state), experts split by logical id.
+    """`optim<index>/<param name>[:<expert>]/<state>` -> tensor (views of the live optimizer state).
 
-    Per-parameter scalars (Adam's step) are stored once per logical expert too.
+    Per-parameter scalars of an expert parameter (Adam's step) are stored once per logical expert.
     """
     ids = _expert_ids(module)
     out: dict[str, Tensor] = {}
     for name, p in module.named_parameters():
-        for key, value in optimizer.state.get(p, {}).items():
-            if not isinstance(value, Tensor):
-                continue
-            expert = ids.get(id(p))
-            if expert is not None and value.shape != p.shape:
-                out.update({f"optim{index}/{name}:{e}/{key}": value for e in expert})
-            else:
-                out.update(_split(f"optim{index}/{name}/{key}", value, expert))
+        for state, value in optimizer.state.get(p, {}).items():
+            if isinstance(value, Tensor):
+                for key, t in _entries(f"optim{index}/{name}", value, ids.get(id(p)), value.shape == p.shape):
+                    out[f"{key}/{state}"] = t
     return out
 
 

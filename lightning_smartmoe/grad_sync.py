@@ -37,6 +37,7 @@ class GradientSynchronizer:
         """Register parameters averaged over `group` (None or a group of one: scaled only)."""
         if group is not None and dist.get_world_size(group) == 1:
             group = None
+        first = len(self.buckets)
         bucket: list[nn.Parameter] = []
         size = 0
         for p in reversed([p for p in params if p.requires_grad]):
@@ -47,7 +48,7 @@ class GradientSynchronizer:
             size += p.numel() * p.element_size()
         if bucket:
             self.buckets.append(_Bucket(bucket, group))
-        for index in range(len(self.buckets)):
+        for index in range(first, len(self.buckets)):
             for p in self.buckets[index].params:
                 p.register_post_accumulate_grad_hook(lambda _p, i=index: self._on_grad_ready(i))
 

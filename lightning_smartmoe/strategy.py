@@ -179,6 +179,8 @@ class SmartMoEStrategy(ParallelStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
+        if self.layout.mesh is not None:
+            self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
 
@@ -190,6 +192,22 @@ class SmartMoEStrategy(ParallelStrategy):
         sync.add([p for p in params if id(p) not in expert], self.layout.dp_group)
         sync.add([p for p in params if id(p) in expert], self.layout.edp_group)
         return sync
+
+    def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: float) -> None:
+        """Clip by the norm of the whole model's gradient: each expert counted once, wherever it lives.
+
+        Dense gradients are identical on every rank after synchronisation; expert gradients are summed
+        over the expert-parallel group, which together holds every expert once.
+        """
+        expert = {id(p) for m in self.model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        sq = torch.zeros(2, dtype=torch.float64, device=self.root_device)
+        for p in (p for group in optimizer.param_groups for p in group["params"] if p.grad is not None):
+            sq[int(id(p) in expert)] += p.grad.detach().double().square().sum()
+        dist.all_reduce(sq[1:], group=self.layout.ep_group)
+        scale = clip_val / (sq.sum().sqrt() + 1e-6)
+        if scale < 1:
+            torch._foreach_mul_(grads, scale.item())
 
     def model_to_device(self) -> None:
         assert self.model is not None

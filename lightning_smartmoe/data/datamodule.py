@@ -1,9 +1,12 @@
 """Next-token windows over a token array, and the LightningDataModule that serves them."""
 
+import itertools
+from collections.abc import Callable, Iterator
+
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_smartmoe.data.corpus import BYTE_VOCAB, load_splits, max_token
 from lightning_smartmoe.errors import ConfigError
@@ -35,6 +38,22 @@ class TokenWindows(Dataset):
         start = int(self.starts[i])
         chunk = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
         return chunk[:-1], chunk[1:]
+
+
+class ResumableSampler(DistributedSampler):
+    """In-order DistributedSampler whose iteration starts `skip_batches()` batches in.
+
+    Rank r of dp reads windows r, r + dp, ...: the ranks' i-th batches together are the single-process
+    i-th global batch whatever the layout, so skipping k local batches skips k global batches.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, skip_batches: Callable[[], int], **kwargs) -> None:
+        super().__init__(dataset, shuffle=False, drop_last=True, **kwargs)
+        self.batch_size = batch_size
+        self.skip_batches = skip_batches
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.skip_batches() * self.batch_size, None)
 
 
 class TokenDataModule(pl.LightningDataModule):
@@ -86,9 +105,17 @@ class TokenDataModule(pl.LightningDataModule):
             self.prepare(dp, self.trainer.accumulate_grad_batches)
 
     def train_dataloader(self) -> DataLoader:
+        """In-order batches (Lightning's own sampler would shuffle), resuming mid-epoch where a checkpoint left off."""
+        kwargs = self.trainer.strategy.distributed_sampler_kwargs or {"num_replicas": 1, "rank": 0}
+        sampler = ResumableSampler(self.train, self.micro_batch_size, self._batches_done_this_epoch, **kwargs)
         return DataLoader(
-            self.train, batch_size=self.micro_batch_size, shuffle=False, drop_last=True, num_workers=self.num_workers
+            self.train, batch_size=self.micro_batch_size, sampler=sampler, drop_last=True, num_workers=self.num_workers
         )
+
+    def _batches_done_this_epoch(self) -> int:
+        """Batches of the current epoch already trained when resuming from a checkpoint, else 0."""
+        loop = self.trainer.fit_loop
+        return loop.epoch_loop.batch_progress.current.ready if loop.restarting else 0
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val, batch_size=self.micro_batch_size, shuffle=False, num_workers=self.num_workers)

@@ -48,7 +48,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.dropout = cfg.dropout
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)  # a key bias has no gradient (softmax shift)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
     def forward(self, x: Tensor) -> Tensor:
