@@ -35,8 +35,13 @@ from lightning_smartmoe.moe import GroupedExperts, MoELayer
 
 
 class _SpawnLauncher(_MultiProcessingLauncher):
-    """Spawn launcher that does not copy rank 0's weights back into the parent's model: with sharded
-    experts, rank 0 holds only its share, so the parent keeps its own (use checkpoints for the result)."""
+    """Spawn launcher that checks the model against the sizes before starting processes, and does not
+    copy rank 0's weights back into the parent's model: with sharded experts rank 0 holds only its
+    share, so the parent keeps its own (use checkpoints for the result)."""
+
+    def launch(self, function: Callable, *args: Any, trainer: "pl.Trainer | None" = None, **kwargs: Any) -> Any:
+        self._strategy.check_model(self._strategy.lightning_module)
+        return super().launch(function, *args, trainer=trainer, **kwargs)
 
     def _recover_results_in_main_process(self, worker_output: Any, trainer: "pl.Trainer") -> None:
         if worker_output.weights_path is not None:
@@ -141,10 +146,14 @@ class SmartMoEStrategy(ParallelStrategy):
         else:
             self._launcher = _SpawnLauncher(self, start_method=self._start_method)
 
-    def connect(self, model: nn.Module) -> None:
-        for layer in model.modules():
+    def check_model(self, model: nn.Module | None) -> None:
+        """Raise ConfigError if the model's MoE layers do not fit the parallel sizes."""
+        for layer in model.modules() if model is not None else ():
             if isinstance(layer, MoELayer):
                 self.sizes.check_experts(layer.cfg.num_experts)
+
+    def connect(self, model: nn.Module) -> None:
+        self.check_model(model)
         super().connect(model)
 
     def set_world_ranks(self) -> None:

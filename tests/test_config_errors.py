@@ -1,0 +1,87 @@
+"""Each bad input gets one clear ConfigError naming the key, raised while building, before any training."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from lightning_smartmoe import ConfigError, config
+from lightning_smartmoe.train import build
+
+config.register_recipes()
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(config.conf_dir()), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+@pytest.fixture
+def odd_bin(tmp_path) -> Path:
+    path = tmp_path / "odd.bin"
+    path.write_bytes(b"\x01\x00\x02")
+    return path
+
+
+@pytest.fixture
+def empty_file(tmp_path) -> Path:
+    path = tmp_path / "empty.txt"
+    path.write_bytes(b"")
+    return path
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["moe.top_k=9"], r"moe\.top_k=9 must be between 1 and moe\.num_experts=8"),
+        (["moe.capacity_factor=0"], r"moe\.capacity_factor=0.* must be > 0"),
+        (["moe.capacity_factor=-1.5"], r"moe\.capacity_factor=-1\.5 must be > 0"),
+        (["model.d_model=130"], r"model\.d_model=130 must be divisible by model\.n_heads=4"),
+        (["moe.gate=topk"], r"moe\.gate='topk' is unknown; allowed: naive, gshard, switch"),
+        (["moe.gate=switch"], r"moe\.gate=switch routes to 1 expert"),
+        (["data.path=/no/such/corpus"], r"data\.path='/no/such/corpus' does not exist"),
+        (["+moe.experts=4"], r"moe\.experts is not a known key"),
+        (["trainer.devices=3", "parallel.ep=2"], r"parallel\.ep=2 must divide parallel\.dp=3"),
+        (["trainer.devices=3", "parallel.ep=3"], r"moe\.num_experts=8 must be divisible by parallel\.ep=3"),
+        (["trainer.devices=4", "parallel.dp=2"], r"world size 4 .* must equal parallel\.dp x parallel\.tp x parallel\.pp"),
+        (["trainer.devices=4", "data.global_batch_size=6"], r"data\.global_batch_size=6 must be divisible"),
+        (["parallel.tp=2", "trainer.devices=2"], r"parallel\.tp=2 is not supported yet"),
+    ],
+)
+def test_bad_config_values(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        build(compose_cfg(overrides), tmp_path)
+
+
+def test_empty_corpus(tmp_path, empty_file):
+    with pytest.raises(ConfigError, match=r"data\.path=.*the corpus is empty"):
+        build(compose_cfg([f"data.path={empty_file}"]), tmp_path)
+
+
+def test_odd_length_bin(tmp_path, odd_bin):
+    with pytest.raises(ConfigError, match=r"data\.path: .*odd\.bin has 3 bytes; a uint16 \.bin token file must have an even length"):
+        build(compose_cfg([f"data.path={odd_bin}"]), tmp_path)
+
+
+def _cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_smartmoe.train", *overrides, f"hydra.run.dir={cwd}"],
+        capture_output=True, text=True, timeout=120, cwd=cwd,
+    )
+
+
+@pytest.mark.timeout(150)
+def test_cli_reports_config_error_and_exits_nonzero(tmp_path):
+    result = _cli("moe.top_k=9", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "smartmoe-train: error: moe.top_k=9 must be between 1 and moe.num_experts=8" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(150)
+def test_cli_unknown_recipe(tmp_path):
+    result = _cli("recipe=gpt_moe_huge", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "recipe/gpt_moe_huge" in result.stderr and "gpt_moe_tiny" in result.stderr  # names the allowed ones

@@ -1,0 +1,105 @@
+"""Trainer(strategy="smartmoe") with a LightningModule written as a user would, on one and two processes."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from distributed import run_distributed
+from lightning_smartmoe import ConfigError, MoEConfig, MoELayer, SmartMoEStrategy
+
+
+class UserModel(pl.LightningModule):
+    """Regression through an MoE layer: x [B, S, 4] -> y [B, S, 1]."""
+
+    def __init__(self, num_experts: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 16)
+        self.moe = MoELayer(16, 32, MoEConfig(num_experts=num_experts, top_k=2))
+        self.head = nn.Linear(16, 1)
+
+    def loss(self, batch):
+        x, y = batch
+        h, aux = self.moe(self.embed(x))
+        return nn.functional.mse_loss(self.head(h), y) + aux
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(batch)
+        self.log("loss", loss, sync_dist=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def user_data() -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, 4, generator=g)
+    return TensorDataset(x, x.sum(-1, keepdim=True).sin())
+
+
+def initial_loss() -> float:
+    pl.seed_everything(0, verbose=False)
+    model = UserModel()
+    x, y = user_data().tensors
+    return float(model.loss((x, y)))
+
+
+def user_trainer(**kwargs) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", max_steps=40, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+
+@pytest.mark.timeout(120)
+def test_user_module_trains_with_strategy_by_name():
+    start = initial_loss()
+    pl.seed_everything(0, verbose=False)
+    trainer = user_trainer(strategy="smartmoe", devices=1)
+    assert isinstance(trainer.strategy, SmartMoEStrategy)
+    trainer.fit(UserModel(), DataLoader(user_data(), batch_size=16))
+    assert float(trainer.callback_metrics["loss"]) < 0.5 * start
+
+
+@pytest.mark.timeout(180)
+def test_user_module_spawns_two_expert_parallel_ranks_from_pytest():
+    start = initial_loss()
+    pl.seed_everything(0, verbose=False)
+    model = UserModel()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = user_trainer(strategy=SmartMoEStrategy(ep=2), devices=2)
+    trainer.fit(model, DataLoader(user_data(), batch_size=8))
+    assert float(trainer.callback_metrics["loss"]) < 0.5 * start
+    # the parent's model is left as it was (rank 0 holds half the experts), not overwritten with a shard
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_sizes_that_do_not_divide_fail_before_spawn():
+    with pytest.raises(ConfigError, match=r"parallel\.ep=3 must divide parallel\.dp=2"):
+        user_trainer(strategy=SmartMoEStrategy(ep=3), devices=2).fit(UserModel(), DataLoader(user_data()))
+    with pytest.raises(ConfigError, match=r"moe\.num_experts=4 must be divisible by parallel\.ep=8"):
+        user_trainer(strategy=SmartMoEStrategy(ep=8), devices=8).fit(UserModel(), DataLoader(user_data()))
+    with pytest.raises(ConfigError, match=r"world size 2 .* must equal"):
+        user_trainer(strategy=SmartMoEStrategy(dp=4, ep=2), devices=2).fit(UserModel(), DataLoader(user_data()))
+    with pytest.raises(ConfigError, match=r"parallel\.pp=2 is not supported yet"):
+        SmartMoEStrategy(pp=2)
+
+
+def _collectives():
+    strategy = SmartMoEStrategy(ep=2)
+    rank = dist.get_rank()
+    t = torch.tensor([float(rank + 1)])
+    return {
+        "sum": strategy.reduce(t.clone(), reduce_op="sum").item(),
+        "mean": strategy.reduce(t.clone(), reduce_op="mean").item(),
+        "broadcast": strategy.broadcast({"from": rank}, src=1),
+        "gathered": strategy.all_gather(t).flatten().tolist(),
+        "barrier": strategy.barrier() is None,
+    }
+
+
+@pytest.mark.timeout(120)
+def test_collectives_on_two_ranks():
+    for out in run_distributed(2, _collectives, timeout=100):
+        assert out == {"sum": 3.0, "mean": 1.5, "broadcast": {"from": 1}, "gathered": [1.0, 2.0], "barrier": True}
