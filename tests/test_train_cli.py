@@ -27,3 +27,21 @@ def test_fifty_steps_of_tiny_lower_validation_loss(tmp_path):
         assert key in logged, key
     assert (tmp_path / ".hydra" / "config.yaml").is_file()
     assert (tmp_path / "checkpoints" / "last.ckpt" / "meta.pt").is_file()
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("launch", ["popen", "torchrun"])
+def test_cli_trains_on_two_expert_parallel_processes(tmp_path, launch):
+    """The CLI's own launcher (re-running the command per rank) and torchrun's processes both work."""
+    prefix = [sys.executable, "-m"] if launch == "popen" else [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m"]
+    result = subprocess.run(
+        [*prefix, "lightning_smartmoe.train", "recipe=gpt_moe_tiny", "trainer.devices=2", "parallel.ep=2",
+         "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
+         "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=180, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "logs" / "version_0" / "metrics.csv")))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    assert (tmp_path / "checkpoints" / "last.ckpt" / "meta.pt").is_file()
