@@ -1,9 +1,17 @@
 """Training callbacks."""
 
+import csv
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_smartmoe.errors import ConfigError
+from lightning_smartmoe.moe import MoELayer
+from lightning_smartmoe.placement import PLANNERS, CostModel, moves, plan, should_switch
 
 
 class TokensPerSecond(pl.Callback):
@@ -23,3 +31,117 @@ class TokensPerSecond(pl.Callback):
             tokens = batch[0].numel() * kwargs.get("num_replicas", 1)
             pl_module.log("train/tokens_per_s", tokens / (now - self._last), prog_bar=True)
         self._last = now
+
+
+class ExpertPlacementCallback(pl.Callback):
+    """SmartMoE's online stage: gathers per-expert token counts, logs load telemetry and switches expert
+    placement between optimizer steps when a planner finds one that pays for itself.
+
+    After every optimizer step one all-reduce (over all ranks, all layers at once) totals the step's
+    per-layer expert counts and dropped assignments. The last `window` steps' counts feed the planner
+    (`policy`: static, greedy or balanced) every `interval` steps (or at each epoch end, interval="epoch").
+    A new placement is adopted if the cost model predicts that the time it saves over the next interval
+    exceeds its migration time by `min_gain` seconds; every rank computes the same decision.
+
+    Logged: `moe/layer<i>/rank_imbalance` (busiest rank's expert tokens over the mean rank's, under the
+    current placement), `moe/layer<i>/dropped`, `placement/switches`, `placement/moved_experts`. Every
+    `heatmap_every` steps the per-expert load [layers, experts] is appended to `expert_load.csv` in the
+    logger's directory and, with a TensorBoard logger, added as an image.
+    """
+
+    def __init__(
+        self,
+        policy: str = "static",
+        interval: int | str = 100,
+        window: int = 2,
+        min_gain: float = 0.0,
+        heatmap_every: int = 100,
+        cost: CostModel | None = None,
+    ) -> None:
+        if policy not in PLANNERS:
+            raise ConfigError(f"placement.policy={policy!r} is unknown; allowed: {', '.join(PLANNERS)}")
+        if interval != "epoch" and not (isinstance(interval, int) and interval >= 1):
+            raise ConfigError(f"placement.interval={interval!r} must be an integer >= 1 or 'epoch'")
+        if window < 1:
+            raise ConfigError(f"placement.window={window} must be >= 1")
+        self.policy, self.interval, self.window, self.min_gain = policy, interval, window, min_gain
+        self.heatmap_every = heatmap_every
+        self.cost = cost
+        self.history: list[torch.Tensor] = []  # last `window` steps' global counts, [layers, experts] each
+        self.switches = 0
+        self.moved_experts = 0
+        self._pending: torch.Tensor | None = None  # this rank's counts since the last step, [layers, E + 1]
+        self._last_step = -1
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_step = trainer.global_step
+
+    @staticmethod
+    def _layers(trainer: pl.Trainer) -> list[MoELayer]:
+        return [m for m in trainer.lightning_module.modules() if isinstance(m, MoELayer)]
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        layers = self._layers(trainer)
+        if not layers:
+            return
+        counts = torch.stack([torch.cat([m.stats.expert_load, m.stats.dropped.view(1)]) for m in layers])
+        self._pending = counts if self._pending is None else self._pending + counts
+        if trainer.global_step == self._last_step:
+            return  # inside gradient accumulation: no optimizer step yet
+        self._last_step = trainer.global_step
+        total = trainer.strategy.reduce(self._pending, reduce_op="sum")
+        self._pending = None
+        load, dropped = total[:, :-1].double(), total[:, -1]
+        self.history = (self.history + [load])[-self.window :]
+        for i, (layer, layer_load) in enumerate(zip(layers, load)):
+            ranks = layer.placement.rank_load(layer_load)
+            pl_module.log(f"moe/layer{i}/rank_imbalance", float(ranks.max() / ranks.mean().clamp(min=1e-12)))
+            pl_module.log(f"moe/layer{i}/dropped", float(dropped[i]))
+        if self.heatmap_every and trainer.global_step % self.heatmap_every == 0:
+            self._log_heatmap(trainer, load)
+        if self.interval != "epoch" and trainer.global_step % self.interval == 0:
+            self.replan(trainer, steps=self.interval)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.interval == "epoch" and self.history:
+            self.replan(trainer, steps=max(1, trainer.num_training_batches // trainer.accumulate_grad_batches))
+
+    def replan(self, trainer: pl.Trainer, steps: int) -> None:
+        """Run the planner on the windowed load of every layer and migrate the layers whose switch pays."""
+        if self.policy == "static" or not self.history:
+            return
+        load = torch.stack(self.history).mean(0)
+        for layer, layer_load in zip(self._layers(trainer), load):
+            cost = self.cost or CostModel(expert_params=layer.experts.w1[0].numel() + layer.experts.w2[0].numel())
+            new = plan(self.policy, layer_load, layer.placement, cost)
+            if should_switch(cost, layer.placement, new, layer_load, steps, self.min_gain):
+                self.moved_experts += sum(not m.local for m in moves(layer.placement, new))
+                self.switches += 1
+                trainer.strategy.migrate(layer, new)
+        trainer.lightning_module.log("placement/switches", float(self.switches))
+        trainer.lightning_module.log("placement/moved_experts", float(self.moved_experts))
+
+    def _log_heatmap(self, trainer: pl.Trainer, load: torch.Tensor) -> None:
+        if not trainer.is_global_zero or trainer.logger is None or trainer.logger.log_dir is None:
+            return
+        path = Path(trainer.logger.log_dir) / "expert_load.csv"
+        new_file = not path.exists()
+        with path.open("a", newline="") as f:
+            writer = csv.writer(f)
+            if new_file:
+                writer.writerow(["step", "layer", *[f"expert{e}" for e in range(load.shape[1])]])
+            for i, row in enumerate(load.tolist()):
+                writer.writerow([trainer.global_step, i, *[int(v) for v in row]])
+        if isinstance(trainer.logger, TensorBoardLogger):
+            share = load / load.sum(1, keepdim=True).clamp(min=1)
+            image = (share / share.max().clamp(min=1e-12)).float()  # [layers, experts] in [0, 1]
+            image = image.repeat_interleave(8, 0).repeat_interleave(8, 1).unsqueeze(0)
+            trainer.logger.experiment.add_image("moe/expert_load", image, trainer.global_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "switches": self.switches, "moved_experts": self.moved_experts}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict["history"])
+        self.switches = state_dict["switches"]
+        self.moved_experts = state_dict["moved_experts"]

@@ -30,10 +30,11 @@ def _expert_ids(module: nn.Module) -> dict[int, list[int]]:
 
 
 def _entries(name: str, tensor: Tensor, ids: list[int] | None, per_slot: bool = True) -> list[tuple[str, Tensor]]:
-    """(`name` or `name:<expert>`, tensor or its slot) pairs; per_slot=False repeats a per-parameter scalar."""
+    """(`name` or `name:<expert>`, tensor or its slot) pairs, empty slots left out; per_slot=False repeats a
+    per-parameter scalar. Replicas of an expert on several ranks write the same key: DCP keeps one copy."""
     if ids is None:
         return [(name, tensor)]
-    return [(f"{name}:{e}", tensor[i] if per_slot else tensor) for i, e in enumerate(ids)]
+    return [(f"{name}:{e}", tensor[i] if per_slot else tensor) for i, e in enumerate(ids) if e >= 0]
 
 
 def model_tensors(module: nn.Module) -> dict[str, Tensor]:
@@ -114,11 +115,21 @@ def save(path: str | Path, module: nn.Module, optimizers: list[Optimizer], meta:
     _barrier()
 
 
-def load(path: str | Path, module: nn.Module, optimizers: list[Optimizer]) -> dict[str, Any]:
-    """Collective load into the live module and optimizers; returns the metadata for Lightning."""
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's non-tensor state (loops, schedulers, placements, ...)."""
     path = Path(path)
     if not (path / META).is_file():
         raise ConfigError(f"ckpt_path={str(path)!r} is not a smartmoe checkpoint folder (no {META})")
+    try:
+        return torch.load(path / META, weights_only=False)
+    except Exception as err:
+        raise ConfigError(f"ckpt_path={str(path)!r}: {META} could not be read: {err}") from err
+
+
+def load(path: str | Path, module: nn.Module, optimizers: list[Optimizer]) -> dict[str, Any]:
+    """Collective load into the live module and optimizers; returns the metadata for Lightning."""
+    path = Path(path)
+    meta = read_meta(path)
     try:
         saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
         for i, opt in enumerate(optimizers):
@@ -130,7 +141,6 @@ def load(path: str | Path, module: nn.Module, optimizers: list[Optimizer]) -> di
         if missing:
             raise ConfigError(f"ckpt_path={str(path)!r} lacks {len(missing)} tensors this model needs, e.g. {missing[:3]}")
         dcp.load(tensors, checkpoint_id=path)
-        meta = torch.load(path / META, weights_only=False)
     except ConfigError:
         raise
     except Exception as err:  # a damaged file surfaces as many different errors

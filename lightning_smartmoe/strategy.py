@@ -30,8 +30,12 @@ from torch.optim import Optimizer
 
 from lightning_smartmoe import checkpoint as ckpt_io
 from lightning_smartmoe.grad_sync import GradientSynchronizer
+from lightning_smartmoe.errors import ConfigError
 from lightning_smartmoe.layout import ParallelLayout, ParallelSizes
 from lightning_smartmoe.moe import GroupedExperts, MoELayer
+from lightning_smartmoe.placement import Placement
+from lightning_smartmoe.placement.migration import migrate
+from lightning_smartmoe.placement.replica_sync import sync_replica_grads
 
 
 class _SpawnLauncher(_MultiProcessingLauncher):
@@ -60,6 +64,8 @@ class SmartMoEStrategy(ParallelStrategy):
             "popen" re-runs the command per process (the CLI). Under torchrun or SLURM the cluster
             environment has created the processes and no launcher is used.
         bucket_mb: gradient all-reduce bucket size.
+        extra_slots: expert slots per rank beyond num_experts / ep, for replicas of hot experts
+            (placement.extra_slots); used by dynamic placement.
     """
 
     strategy_name = "smartmoe"
@@ -72,6 +78,7 @@ class SmartMoEStrategy(ParallelStrategy):
         ep: int = 1,
         start_method: Literal["spawn", "popen"] = "spawn",
         bucket_mb: float = 25.0,
+        extra_slots: int = 0,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -91,6 +98,9 @@ class SmartMoEStrategy(ParallelStrategy):
         ParallelSizes(dp=dp or ep, tp=tp, pp=pp, ep=ep)  # refuse bad sizes at construction
         self._start_method = start_method
         self._bucket_bytes = int(bucket_mb * 2**20)
+        if extra_slots < 0:
+            raise ConfigError(f"placement.extra_slots={extra_slots} must be >= 0")
+        self._extra_slots = extra_slots
         self._process_group_backend = process_group_backend
         self._timeout = timeout
         self._sizes: ParallelSizes | None = None
@@ -176,10 +186,9 @@ class SmartMoEStrategy(ParallelStrategy):
     def setup(self, trainer: "pl.Trainer") -> None:
         assert self.model is not None and self.layout is not None
         self.accelerator.setup(trainer)
-        moe_layers = [m for m in self.model.modules() if isinstance(m, MoELayer)]
         if self.layout.mesh is not None:
-            for layer in moe_layers:
-                layer.distribute(self.layout.ep_group, self.layout.dp_group)
+            for layer in self.moe_layers:
+                layer.distribute(self.layout.ep_group, self.layout.dp_group, self._extra_slots)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if self.layout.mesh is not None:
@@ -192,6 +201,15 @@ class SmartMoEStrategy(ParallelStrategy):
             self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        return [m for m in self.model.modules() if isinstance(m, MoELayer)] if self.model is not None else []
+
+    def migrate(self, layer: MoELayer, placement: Placement) -> int:
+        """Switch one MoE layer to `placement` between optimizer steps (collective; every rank passes the same
+        placement). Returns the elements this rank sent."""
+        return migrate(layer, placement, self.optimizers)
 
     def _build_grad_sync(self, model: nn.Module) -> GradientSynchronizer:
         """Dense parameters average over all dp ranks; expert parameters over their expert-dp group."""
@@ -206,13 +224,18 @@ class SmartMoEStrategy(ParallelStrategy):
         """Clip by the norm of the whole model's gradient: each expert counted once, wherever it lives.
 
         Dense gradients are identical on every rank after synchronisation; expert gradients are summed
-        over the expert-parallel group, which together holds every expert once.
+        over the expert-parallel group, each slot weighted by 1 / its expert's replicas (0 if empty).
         """
-        expert = {id(p) for m in self.model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
+        shares = {id(p): layer.slot_shares() for layer in self.moe_layers for p in (layer.experts.w1, layer.experts.w2)}
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         sq = torch.zeros(2, dtype=torch.float64, device=self.root_device)
         for p in (p for group in optimizer.param_groups for p in group["params"] if p.grad is not None):
-            sq[int(id(p) in expert)] += p.grad.detach().double().square().sum()
+            g = p.grad.detach().double().square()
+            share = shares.get(id(p))
+            if share is None:
+                sq[0] += g.sum()
+            else:
+                sq[1] += (g.flatten(1).sum(1) * share.to(g.device)).sum()
         dist.all_reduce(sq[1:], group=self.layout.ep_group)
         scale = clip_val / (sq.sum().sqrt() + 1e-6)
         if scale < 1:
@@ -238,6 +261,8 @@ class SmartMoEStrategy(ParallelStrategy):
             result = closure()
             if self._grad_sync is not None:
                 self._grad_sync.finish()
+                for layer in self.moe_layers:
+                    sync_replica_grads(layer)
             return result
 
         return super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
@@ -271,13 +296,26 @@ class SmartMoEStrategy(ParallelStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         meta = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
         meta["parallel"] = vars(self.sizes).copy()
+        meta["placements"] = [layer.placement.slot_expert for layer in self.moe_layers]
         ckpt_io.save(filepath, self.lightning_module, self.optimizers, meta)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))
+        self._adopt_saved_placements(ckpt_io.read_meta(path).get("placements", []))
         meta = ckpt_io.load(path, self.lightning_module, self.optimizers)
         meta.setdefault("state_dict", {})
         return meta
+
+    def _adopt_saved_placements(self, saved: list[tuple[int, ...]]) -> None:
+        """Continue with the checkpoint's placements where they fit this layout (same experts, ep and slots);
+        otherwise keep the current ones. Either way each rank then loads the logical experts it holds."""
+        layers = self.moe_layers
+        if len(saved) != len(layers):
+            return
+        for layer, table in zip(layers, saved):
+            current = layer.placement
+            if len(table) == len(current.slot_expert):
+                layer.relabel(Placement(current.num_experts, current.ep, tuple(table)))
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         pass  # loaded in `load_checkpoint`

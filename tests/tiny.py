@@ -48,6 +48,8 @@ def fit(
     save_dir: Path | None = None,
     resume: Path | None = None,
     clip: float | None = 0.05,
+    extra_slots: int = 0,
+    callbacks: list[pl.Callback] = (),
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Train and return (global per-micro-batch losses, full logical parameters), identical on every rank."""
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -55,11 +57,11 @@ def fit(
     module = GPTMoEModule(model, OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2))
     dm = TokenDataModule(str(corpus), seq_len=model.seq_len, global_batch_size=GLOBAL_BATCH, vocab_size=VOCAB)
     recorder = LossRecorder()
-    callbacks: list[pl.Callback] = [recorder]
+    callbacks = [recorder, *callbacks]
     if save_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=save_dir, save_top_k=-1, every_n_train_steps=2))
     trainer = pl.Trainer(
-        accelerator="cpu", devices=world, strategy=SmartMoEStrategy(ep=ep), max_steps=steps,
+        accelerator="cpu", devices=world, strategy=SmartMoEStrategy(ep=ep, extra_slots=extra_slots), max_steps=steps,
         accumulate_grad_batches=accumulate, gradient_clip_val=clip,
         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=save_dir is not None,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,

@@ -10,7 +10,8 @@ class GroupedExperts(nn.Module):
     """`num_slots` two-layer GELU FFNs, stored stacked.
 
     w1: [num_slots, d_model, hidden], w2: [num_slots, hidden, d_model]. Slot i holds logical expert
-    `logical_ids[i]` (checkpoints key expert weights by it, so they do not depend on the layout).
+    `logical_ids[i]`, or nothing if -1 (checkpoints key expert weights by it, so they do not depend on the
+    layout or placement).
     """
 
     def __init__(self, num_slots: int, d_model: int, hidden: int, out_std: float = 0.02) -> None:
@@ -41,12 +42,15 @@ class GroupedExperts(nn.Module):
         return torch.cat(outs) if outs else rows
 
     @torch.no_grad()
-    def keep_slots(self, slots: list[int]) -> None:
-        """Keep only the given slots (in that order), e.g. this rank's share of a full set of experts."""
-        index = torch.tensor(slots, dtype=torch.long, device=self.w1.device)
-        self.w1 = nn.Parameter(self.w1.index_select(0, index))
-        self.w2 = nn.Parameter(self.w2.index_select(0, index))
-        self.logical_ids = [self.logical_ids[s] for s in slots]
+    def select(self, experts: list[int]) -> None:
+        """Keep the slots holding the given logical experts, in that order; -1 makes an empty (zero) slot.
+        E.g. this rank's share of a full set of experts."""
+        index = [self.logical_ids.index(e) if e >= 0 else 0 for e in experts]
+        full = torch.tensor([e >= 0 for e in experts], device=self.w1.device).view(-1, 1, 1)
+        index_t = torch.tensor(index, dtype=torch.long, device=self.w1.device)
+        self.w1 = nn.Parameter(self.w1.index_select(0, index_t) * full)
+        self.w2 = nn.Parameter(self.w2.index_select(0, index_t) * full)
+        self.logical_ids = list(experts)
 
 
 def default_out_std(n_layers: int) -> float:

@@ -1,4 +1,4 @@
-"""The MoE FFN layer: router -> dispatcher -> experts -> dispatcher."""
+"""The MoE FFN layer: router -> placement -> dispatcher -> experts -> dispatcher."""
 
 from dataclasses import dataclass
 
@@ -11,6 +11,7 @@ from lightning_smartmoe.moe.dispatcher import TokenDispatcher
 from lightning_smartmoe.moe.experts import GroupedExperts
 from lightning_smartmoe.moe.losses import load_balancing_loss, router_z_loss
 from lightning_smartmoe.moe.router import Router
+from lightning_smartmoe.placement import Placement
 from triton_ops import expert_histogram
 
 
@@ -30,7 +31,8 @@ class MoELayer(nn.Module):
 
     Built with all experts; `distribute` keeps this rank's share and wires the dispatcher to an
     expert-parallel group. The returned aux loss (aux_loss_coeff * balance + z_loss_coeff * z) must be
-    added to the training loss.
+    added to the training loss. `placement` says which global slot holds which logical expert; tokens of a
+    replicated expert are split among its replicas.
     """
 
     def __init__(self, d_model: int, ffn_hidden: int, cfg: MoEConfig, out_std: float = 0.02) -> None:
@@ -38,22 +40,42 @@ class MoELayer(nn.Module):
         self.cfg = cfg
         self.router = Router(d_model, cfg)
         self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.expert_hidden or ffn_hidden, out_std)
+        self.placement = Placement.contiguous(cfg.num_experts, 1)
         self.dispatcher = TokenDispatcher(cfg.num_experts)
+        self.ep_group: dist.ProcessGroup | None = None
+        self.ep_rank = 0
         self.token_group: dist.ProcessGroup | None = None
         self.stats: MoEStats | None = None
 
-    def distribute(self, ep_group: dist.ProcessGroup, token_group: dist.ProcessGroup) -> None:
-        """Shard the experts contiguously over `ep_group`.
+    def distribute(self, ep_group: dist.ProcessGroup, token_group: dist.ProcessGroup, extra_slots: int = 0) -> None:
+        """Shard the experts contiguously over `ep_group`, with `extra_slots` empty slots per rank for replicas.
 
         Args:
             ep_group: ranks that hold different experts.
             token_group: ranks whose tokens together form the global batch (for the aux-loss statistics).
         """
-        ep, rank = dist.get_world_size(ep_group), dist.get_rank(ep_group)
-        local = self.cfg.num_experts // ep
-        self.experts.keep_slots(list(range(rank * local, (rank + 1) * local)))
-        self.dispatcher = TokenDispatcher(local, ep_group)
+        self.ep_group, self.ep_rank = ep_group, dist.get_rank(ep_group)
+        self.placement = Placement.contiguous(self.cfg.num_experts, dist.get_world_size(ep_group), extra_slots)
+        self.experts.select(self.local_experts(self.placement))
+        self.dispatcher = TokenDispatcher(self.placement.slots_per_rank, ep_group)
         self.token_group = token_group
+
+    def local_experts(self, placement: Placement) -> list[int]:
+        """Logical expert of each of this rank's slots under `placement` (-1 = empty)."""
+        spr = placement.slots_per_rank
+        return list(placement.slot_expert[self.ep_rank * spr : (self.ep_rank + 1) * spr])
+
+    def slot_shares(self) -> Tensor:
+        """[slots] float64: 1 / replicas of the expert in each local slot, 0 for an empty slot (to count each
+        expert once in sums over the expert-parallel group)."""
+        replicas = self.placement.num_replicas.double()
+        ids = torch.tensor(self.experts.logical_ids)
+        return torch.where(ids >= 0, 1.0 / replicas[ids.clamp(min=0)], 0.0)
+
+    def relabel(self, placement: Placement) -> None:
+        """Adopt `placement` without moving data (the caller fills the slots, e.g. from a checkpoint)."""
+        self.placement = placement
+        self.experts.logical_ids = self.local_experts(placement)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         b, s, d = x.shape
@@ -64,7 +86,8 @@ class MoELayer(nn.Module):
             dist.all_reduce(routed, group=self.token_group)
         balance = load_balancing_loss(routing.probs, routed)
         z = router_z_loss(routing.logits)
-        rows, counts, state = self.dispatcher.dispatch(x.reshape(b * s, d), routing.expert_ids)
+        slot_ids = self.placement.route(routing.expert_ids)
+        rows, counts, state = self.dispatcher.dispatch(x.reshape(b * s, d), slot_ids)
         y = self.dispatcher.combine(self.experts(rows, counts), routing.weights, state)
         self.stats = MoEStats(
             expert_load=expert_histogram(routing.expert_ids, self.cfg.num_experts),

@@ -1,0 +1,102 @@
+"""Switching expert placement (permutations and replicas) mid-training changes nothing but summation order,
+moves exactly the experts that change, and carries their optimizer state along."""
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.distributed as dist
+
+import tiny
+from distributed import run_distributed
+from lightning_smartmoe.checkpoint import optimizer_tensors
+from lightning_smartmoe.moe import MoELayer
+from lightning_smartmoe.placement import EMPTY, Placement
+
+STEPS = 7
+SWITCH_AT = (1, 2, 4, 5)  # after these optimizer steps: gaps of 1 to 3 steps
+
+
+def random_placement(num_experts: int, ep: int, extra: int, gen: torch.Generator) -> Placement:
+    """A random permutation of the experts plus, in each rank's extra slots, replicas of random experts the rank
+    does not hold yet (or nothing)."""
+    local = num_experts // ep
+    perm = torch.randperm(num_experts, generator=gen).tolist()
+    rows = [perm[r * local : (r + 1) * local] for r in range(ep)]
+    for row in rows:
+        others = [e for e in range(num_experts) if e not in row]
+        picks = torch.randperm(len(others), generator=gen)[:extra].tolist()
+        row += [others[i] for i in picks if torch.rand(1, generator=gen).item() < 0.8]
+        row[:] = [row[i] for i in torch.randperm(len(row), generator=gen).tolist()]
+    return Placement.from_rank_experts(rows, num_experts, local + extra)
+
+
+def remote_copies(old: Placement, new: Placement) -> int:
+    """Slots that receive an expert their rank did not hold before (each needs one copy over the network)."""
+    spr = old.slots_per_rank
+    return sum(
+        1
+        for slot, (was, e) in enumerate(zip(old.slot_expert, new.slot_expert))
+        if e != was and e != EMPTY and e not in old.slot_expert[slot // spr * spr : (slot // spr + 1) * spr]
+    )
+
+
+def _gather_logical(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    shards = [None] * dist.get_world_size()
+    dist.all_gather_object(shards, {k: v.clone() for k, v in tensors.items()})
+    return {k: v for shard in shards for k, v in shard.items()}
+
+
+class RandomSwitches(pl.Callback):
+    """Moves every MoE layer to a random placement after the steps in SWITCH_AT, checking each migration."""
+
+    def __init__(self, extra: int) -> None:
+        self.extra = extra
+        self.gen = torch.Generator().manual_seed(1)  # same on every rank
+        self.replicated = 0
+        self.done = set()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step not in SWITCH_AT or step in self.done:
+            return
+        self.done.add(step)
+        optimizer = trainer.optimizers[0]
+        before = _gather_logical(optimizer_tensors(pl_module, optimizer, 0))
+        for layer in (m for m in pl_module.modules() if isinstance(m, MoELayer)):
+            old = layer.placement
+            new = random_placement(old.num_experts, old.ep, self.extra, self.gen)
+            self.replicated += int((new.num_replicas > 1).sum())
+            sent = torch.tensor(trainer.strategy.migrate(layer, new))
+            dist.all_reduce(sent, group=layer.ep_group)  # this expert-parallel group's traffic
+            width = 3 * (layer.experts.w1[0].numel() + layer.experts.w2[0].numel())  # weights, exp_avg, exp_avg_sq
+            assert int(sent) == remote_copies(old, new) * width
+            assert layer.placement == new
+        after = _gather_logical(optimizer_tensors(pl_module, optimizer, 0))
+        assert before.keys() == after.keys()
+        for key, value in before.items():  # every expert's Adam state is where the expert went, unchanged
+            assert torch.equal(value, after[key]), key
+
+
+def _switching_vs_static(corpus: str, ep: int, extra: int):
+    model = tiny.model_config(num_experts=8)
+    static = tiny.fit(Path(corpus), model, ep=ep, steps=STEPS, extra_slots=extra)
+    switches = RandomSwitches(extra)
+    switching = tiny.fit(Path(corpus), model, ep=ep, steps=STEPS, extra_slots=extra, callbacks=[switches])
+    return static, switching, switches.replicated
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return tiny.write_corpus(tmp_path_factory.mktemp("data") / "tokens.bin")
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("world,ep,extra", [(2, 2, 1), (4, 2, 1), (4, 4, 2)])
+def test_switching_placements_keeps_the_numerics(corpus, world, ep, extra):
+    static, switching, replicated = run_distributed(world, _switching_vs_static, str(corpus), ep, extra, timeout=220)[0]
+    assert replicated > 0, "the schedule should include replicated experts"
+    from test_expert_parallel import assert_same_run
+
+    assert_same_run(switching, static)
