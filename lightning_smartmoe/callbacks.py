@@ -41,7 +41,9 @@ class ExpertPlacementCallback(pl.Callback):
     per-layer expert counts and dropped assignments. The last `window` steps' counts feed the planner
     (`policy`: static, greedy or balanced) every `interval` steps (or at each epoch end, interval="epoch").
     A new placement is adopted if the cost model predicts that the time it saves over the next interval
-    exceeds its migration time by `min_gain` seconds; every rank computes the same decision.
+    exceeds its migration time by `min_gain` seconds; every rank computes the same decision. The cost
+    model takes the expert size from the layer and its hardware figures from `cost` (CostModel fields:
+    flops_per_s, bandwidth, grad_bytes_per_param, state_bytes_per_param).
 
     Logged: `moe/layer<i>/rank_imbalance` (busiest rank's expert tokens over the mean rank's, under the
     current placement), `moe/layer<i>/dropped`, `placement/switches`, `placement/moved_experts`. Every
@@ -56,7 +58,7 @@ class ExpertPlacementCallback(pl.Callback):
         window: int = 2,
         min_gain: float = 0.0,
         heatmap_every: int = 100,
-        cost: CostModel | None = None,
+        cost: dict[str, float] | None = None,
     ) -> None:
         if policy not in PLANNERS:
             raise ConfigError(f"placement.policy={policy!r} is unknown; allowed: {', '.join(PLANNERS)}")
@@ -66,7 +68,11 @@ class ExpertPlacementCallback(pl.Callback):
             raise ConfigError(f"placement.window={window} must be >= 1")
         self.policy, self.interval, self.window, self.min_gain = policy, interval, window, min_gain
         self.heatmap_every = heatmap_every
-        self.cost = cost
+        self.cost = dict(cost or {})
+        try:
+            CostModel(**self.cost)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"placement.cost: {err}") from err
         self.history: list[torch.Tensor] = []  # last `window` steps' global counts, [layers, experts] each
         self.switches = 0
         self.moved_experts = 0
@@ -112,7 +118,8 @@ class ExpertPlacementCallback(pl.Callback):
             return
         load = torch.stack(self.history).mean(0)
         for layer, layer_load in zip(self._layers(trainer), load):
-            cost = self.cost or CostModel(expert_params=layer.experts.w1[0].numel() + layer.experts.w2[0].numel())
+            params = layer.experts.w1[0].numel() + layer.experts.w2[0].numel()
+            cost = CostModel(**{**self.cost, "expert_params": params})
             new = plan(self.policy, layer_load, layer.placement, cost)
             if should_switch(cost, layer.placement, new, layer_load, steps, self.min_gain):
                 self.moved_experts += sum(not m.local for m in moves(layer.placement, new))

@@ -5,6 +5,7 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_smartmoe.callbacks import ExpertPlacementCallback
 from lightning_smartmoe.data import TokenDataModule
 from lightning_smartmoe.errors import ConfigError
 from lightning_smartmoe.layout import ParallelSizes
@@ -69,3 +70,12 @@ def datamodule(cfg: DictConfig, model: GPTMoEConfig, sizes: ParallelSizes) -> To
     )
     dm.prepare(sizes.dp, cfg.trainer.accumulate_grad_batches)
     return dm
+
+
+def placement_callback(cfg: DictConfig) -> ExpertPlacementCallback:
+    """The gate-histogram / placement-switching callback from `placement.*`."""
+    p = cfg.placement
+    return ExpertPlacementCallback(
+        policy=p.policy, interval=p.interval, window=p.window, min_gain=p.min_gain,
+        heatmap_every=p.heatmap_every, cost=OmegaConf.to_container(p.cost, resolve=True),
+    )

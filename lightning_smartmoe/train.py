@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from lightning_smartmoe import config
-from lightning_smartmoe.callbacks import TokensPerSecond
+from lightning_smartmoe.callbacks import ExpertPlacementCallback, TokensPerSecond
 from lightning_smartmoe.errors import ConfigError
 from lightning_smartmoe.models import GPTMoEModule
 from lightning_smartmoe.strategy import SmartMoEStrategy
@@ -26,14 +26,15 @@ def build(cfg: DictConfig, output_dir: Path) -> tuple[pl.Trainer, GPTMoEModule, 
     pl.seed_everything(cfg.seed, workers=True)
     module = GPTMoEModule(model_cfg, optim_cfg)
     strategy = SmartMoEStrategy(
-        dp=sizes.dp, tp=sizes.tp, pp=sizes.pp, ep=sizes.ep,
-        start_method=cfg.parallel.start_method, bucket_mb=cfg.parallel.bucket_mb,
+        dp=sizes.dp, tp=sizes.tp, pp=sizes.pp, ep=sizes.ep, start_method=cfg.parallel.start_method,
+        bucket_mb=cfg.parallel.bucket_mb, extra_slots=cfg.placement.extra_slots,
     )
+    placement = config.placement_callback(cfg)
     checkpoints = ModelCheckpoint(
         dirpath=output_dir / "checkpoints", save_last=True, every_n_train_steps=cfg.checkpoint_every_n_steps
     )
     logger = hydra.utils.instantiate(cfg.logger)
-    trainer = pl.Trainer(strategy=strategy, logger=logger, callbacks=[checkpoints, TokensPerSecond()], **cfg.trainer)
+    trainer = pl.Trainer(strategy=strategy, logger=logger, callbacks=[checkpoints, TokensPerSecond(), placement], **cfg.trainer)
     return trainer, module, dm
 
 

@@ -100,3 +100,65 @@ def test_switching_placements_keeps_the_numerics(corpus, world, ep, extra):
     from test_expert_parallel import assert_same_run
 
     assert_same_run(switching, static)
+
+
+class CrashInMigration(pl.Callback):
+    """From step `at` on, rank 1 dies inside the migration's expert exchange (its peers are left waiting).
+    Runs before RandomSwitches, which then migrates."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.at and dist.get_rank() == 1:
+
+            def die(*args, **kwargs):
+                raise RuntimeError("rank 1 died during migration")
+
+            dist.all_to_all_single = die
+
+
+def _save_switching_then_resume(corpus: str, save: str):
+    """Train 6 steps switching placements, checkpointing every 2 steps; then resume from step 4 under the saved
+    placement and under another policy (greedy, switching every step)."""
+    from lightning_smartmoe.callbacks import ExpertPlacementCallback
+
+    model = tiny.model_config(num_experts=8)
+    full = tiny.fit(Path(corpus), model, ep=2, steps=6, extra_slots=1, save_dir=Path(save), callbacks=[RandomSwitches(1)])
+    ckpt = Path(save) / "epoch=0-step=4.ckpt"
+    saved_placement = tiny.fit(Path(corpus), model, ep=2, steps=6, extra_slots=1, resume=ckpt)
+    greedy = ExpertPlacementCallback(policy="greedy", interval=1, min_gain=float("-inf"), heatmap_every=0)
+    other_policy = tiny.fit(Path(corpus), model, ep=2, steps=6, extra_slots=1, resume=ckpt, callbacks=[greedy])
+    return full, saved_placement, other_policy, greedy.switches
+
+
+def _crash_mid_migration(corpus: str, save: str):
+    model = tiny.model_config(num_experts=8)
+    tiny.fit(Path(corpus), model, ep=2, steps=6, extra_slots=1, save_dir=Path(save),
+             callbacks=[CrashInMigration(at=4), RandomSwitches(1)])
+
+
+@pytest.mark.timeout(300)
+def test_checkpoints_do_not_depend_on_placement(corpus, tmp_path):
+    full, saved_placement, other_policy, greedy_switches = run_distributed(
+        2, _save_switching_then_resume, str(corpus), str(tmp_path), timeout=280)[0]
+    from test_expert_parallel import assert_same_run
+
+    (losses, params) = full
+    assert_same_run(saved_placement, (losses[4:], params))
+    assert greedy_switches > 0
+    assert_same_run(other_policy, (losses[4:], params))
+    single = tiny.fit(corpus, tiny.model_config(num_experts=8), steps=6, resume=tmp_path / "epoch=0-step=4.ckpt")
+    assert_same_run(single, (losses[4:], params))
+
+
+@pytest.mark.timeout(300)
+def test_rank_dying_mid_migration_leaves_last_checkpoint_loadable(corpus, tmp_path):
+    with pytest.raises(RuntimeError, match="rank 1 died during migration"):
+        run_distributed(2, _crash_mid_migration, str(corpus), str(tmp_path), timeout=200)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch=0-step=2.ckpt"]  # nothing half-written
+    reference = tiny.fit(corpus, tiny.model_config(num_experts=8), steps=6)
+    resumed = tiny.fit(corpus, tiny.model_config(num_experts=8), steps=6, resume=tmp_path / "epoch=0-step=2.ckpt")
+    from test_expert_parallel import assert_same_run
+
+    assert_same_run(resumed, (reference[0][2:], reference[1]))

@@ -5,6 +5,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from triton_ops import grouped_mm
+
 
 class GroupedExperts(nn.Module):
     """`num_slots` two-layer GELU FFNs, stored stacked.
@@ -36,10 +38,8 @@ class GroupedExperts(nn.Module):
         Returns:
             [N, d_model].
         """
-        outs = []
-        for w1, w2, block in zip(self.w1, self.w2, rows.split(counts)):
-            outs.append(nn.functional.gelu(block @ w1.to(block.dtype)) @ w2.to(block.dtype))
-        return torch.cat(outs) if outs else rows
+        hidden = nn.functional.gelu(grouped_mm(rows, self.w1.to(rows.dtype), counts))
+        return grouped_mm(hidden, self.w2.to(rows.dtype), counts)
 
     @torch.no_grad()
     def select(self, experts: list[int]) -> None:
