@@ -63,12 +63,12 @@ def test_user_module_trains_with_strategy_by_name():
 
 
 @pytest.mark.timeout(180)
-def test_user_module_spawns_two_expert_parallel_ranks_from_pytest():
+def test_user_module_spawns_two_expert_parallel_ranks_from_pytest_in_bf16_mixed():
     start = initial_loss()
     pl.seed_everything(0, verbose=False)
     model = UserModel()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = user_trainer(strategy=SmartMoEStrategy(ep=2), devices=2)
+    trainer = user_trainer(strategy=SmartMoEStrategy(ep=2), devices=2, precision="bf16-mixed")
     trainer.fit(model, DataLoader(user_data(), batch_size=8))
     assert float(trainer.callback_metrics["loss"]) < 0.5 * start
     # the parent's model is left as it was (rank 0 holds half the experts), not overwritten with a shard

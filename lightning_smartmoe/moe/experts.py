@@ -38,8 +38,12 @@ class GroupedExperts(nn.Module):
         Returns:
             [N, d_model].
         """
-        hidden = nn.functional.gelu(grouped_mm(rows, self.w1.to(rows.dtype), counts))
-        return grouped_mm(hidden, self.w2.to(rows.dtype), counts)
+        device = rows.device.type
+        autocast = torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else rows.dtype
+        with torch.autocast(device, enabled=False):  # mixed precision: compute in the autocast dtype
+            hidden = nn.functional.gelu(grouped_mm(rows.to(dtype), self.w1.to(dtype), counts))
+            return grouped_mm(hidden, self.w2.to(dtype), counts)
 
     @torch.no_grad()
     def select(self, experts: list[int]) -> None:
