@@ -25,15 +25,17 @@ class _GroupedMM(torch.autograd.Function):
         x, w = ctx.saved_tensors
         grad = grad.contiguous()
         gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        gw = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        gw = torch.empty_like(w) if ctx.needs_input_grad[1] else None
         start = 0
         for e, n in enumerate(ctx.counts):
-            if n:
-                rows = slice(start, start + n)
-                if gx is not None:
-                    torch.mm(grad[rows], w[e].t(), out=gx[rows])
-                if gw is not None:
+            rows = slice(start, start + n)
+            if gx is not None and n:
+                torch.mm(grad[rows], w[e].t(), out=gx[rows])
+            if gw is not None:
+                if n:
                     torch.mm(x[rows].t(), grad[rows], out=gw[e])
+                else:
+                    gw[e].zero_()
             start += n
         return gx, gw, None
 
