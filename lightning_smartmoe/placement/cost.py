@@ -2,10 +2,11 @@
 
 Per step and layer (seconds), for expert load L [E] in tokens:
   compute  = token_time * max_rank_load(L)      token_time = 6 * P / flops_per_s (forward + backward of the FFN)
-  sync     = max over ranks of the gradient all-reduce traffic of the replicated experts the rank holds: an
-             expert with r > 1 replicas all-reduces its P gradient elements over its r ranks, and a ring sends
-             2 (r - 1) / r * P * grad_bytes_per_param bytes over each of their links; links run concurrently,
-             the all-reduces sharing one rank's link run back to back. Not overlapped with compute (conservative).
+  sync     = max over ranks of the gradient traffic of the replicated experts the rank holds: replicas of an
+             expert with r > 1 replicas sum their gradients by sending each other their P elements (as
+             placement/replica_sync.py does, one all_to_all), so each of the r ranks sends and receives
+             (r - 1) * P * grad_bytes_per_param bytes; ranks' links run concurrently, one rank's transfers back to
+             back. Not overlapped with compute (conservative).
   step     = compute + sync
 A switch costs migration_time = remote copies * P * state_bytes_per_param / bandwidth once (copies counted serially).
 
@@ -16,7 +17,7 @@ fp32 weights), and 12 bytes moved per parameter (fp32 weight + Adam exp_avg + ex
 Since compute and traffic both scale with P, the balance between them depends only on flops_per_s,
 bandwidth and the byte sizes: sending one expert's gradient once costs as much as computing
 grad_bytes_per_param * flops_per_s / (6 * bandwidth) tokens (about 2,700 with the defaults).
-grad_bytes_per_param = 0 models replica all-reduces fully hidden under backward.
+grad_bytes_per_param = 0 models a replica gradient exchange fully hidden under backward.
 """
 
 from __future__ import annotations
@@ -31,17 +32,18 @@ from lightning_smartmoe.placement.map import Placement, moves
 
 @dataclass(frozen=True)
 class CostModel:
-    expert_params: int = 8_393_728
-    flops_per_s: float = 4e14
-    bandwidth: float = 1e11
-    grad_bytes_per_param: int = 4
-    state_bytes_per_param: int = 12
+    expert_params: int = 8_393_728  # P, parameters of one expert
+    flops_per_s: float = 4e14  # sustained expert FFN throughput of one rank
+    bandwidth: float = 1e11  # bytes/s of one rank's link, for replica gradients and migration
+    grad_bytes_per_param: float = 4  # bytes per gradient element exchanged among replicas (0: hidden)
+    state_bytes_per_param: float = 12  # bytes moved per parameter when an expert migrates
 
     def __post_init__(self) -> None:
         for key in ("expert_params", "flops_per_s", "bandwidth", "grad_bytes_per_param", "state_bytes_per_param"):
             value = getattr(self, key)
             zero_ok = key == "grad_bytes_per_param"
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 or (value == 0 and not zero_ok):
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not number or value < 0 or (value == 0 and not zero_ok):
                 raise ValueError(f"cost.{key}={value!r} must be a number {'>= 0' if zero_ok else '> 0'}")
 
     @property
@@ -57,20 +59,20 @@ class CostModel:
             for e in experts:
                 replicas[e] += 1
         busiest = max(sum(load[e] / replicas[e] for e in experts) for experts in rank_experts)
-        sync = max(sum(2.0 * (replicas[e] - 1) / replicas[e] for e in experts) for experts in rank_experts)
+        sync = max(sum(replicas[e] - 1 for e in experts) for experts in rank_experts)
         return self.token_time * busiest + sync * self.expert_params * self.grad_bytes_per_param / self.bandwidth
 
     def time_bound(self, replicas: Sequence[int], load: Sequence[float], ep: int) -> float:
         """A lower bound of layout_time over all layouts on `ep` ranks with replicas[e] replicas of expert e: the
         busiest rank carries at least the mean and the largest replica, and the busiest link at least the mean."""
         busiest = max(sum(load) / ep, max(x / r for x, r in zip(load, replicas)))
-        sync = sum(2.0 * (r - 1) for r in replicas) / ep
+        sync = sum(r * (r - 1) for r in replicas) / ep
         return self.token_time * busiest + sync * self.expert_params * self.grad_bytes_per_param / self.bandwidth
 
     @property
     def expert_bytes(self) -> int:
         """Bytes one expert migration sends (parameters and optimizer state)."""
-        return int(self.expert_params * self.state_bytes_per_param)
+        return round(self.expert_params * self.state_bytes_per_param)
 
     def step_time(self, placement: Placement, load: torch.Tensor) -> float:
         """Predicted seconds per step for expert load [E] under `placement`."""

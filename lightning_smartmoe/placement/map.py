@@ -40,25 +40,32 @@ class Placement:
             if not 0 <= e < E:
                 raise ValueError(f"placement: slot entries must be -1 (empty) or an expert in [0, {E}); got {e}")
             if replicas[e] and replicas[e][-1] // spr == slot // spr:
-                raise ValueError(f"placement: expert {e} is held twice on rank {slot // spr}; replicas need distinct ranks")
+                raise ValueError(
+                    f"placement: expert {e} is held twice on rank {slot // spr}; replicas need distinct ranks"
+                )
             replicas[e].append(slot)
         missing = [e for e in range(E) if not replicas[e]]
         if missing:
             raise ValueError(f"placement: experts {missing} have no slot; every expert needs at least one replica")
         object.__setattr__(self, "_replicas", tuple(tuple(r) for r in replicas))
 
-    @cached_property
-    def _replica_table(self) -> torch.Tensor:
-        """LongTensor [E, max replicas]: each expert's slots, ascending, padded with -1."""
-        width = max(len(r) for r in self._replicas)
-        return torch.tensor([r + (EMPTY,) * (width - len(r)) for r in self._replicas])
-
-    @cached_property
-    def _slot_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per global slot: its expert (empty -> 0) and the share of that expert's load it carries (empty -> 0)."""
-        experts = torch.tensor([max(e, 0) for e in self.slot_expert])
-        weights = torch.tensor([1.0 / len(self._replicas[e]) if e >= 0 else 0.0 for e in self.slot_expert])
-        return experts, weights.double()
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Cached per device: replicas per expert [E]; each expert's slots, ascending, -1 padded [E, max r];
+        per slot, its expert (empty -> 0) [S] and the share of that expert's load it carries (empty -> 0) [S]."""
+        cache = self.__dict__.setdefault("_device_tables", {})
+        if device not in cache:
+            width = max(len(r) for r in self._replicas)
+            cache[device] = (
+                torch.tensor([len(r) for r in self._replicas], device=device),
+                torch.tensor([r + (EMPTY,) * (width - len(r)) for r in self._replicas], device=device),
+                torch.tensor([max(e, 0) for e in self.slot_expert], device=device),
+                torch.tensor(
+                    [1.0 / len(self._replicas[e]) if e >= 0 else 0.0 for e in self.slot_expert],
+                    dtype=torch.float64,
+                    device=device,
+                ),
+            )
+        return cache[device]
 
     @classmethod
     def contiguous(cls, num_experts: int, ep: int, extra_slots: int = 0) -> Placement:
@@ -126,7 +133,8 @@ class Placement:
     def route(self, expert_ids: torch.Tensor) -> torch.Tensor:
         """Map routed experts to global slots. expert_ids: LongTensor [T, k] (any shape), -1 = dropped -> slot ids of
         the same shape, -1 kept. The i-th of the n assignments to an expert with r replicas (in flattened order) goes
-        to its replica floor(i * r / n): contiguous chunks of floor(n/r) or ceil(n/r) assignments."""
+        to its replica floor(i * r / n): contiguous chunks of floor(n/r) or ceil(n/r) assignments. Vectorised; one
+        host sync (the range check)."""
         flat = expert_ids.reshape(-1)
         keep = flat >= 0
         ids = flat[keep]
@@ -135,20 +143,21 @@ class Placement:
             return out.view_as(expert_ids)
         if int(ids.max()) >= self.num_experts:
             raise ValueError(f"route: expert id {int(ids.max())} out of range [0, {self.num_experts})")
-        device = ids.device
+        num_replicas, replica_slots, _, _ = self._tables(ids.device)
         order = torch.sort(ids, stable=True).indices
         counts = torch.bincount(ids, minlength=self.num_experts)
         starts = torch.cumsum(counts, 0) - counts
-        occurrence = torch.empty_like(ids)
-        occurrence[order] = torch.arange(ids.numel(), device=device) - starts[ids[order]]
-        replica = occurrence * self.num_replicas.to(device)[ids] // counts[ids]
-        out[keep] = self._replica_table.to(device)[ids, replica]
+        occurrence = torch.empty_like(ids)  # i: how many earlier assignments went to the same expert
+        occurrence[order] = torch.arange(ids.numel(), device=ids.device) - starts[ids[order]]
+        out[keep] = replica_slots[ids, occurrence * num_replicas[ids] // counts[ids]]
         return out.view_as(expert_ids)
 
     def rank_load(self, expert_load: torch.Tensor) -> torch.Tensor:
-        """Expert load [..., E] -> rank load [..., ep] (float64); each replica carries load / replicas."""
-        experts, weights = self._slot_weight
-        slot_load = torch.as_tensor(expert_load, dtype=torch.float64)[..., experts] * weights
+        """Expert load [..., E] -> rank load [..., ep] (float64, on the load's device); each replica carries
+        load / replicas."""
+        expert_load = torch.as_tensor(expert_load, dtype=torch.float64)
+        _, _, experts, weights = self._tables(expert_load.device)
+        slot_load = expert_load[..., experts] * weights
         return slot_load.unflatten(-1, (self.ep, self.slots_per_rank)).sum(-1)
 
 

@@ -15,6 +15,7 @@ from lightning_smartmoe.placement.cost import CostModel
 from lightning_smartmoe.placement.map import Placement
 
 Planner = Callable[[torch.Tensor, Placement, CostModel], Placement]
+SPLIT_TARGETS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.55, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25)  # balanced: of the mean rank load
 
 
 def plan_static(load: torch.Tensor, current: Placement, cost: CostModel) -> Placement:
@@ -41,7 +42,7 @@ def plan_balanced(load: torch.Tensor, current: Placement, cost: CostModel) -> Pl
     falls to each fraction SPLIT_TARGETS of the mean rank load, and where the slots run out. Each candidate is
     packed: replicas by load per replica descending onto the least-loaded rank with a free slot that does not hold
     the expert yet (ties: a rank that holds it now, then the lower rank). The packing with the lowest predicted step
-    time (compute + replica gradient all-reduce, CostModel.layout_time) wins; candidates whose CostModel.time_bound
+    time (compute + replica gradient exchange, CostModel.layout_time) wins; candidates whose CostModel.time_bound
     cannot beat the best so far are not packed. The winner is returned if its max rank load is no higher than
     greedy's answer and its step time lower; otherwise greedy's answer is.
     """
@@ -54,9 +55,9 @@ def plan_balanced(load: torch.Tensor, current: Placement, cost: CostModel) -> Pl
         if bound >= best_time:  # this and all later options cannot win
             break
         rank_experts = _pack(loads, replicas, spr, current)
-        time = cost.layout_time(rank_experts, load_list)
-        if time < best_time:
-            best_time, best = time, rank_experts
+        step = cost.layout_time(rank_experts, load_list)
+        if step < best_time:
+            best_time, best = step, rank_experts
     candidate = Placement.from_rank_experts(best, current.num_experts, spr, current)
     peak = _max_load(candidate, loads)
     # Greedy answers `current` or a one-replica layout, whose max rank load is at least `floor`: if the candidate
@@ -82,17 +83,14 @@ def plan(policy: str, load: torch.Tensor, current: Placement, cost: CostModel) -
 
 
 def _loads(load: torch.Tensor, current: Placement) -> torch.Tensor:
-    loads = torch.as_tensor(load, dtype=torch.float64).reshape(-1)
+    loads = torch.as_tensor(load, dtype=torch.float64).detach().cpu().reshape(-1)
     if loads.numel() != current.num_experts or bool((loads < 0).any()) or not bool(torch.isfinite(loads).all()):
-        raise ValueError(f"planner: load must be {current.num_experts} finite values >= 0; got shape {tuple(load.shape)}")
+        raise ValueError(f"planner: load must be {current.num_experts} finite values >= 0; got {loads.tolist()}")
     return loads
 
 
 def _max_load(placement: Placement, loads: torch.Tensor) -> float:
     return float(placement.rank_load(loads).max())
-
-
-SPLIT_TARGETS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.55, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25)  # of the mean rank load
 
 
 def _replica_options(loads: torch.Tensor, ep: int, budget: int) -> list[list[int]]:
