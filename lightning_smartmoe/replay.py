@@ -24,14 +24,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_smartmoe.config import conf_dir
+from lightning_smartmoe.errors import ConfigError
 from lightning_smartmoe.placement import PLANNERS, CostModel, Placement, moves, plan, should_switch
 
-_ROOT = Path(__file__).resolve().parent
-_CONF_DIR = _ROOT.parent / "conf" if (_ROOT.parent / "conf").is_dir() else _ROOT / "conf"  # checkout, installed
 COUNTS_AXES = "counts[sample, dp_rank, layer, micro_batch, expert]"
 
 
-class ReplayError(ValueError):
+class ReplayError(ConfigError):
     """A replay setting or the trace is invalid; the message names the key and what is allowed."""
 
 
@@ -180,7 +180,7 @@ def run(cfg: DictConfig) -> dict:
     return replay(load, iterations, settings)
 
 
-@hydra.main(version_base=None, config_path=str(_CONF_DIR), config_name="replay")
+@hydra.main(version_base=None, config_path=str(conf_dir()), config_name="replay")
 def main(cfg: DictConfig) -> None:
     try:
         summary = run(cfg)

@@ -162,6 +162,9 @@ def test_cost_model_by_hand():
     assert should_switch(TOY, old, new, load, steps=2, min_gain=1.5)
     assert not should_switch(TOY, old, new, load, steps=2, min_gain=2.0)
     assert not should_switch(TOY, old, old, load, steps=100, min_gain=float("-inf"))
+    # three replicas: reduce-scatter + all-gather send 2 (r - 1) / r of the gradient per replica
+    everywhere = Placement(3, 3, (0, 1, 0, 2, 0, -1))
+    assert TOY.step_time(everywhere, torch.tensor([3.0, 1.0, 1.0])) == pytest.approx(2.0 + 4.0 / 3.0)
 
 
 def test_time_bound_is_a_lower_bound():

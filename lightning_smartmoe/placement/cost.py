@@ -2,11 +2,11 @@
 
 Per step and layer (seconds), for expert load L [E] in tokens:
   compute  = token_time * max_rank_load(L)      token_time = 6 * P / flops_per_s (forward + backward of the FFN)
-  sync     = max over ranks of the gradient traffic of the replicated experts the rank holds: replicas of an
-             expert with r > 1 replicas sum their gradients by sending each other their P elements (as
-             placement/replica_sync.py does, one all_to_all), so each of the r ranks sends and receives
-             (r - 1) * P * grad_bytes_per_param bytes; ranks' links run concurrently, one rank's transfers back to
-             back. Not overlapped with compute (conservative).
+  sync     = max over ranks of the gradient traffic of the replicated experts the rank holds: the r > 1
+             replicas of an expert sum their gradients by a reduce-scatter and an all-gather (as
+             placement/replica_sync.py does), so each of the r ranks sends and receives
+             2 (r - 1) / r * P * grad_bytes_per_param bytes; ranks' links run concurrently, one rank's transfers
+             back to back. Not overlapped with compute (conservative).
   step     = compute + sync
 A switch costs migration_time = remote copies * P * state_bytes_per_param / bandwidth once (copies counted serially).
 
@@ -59,14 +59,14 @@ class CostModel:
             for e in experts:
                 replicas[e] += 1
         busiest = max(sum(load[e] / replicas[e] for e in experts) for experts in rank_experts)
-        sync = max(sum(replicas[e] - 1 for e in experts) for experts in rank_experts)
+        sync = max(sum(2 * (replicas[e] - 1) / replicas[e] for e in experts) for experts in rank_experts)
         return self.token_time * busiest + sync * self.expert_params * self.grad_bytes_per_param / self.bandwidth
 
     def time_bound(self, replicas: Sequence[int], load: Sequence[float], ep: int) -> float:
         """A lower bound of layout_time over all layouts on `ep` ranks with replicas[e] replicas of expert e: the
         busiest rank carries at least the mean and the largest replica, and the busiest link at least the mean."""
         busiest = max(sum(load) / ep, max(x / r for x, r in zip(load, replicas)))
-        sync = sum(r * (r - 1) for r in replicas) / ep
+        sync = sum(2 * (r - 1) for r in replicas) / ep
         return self.token_time * busiest + sync * self.expert_params * self.grad_bytes_per_param / self.bandwidth
 
     @property

@@ -1,7 +1,8 @@
-"""Gradient all-reduce among the replicas of replicated experts."""
+"""Gradient all-reduce among the replicas of replicated experts: a reduce-scatter, then an all-gather."""
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from lightning_smartmoe.moe.layer import MoELayer
 
@@ -9,46 +10,70 @@ from lightning_smartmoe.moe.layer import MoELayer
 @torch.no_grad()
 def sync_replica_grads(layer: MoELayer) -> None:
     """Give every replica of an expert the sum of all its replicas' gradients (collective over the layer's
-    expert-parallel group; a no-op without replicas).
+    expert-parallel group; a no-op when the placement has no replicas).
 
-    Each replica computed its expert's gradient over its share of the tokens. Every rank sums the replicas
-    in ascending slot order, so all replicas stay bitwise identical.
+    An expert with P gradient elements and r replicas is cut into r chunks; the j-th replica (in rank
+    order) sums chunk j over all replicas, in rank order, and sends the sum back to the others. Each
+    replica sends 2 (r - 1) / r * P elements, and all replicas end bitwise identical. All replicated
+    experts of the layer travel together in two all_to_all_single calls.
     """
     placement, rank = layer.placement, layer.ep_rank
     if layer.ep_group is None or int(placement.num_replicas.max()) == 1:
         return
-    spr = placement.slots_per_rank
-    mine = layer.experts.logical_ids
-    shared = [  # [peer rank] -> my slots whose expert that peer also holds, by expert id
-        sorted((e, slot) for slot, e in enumerate(mine) if e >= 0 and r != rank and r in placement.ranks_of(e))
-        for r in range(placement.ep)
-    ]
     w1, w2 = layer.experts.w1, layer.experts.w2
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in (w1, w2)]
-    width = sum(g[0].numel() for g in grads)
+    for p in (w1, w2):
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    width = w1[0].numel() + w2[0].numel()
+    mine = {e: slot for slot, e in enumerate(layer.experts.logical_ids) if e >= 0 and len(placement.replicas_of(e)) > 1}
+    flat = {e: torch.cat([w1.grad[slot].reshape(-1), w2.grad[slot].reshape(-1)]) for e, slot in mine.items()}
 
-    def row(slot: int) -> torch.Tensor:
-        return torch.cat([g[slot].reshape(-1) for g in grads])
+    def chunk(e: int, holder: int) -> slice:
+        """The part of expert e's gradient that `holder` reduces."""
+        holders = placement.ranks_of(e)
+        j, r = holders.index(holder), len(holders)
+        return slice(j * width // r, (j + 1) * width // r)
 
-    send = torch.cat([row(slot) for peer in shared for _, slot in peer] or [w1.new_empty(0)])
-    splits = [len(peer) * width for peer in shared]  # symmetric: a peer holds the same shared experts as I do
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, splits, splits, group=layer.ep_group)
-    received: dict[tuple[int, int], torch.Tensor] = {}  # (expert, peer rank) -> its gradient row
+    def size(s: slice) -> int:
+        return s.stop - s.start
+
+    peers = range(placement.ep)
+    shared = [[e for e in sorted(mine) if p != rank and p in placement.ranks_of(e)] for p in peers]
+    mine_sizes = [sum(size(chunk(e, rank)) for e in shared[p]) for p in peers]
+    their_sizes = [sum(size(chunk(e, p)) for e in shared[p]) for p in peers]
+
+    def exchange(send: list[Tensor], send_sizes: list[int], recv_sizes: list[int]) -> Tensor:
+        out = w1.new_empty(sum(recv_sizes))
+        inp = torch.cat(send) if send else w1.new_empty(0)
+        dist.all_to_all_single(out, inp, recv_sizes, send_sizes, group=layer.ep_group)
+        return out
+
+    # Reduce-scatter: send each peer its chunk of our copy; sum our chunk over all holders in rank order.
+    received = exchange([flat[e][chunk(e, p)] for p in peers for e in shared[p]], their_sizes, mine_sizes)
+    parts: dict[tuple[int, int], Tensor] = {}
     offset = 0
-    for r, peer in enumerate(shared):
-        for e, _ in peer:
-            received[(e, r)] = recv[offset : offset + width]
-            offset += width
-    for e, slot in sorted((e, slot) for slot, e in enumerate(mine) if e >= 0 and len(placement.replicas_of(e)) > 1):
-        total = None
-        for r in placement.ranks_of(e):  # ascending rank = ascending global slot
-            part = row(slot) if r == rank else received[(e, r)]
-            total = part.clone() if total is None else total + part
-        offset = 0
-        for g in grads:
-            n = g[slot].numel()
-            g[slot].copy_(total[offset : offset + n].view_as(g[slot]))
+    for p in peers:
+        for e in shared[p]:
+            n = size(chunk(e, rank))
+            parts[(e, p)] = received[offset : offset + n]
             offset += n
-    for p, g in zip((w1, w2), grads):
-        p.grad = g
+    reduced = {}
+    for e in mine:
+        total = None
+        for h in placement.ranks_of(e):
+            part = flat[e][chunk(e, rank)] if h == rank else parts[(e, h)]
+            total = part.clone() if total is None else total + part
+        reduced[e] = total
+    # All-gather: send our reduced chunk to each peer; place theirs.
+    gathered = exchange([reduced[e] for p in peers for e in shared[p]], mine_sizes, their_sizes)
+    offset = 0
+    for p in peers:
+        for e in shared[p]:
+            s = chunk(e, p)
+            flat[e][s] = gathered[offset : offset + size(s)]
+            offset += size(s)
+    for e, slot in mine.items():
+        flat[e][chunk(e, rank)] = reduced[e]
+        n1 = w1[0].numel()
+        w1.grad[slot].copy_(flat[e][:n1].view_as(w1.grad[slot]))
+        w2.grad[slot].copy_(flat[e][n1:].view_as(w2.grad[slot]))
