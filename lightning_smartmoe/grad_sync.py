@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 
 @dataclass
@@ -12,7 +13,7 @@ class _Bucket:
     params: list[nn.Parameter]
     group: dist.ProcessGroup | None  # None: nothing to reduce, only scale
     ready: int = 0
-    buffer: torch.Tensor | None = None
+    buffer: torch.Tensor | None = None  # the gradients, then one 0/1 flag per parameter: "has a gradient"
     work: dist.Work | None = None
 
 
@@ -24,7 +25,12 @@ class GradientSynchronizer:
 
     Parameters are packed into buckets of about `bucket_bytes` in reverse registration order (roughly the
     order backward produces them). A bucket's all-reduce starts as soon as all its gradients are
-    accumulated; buckets start in index order on every rank, so collectives match across ranks.
+    accumulated, and `end_backward` starts the rest (parameters this rank did not use), so every backward
+    starts every bucket once, in index order, on every rank. The groups must be used by nothing else while
+    backward runs (the all-to-all of the MoE dispatch must not interleave with these all-reduces in
+    different orders on different ranks). A parameter without a gradient on every rank keeps none, as in a
+    single process. Several backwards per step (manual optimization) are fine: gradients keep
+    accumulating in .grad and the last backward's all-reduce carries their sum.
     """
 
     divisor: int
@@ -32,6 +38,7 @@ class GradientSynchronizer:
     enabled: bool = True
     buckets: list[_Bucket] = field(default_factory=list)
     _next: int = 0
+    _hooks: list[RemovableHandle] = field(default_factory=list)
 
     def add(self, params: list[nn.Parameter], group: dist.ProcessGroup | None) -> None:
         """Register parameters averaged over `group` (None or a group of one: scaled only)."""
@@ -50,7 +57,7 @@ class GradientSynchronizer:
             self.buckets.append(_Bucket(bucket, group))
         for index in range(first, len(self.buckets)):
             for p in self.buckets[index].params:
-                p.register_post_accumulate_grad_hook(lambda _p, i=index: self._on_grad_ready(i))
+                self._hooks.append(p.register_post_accumulate_grad_hook(lambda _p, i=index: self._on_grad_ready(i)))
 
     def _on_grad_ready(self, index: int) -> None:
         if not self.enabled:
@@ -62,24 +69,47 @@ class GradientSynchronizer:
             self._next += 1
 
     def _launch(self, bucket: _Bucket) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
-        bucket.buffer = torch.cat([g.reshape(-1) for g in grads]).div_(self.divisor)
+        parts = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in bucket.params]
+        parts.append(torch.tensor([float(p.grad is not None) for p in bucket.params], dtype=parts[0].dtype, device=parts[0].device))
+        bucket.buffer = torch.cat(parts)
+        bucket.buffer[: -len(bucket.params)].div_(self.divisor)
         if bucket.group is not None:
             bucket.work = dist.all_reduce(bucket.buffer, group=bucket.group, async_op=True)
 
-    def finish(self) -> None:
-        """Launch what backward did not (unused parameters count as zero), wait, and write the averages back."""
-        if not self.enabled:
-            return
-        for bucket in self.buckets[self._next :]:
-            self._launch(bucket)
+    def end_backward(self) -> None:
+        """Start the buckets this backward did not complete. Call after every backward."""
+        if self.enabled:
+            for bucket in self.buckets[self._next :]:
+                self._launch(bucket)
+            self._next = len(self.buckets)
+
+    def reset(self) -> None:
+        """Forget what a previous backward launched (its gradients stay accumulated in .grad, so the next
+        backward's buckets carry both). Call before every backward."""
         for bucket in self.buckets:
             if bucket.work is not None:
                 bucket.work.wait()
-            offset = 0
-            for p in bucket.params:
-                n = p.numel()
-                p.grad = bucket.buffer[offset : offset + n].view_as(p)
-                offset += n
             bucket.ready, bucket.buffer, bucket.work = 0, None, None
         self._next = 0
+
+    def finish(self) -> None:
+        """Wait for the last backward's all-reduces and write the averages back."""
+        if not self.enabled:
+            return
+        self.end_backward()
+        for bucket in self.buckets:
+            if bucket.work is not None:
+                bucket.work.wait()
+            n = len(bucket.params)
+            grads, has_grad = bucket.buffer[:-n], bucket.buffer[-n:].tolist()
+            offset = 0
+            for p, present in zip(bucket.params, has_grad):
+                p.grad = grads[offset : offset + p.numel()].view_as(p) if present else None
+                offset += p.numel()
+        self.reset()
+
+    def remove(self) -> None:
+        """Detach the backward hooks."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()

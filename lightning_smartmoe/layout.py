@@ -70,19 +70,25 @@ class ParallelLayout:
 
     The mesh is (edp, ep): ranks r with the same r // ep form an expert-parallel group (together they hold
     every expert once); ranks with the same r % ep form an expert-data-parallel group (they hold the same
-    experts). Dense parameters are averaged over all dp ranks.
+    experts). Dense parameters are averaged over all dp ranks. Gradient averaging gets groups of its own
+    (`grad_dp_group`, `grad_edp_group`), so its asynchronous all-reduces never share a communicator with the
+    all-to-alls that run in the same backward.
     """
 
     sizes: ParallelSizes
     mesh: DeviceMesh | None = None
+    grad_dp_group: dist.ProcessGroup | None = None
+    grad_edp_group: dist.ProcessGroup | None = None
 
     @classmethod
     def build(cls, sizes: ParallelSizes, device_type: str) -> "ParallelLayout":
-        """Create the mesh (collective: every rank calls it) or, for one process, none."""
+        """Create the mesh and groups (collective: every rank calls it) or, for one process, none."""
         if sizes.world_size == 1:
             return cls(sizes)
         mesh = init_device_mesh(device_type, (sizes.edp, sizes.ep), mesh_dim_names=("edp", "ep"))
-        return cls(sizes, mesh)
+        grad_dp = dist.new_group(list(range(sizes.world_size)))
+        edp_groups = [dist.new_group(list(range(j, sizes.world_size, sizes.ep))) for j in range(sizes.ep)]
+        return cls(sizes, mesh, grad_dp, edp_groups[dist.get_rank() % sizes.ep])
 
     def _group(self, dim: str) -> dist.ProcessGroup | None:
         return None if self.mesh is None else self.mesh[dim].get_group()

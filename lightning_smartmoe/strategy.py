@@ -148,6 +148,9 @@ class SmartMoEStrategy(ParallelStrategy):
 
     def _configure_launcher(self) -> None:
         _ = self.sizes  # size errors surface here, before any process is started
+        if self.sizes.ep > 1 and getattr(self.precision_plugin, "precision", None) == "16-mixed":
+            # each rank's GradScaler would judge overflow from different expert gradients and skip different steps
+            raise ConfigError("trainer.precision=16-mixed is not supported with parallel.ep > 1; use bf16-mixed")
         assert self.cluster_environment is not None
         if self.sizes.world_size == 1 or self.cluster_environment.creates_processes_externally:
             return
@@ -185,13 +188,16 @@ class SmartMoEStrategy(ParallelStrategy):
 
     def setup(self, trainer: "pl.Trainer") -> None:
         assert self.model is not None and self.layout is not None
+        if trainer.state.fn == TrainerFn.PREDICTING and self.sizes.world_size > 1:
+            # Lightning's predict sampler gives ranks unequal batch counts; MoE layers run collectives per batch
+            raise ConfigError("trainer.predict needs one process with the smartmoe strategy (devices=1)")
         self.accelerator.setup(trainer)
         if self.layout.mesh is not None:
             for layer in self.moe_layers:
                 layer.distribute(self.layout.ep_group, self.layout.dp_group, self._extra_slots)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
-        if self.layout.mesh is not None:
+        if self.layout.mesh is not None and trainer.state.fn == TrainerFn.FITTING:
             self._grad_sync = self._build_grad_sync(self.model)
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
@@ -216,9 +222,19 @@ class SmartMoEStrategy(ParallelStrategy):
         expert = {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
         params = list(model.parameters())
         sync = GradientSynchronizer(divisor=self.sizes.dp, bucket_bytes=self._bucket_bytes)
-        sync.add([p for p in params if id(p) not in expert], self.layout.dp_group)
-        sync.add([p for p in params if id(p) in expert], self.layout.edp_group)
+        sync.add([p for p in params if id(p) not in expert], self.layout.grad_dp_group)
+        sync.add([p for p in params if id(p) in expert], self.layout.grad_edp_group)
         return sync
+
+    def pre_backward(self, closure_loss: Tensor) -> None:
+        super().pre_backward(closure_loss)
+        if self._grad_sync is not None and self._grad_sync.enabled:
+            self._grad_sync.reset()  # several backwards per optimizer step (manual optimization)
+
+    def post_backward(self, closure_loss: Tensor) -> None:
+        super().post_backward(closure_loss)
+        if self._grad_sync is not None:
+            self._grad_sync.end_backward()
 
     def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: float) -> None:
         """Clip by the norm of the whole model's gradient: each expert counted once, wherever it lives.
@@ -301,16 +317,17 @@ class SmartMoEStrategy(ParallelStrategy):
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))
-        self._adopt_saved_placements(ckpt_io.read_meta(path).get("placements", []))
-        meta = ckpt_io.load(path, self.lightning_module, self.optimizers)
+        meta = ckpt_io.read_meta(path)
+        self._adopt_saved_placements(meta)
+        meta = ckpt_io.load(path, self.lightning_module, self.optimizers, meta)
         meta.setdefault("state_dict", {})
         return meta
 
-    def _adopt_saved_placements(self, saved: list[tuple[int, ...]]) -> None:
-        """Continue with the checkpoint's placements where they fit this layout (same experts, ep and slots);
+    def _adopt_saved_placements(self, meta: dict[str, Any]) -> None:
+        """Continue with the checkpoint's placements if they fit this layout (same ep and slots per rank);
         otherwise keep the current ones. Either way each rank then loads the logical experts it holds."""
-        layers = self.moe_layers
-        if len(saved) != len(layers):
+        layers, saved = self.moe_layers, meta.get("placements", [])
+        if len(saved) != len(layers) or meta.get("parallel", {}).get("ep") != self.sizes.ep:
             return
         for layer, table in zip(layers, saved):
             current = layer.placement
@@ -333,4 +350,6 @@ class SmartMoEStrategy(ParallelStrategy):
 
     def teardown(self) -> None:
         super().teardown()
-        self._grad_sync = None
+        if self._grad_sync is not None:
+            self._grad_sync.remove()
+            self._grad_sync = None

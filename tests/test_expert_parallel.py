@@ -88,9 +88,9 @@ def test_two_ranks_match_and_resume_at_other_ep(corpus, reference, four_ranks):
     # Saved at ep=4 on 4 ranks after step 2; resumed at ep=2 on 2 ranks and in one process.
     saved_losses, saved_params = results["saved"]
     resumed_losses, resumed_params = two["resumed"]
-    assert_same_run((resumed_losses, resumed_params), (saved_losses[2:], saved_params))
+    assert_same_run((resumed_losses, resumed_params), (saved_losses[2:], tiny.weights(saved_params)))
     single = tiny.fit(corpus, tiny.model_config(**DROPLESS), steps=4, resume=ckpt)
-    assert_same_run(single, (saved_losses[2:], saved_params))
+    assert_same_run(single, (saved_losses[2:], tiny.weights(saved_params)))
 
 
 def _resume_and_layouts(corpus: str, cases, ckpt: str):

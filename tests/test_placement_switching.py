@@ -144,7 +144,7 @@ def test_checkpoints_do_not_depend_on_placement(corpus, tmp_path):
         2, _save_switching_then_resume, str(corpus), str(tmp_path), timeout=280)[0]
     from test_expert_parallel import assert_same_run
 
-    (losses, params) = full
+    losses, params = full[0], tiny.weights(full[1])
     assert_same_run(saved_placement, (losses[4:], params))
     assert greedy_switches > 0
     assert_same_run(other_policy, (losses[4:], params))
@@ -161,4 +161,4 @@ def test_rank_dying_mid_migration_leaves_last_checkpoint_loadable(corpus, tmp_pa
     resumed = tiny.fit(corpus, tiny.model_config(num_experts=8), steps=6, resume=tmp_path / "epoch=0-step=2.ckpt")
     from test_expert_parallel import assert_same_run
 
-    assert_same_run(resumed, (reference[0][2:], reference[1]))
+    assert_same_run(resumed, (reference[0][2:], tiny.weights(reference[1])))

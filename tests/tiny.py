@@ -12,7 +12,7 @@ from lightning_smartmoe import SmartMoEStrategy
 from lightning_smartmoe.checkpoint import model_tensors
 from lightning_smartmoe.data import TokenDataModule
 from lightning_smartmoe.models import GPTMoEConfig, GPTMoEModule, OptimConfig
-from lightning_smartmoe.moe import MoEConfig
+from lightning_smartmoe.moe import GroupedExperts, MoEConfig
 
 VOCAB = 64
 GLOBAL_BATCH = 8
@@ -29,14 +29,35 @@ def model_config(gate: str = "naive", capacity_factor: float | None = None, num_
     return GPTMoEConfig(vocab_size=VOCAB, seq_len=16, n_layers=2, d_model=32, n_heads=4, moe=moe)
 
 
+def logical_grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`grad/<param>[:<expert>]` -> this rank's gradient, expert gradients split by logical expert."""
+    ids = {id(p): m.logical_ids for m in module.modules() if isinstance(m, GroupedExperts) for p in (m.w1, m.w2)}
+    out = {}
+    for name, p in module.named_parameters():
+        if p.grad is None:
+            continue
+        if id(p) not in ids:
+            out[f"grad/{name}"] = p.grad.clone()
+        for i, e in enumerate(ids.get(id(p), [])):
+            if e >= 0:
+                out[f"grad/{name}:{e}"] = p.grad[i].clone()
+    return out
+
+
 class LossRecorder(pl.Callback):
-    """Keeps each micro-batch's training loss (this rank's)."""
+    """Keeps each micro-batch's training loss (this rank's) and the synchronised, unclipped gradients of the
+    first optimizer step (so that a wrong gradient scale, which Adam would hide, shows)."""
 
     def __init__(self) -> None:
         self.losses: list[float] = []
+        self.first_grads: dict[str, torch.Tensor] | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(outputs["loss"]))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.first_grads is None:
+            self.first_grads = logical_grads(pl_module)
 
 
 def fit(
@@ -51,7 +72,8 @@ def fit(
     extra_slots: int = 0,
     callbacks: list[pl.Callback] = (),
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Train and return (global per-micro-batch losses, full logical parameters), identical on every rank."""
+    """Train and return (global per-micro-batch losses, full logical parameters plus the first step's gradients
+    unless resumed), identical on every rank."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     pl.seed_everything(0, verbose=False)
     module = GPTMoEModule(model, OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2))
@@ -69,6 +91,8 @@ def fit(
     trainer.fit(module, dm, ckpt_path=str(resume) if resume else None)
     losses = torch.tensor(recorder.losses, dtype=torch.float64)
     params = {k: v.clone() for k, v in model_tensors(module).items()}
+    if resume is None:
+        params.update(recorder.first_grads)
     if world > 1:
         dist.all_reduce(losses)
         losses /= world
@@ -76,3 +100,8 @@ def fit(
         dist.all_gather_object(shards, params)
         params = {k: v for shard in shards for k, v in shard.items()}
     return losses.tolist(), params
+
+
+def weights(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The parameters of a `fit` result without its first-step gradients (a resumed run has none)."""
+    return {k: v for k, v in params.items() if not k.startswith("grad/")}

@@ -53,7 +53,12 @@ class MoELayer(nn.Module):
         Args:
             ep_group: ranks that hold different experts.
             token_group: ranks whose tokens together form the global batch (for the aux-loss statistics).
+        Calling it again with the same group (a second fit, validate after fit) keeps the current shard.
         """
+        if self.ep_group is ep_group:
+            return
+        if self.ep_group is not None:
+            raise RuntimeError("this MoELayer is already sharded over another expert-parallel group")
         self.ep_group, self.ep_rank = ep_group, dist.get_rank(ep_group)
         self.placement = Placement.contiguous(self.cfg.num_experts, dist.get_world_size(ep_group), extra_slots)
         self.experts.select(self.local_experts(self.placement))
