@@ -64,8 +64,8 @@ class ExpertPlacementCallback(pl.Callback):
             raise ConfigError(f"placement.policy={policy!r} is unknown; allowed: {', '.join(PLANNERS)}")
         if interval != "epoch" and not (isinstance(interval, int) and interval >= 1):
             raise ConfigError(f"placement.interval={interval!r} must be an integer >= 1 or 'epoch'")
-        if window < 1:
-            raise ConfigError(f"placement.window={window} must be >= 1")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ConfigError(f"placement.window={window!r} must be an integer >= 1")
         self.policy, self.interval, self.window, self.min_gain = policy, interval, window, min_gain
         self.heatmap_every = heatmap_every
         self.cost = dict(cost or {})
@@ -97,7 +97,7 @@ class ExpertPlacementCallback(pl.Callback):
         self._last_step = trainer.global_step
         total = trainer.strategy.reduce(self._pending, reduce_op="sum")
         self._pending = None
-        load, dropped = total[:, :-1].double(), total[:, -1]
+        load, dropped = total[:, :-1].double().cpu(), total[:, -1]
         self.history = (self.history + [load])[-self.window :]
         for i, (layer, layer_load) in enumerate(zip(layers, load)):
             ranks = layer.placement.rank_load(layer_load)
@@ -149,6 +149,6 @@ class ExpertPlacementCallback(pl.Callback):
         return {"history": self.history, "switches": self.switches, "moved_experts": self.moved_experts}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = list(state_dict["history"])
+        self.history = [h.cpu() for h in state_dict["history"]]
         self.switches = state_dict["switches"]
         self.moved_experts = state_dict["moved_experts"]

@@ -68,14 +68,19 @@ def _init_optimizer_state(module: nn.Module, optimizer: Optimizer, index: int, s
         if p in optimizer.state and optimizer.state[p]:
             continue
         expert = ids.get(id(p))
-        prefix = f"optim{index}/{name}" + (f":{expert[0]}" if expert is not None else "") + "/"
+        held = [e for e in expert if e >= 0] if expert is not None else None
+        if held == []:
+            continue  # only empty slots here: nothing to load
+        prefix = f"optim{index}/{name}" + (f":{held[0]}" if held is not None else "") + "/"
         state = {}
         for key, meta in saved.items():
             if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata):
                 shape = tuple(meta.size)
-                if expert is not None and shape == p.shape[1:]:
+                if held is not None and shape == p.shape[1:]:
                     shape = tuple(p.shape)
-                state[key[len(prefix) :]] = torch.zeros(shape, dtype=meta.properties.dtype, device=p.device)
+                # per-parameter scalars (Adam's step) live on the CPU, as torch.optim keeps them
+                device = p.device if shape else torch.device("cpu")
+                state[key[len(prefix) :]] = torch.zeros(shape, dtype=meta.properties.dtype, device=device)
         if state:
             optimizer.state[p] = state
 
@@ -93,9 +98,17 @@ def _broadcast_path(path: Path) -> Path:
     return Path(box[0])
 
 
+def _is_checkpoint(path: Path) -> bool:
+    return (path / META).is_file() and (path / ".metadata").is_file()
+
+
 def save(path: str | Path, module: nn.Module, optimizers: list[Optimizer], meta: dict[str, Any]) -> None:
-    """Collective save. Written to a temporary folder and renamed, so a crash leaves no half checkpoint."""
+    """Collective save. Written to a temporary folder that replaces `path` by renames only, so a crash at
+    any point leaves either the old or the new checkpoint whole. An existing `path` that is not a
+    checkpoint is refused, not overwritten."""
     path = _broadcast_path(Path(path))
+    if path.exists() and not _is_checkpoint(path):
+        raise ConfigError(f"checkpoint path {str(path)!r} exists and is not a smartmoe checkpoint; refusing to replace it")
     tmp = _broadcast_path(path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"))
     tensors = model_tensors(module)
     for i, opt in enumerate(optimizers):
@@ -107,11 +120,12 @@ def save(path: str | Path, module: nn.Module, optimizers: list[Optimizer], meta:
         torch.save(meta, tmp / META)
     _barrier()
     if rank == 0:
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+        old = tmp.with_suffix(".old")
+        if path.exists():
+            path.rename(old)
         tmp.rename(path)
+        if old.exists():
+            shutil.rmtree(old)
     _barrier()
 
 
@@ -121,15 +135,15 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     if not (path / META).is_file():
         raise ConfigError(f"ckpt_path={str(path)!r} is not a smartmoe checkpoint folder (no {META})")
     try:
-        return torch.load(path / META, weights_only=False)
+        return torch.load(path / META, map_location="cpu", weights_only=False)
     except Exception as err:
         raise ConfigError(f"ckpt_path={str(path)!r}: {META} could not be read: {err}") from err
 
 
-def load(path: str | Path, module: nn.Module, optimizers: list[Optimizer]) -> dict[str, Any]:
-    """Collective load into the live module and optimizers; returns the metadata for Lightning."""
+def load(path: str | Path, module: nn.Module, optimizers: list[Optimizer], meta: dict[str, Any]) -> dict[str, Any]:
+    """Collective load into the live module and optimizers; `meta` is `read_meta(path)`. Returns the metadata
+    for Lightning."""
     path = Path(path)
-    meta = read_meta(path)
     try:
         saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
         for i, opt in enumerate(optimizers):

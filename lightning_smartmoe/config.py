@@ -6,6 +6,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_smartmoe.callbacks import ExpertPlacementCallback
+from lightning_smartmoe.checkpoint import read_meta
 from lightning_smartmoe.data import TokenDataModule
 from lightning_smartmoe.errors import ConfigError
 from lightning_smartmoe.layout import ParallelSizes
@@ -48,6 +49,27 @@ def model_config(cfg: DictConfig) -> GPTMoEConfig:
 
 def optim_config(cfg: DictConfig) -> OptimConfig:
     return _section(cfg, "optim", OptimConfig)
+
+
+def _positive_int(key: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key}={value!r} must be an integer >= {minimum}")
+
+
+def check_run(cfg: DictConfig) -> None:
+    """Checks of trainer, parallel, placement and resume settings that the dataclasses do not cover."""
+    _positive_int("trainer.devices", cfg.trainer.devices)  # processes per node; "auto" and lists are not supported
+    _positive_int("trainer.num_nodes", cfg.trainer.num_nodes)
+    _positive_int("trainer.accumulate_grad_batches", cfg.trainer.accumulate_grad_batches)
+    if cfg.parallel.start_method not in ("popen", "spawn"):
+        raise ConfigError(f"parallel.start_method={cfg.parallel.start_method!r} is unknown; allowed: popen, spawn")
+    if not cfg.parallel.bucket_mb > 0:
+        raise ConfigError(f"parallel.bucket_mb={cfg.parallel.bucket_mb} must be > 0")
+    _positive_int("placement.window", cfg.placement.window)
+    _positive_int("placement.heatmap_every", cfg.placement.heatmap_every, minimum=0)
+    _positive_int("placement.extra_slots", cfg.placement.extra_slots, minimum=0)
+    if cfg.ckpt_path is not None:
+        read_meta(cfg.ckpt_path)
 
 
 def parallel_sizes(cfg: DictConfig) -> ParallelSizes:

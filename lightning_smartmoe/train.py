@@ -18,6 +18,7 @@ from lightning_smartmoe.strategy import SmartMoEStrategy
 
 def build(cfg: DictConfig, output_dir: Path) -> tuple[pl.Trainer, GPTMoEModule, pl.LightningDataModule]:
     """Check the whole config and build trainer, module and data. Raises ConfigError on bad input."""
+    config.check_run(cfg)
     model_cfg = config.model_config(cfg)
     optim_cfg = config.optim_config(cfg)
     sizes = config.parallel_sizes(cfg)

@@ -85,3 +85,27 @@ def test_cli_unknown_recipe(tmp_path):
     result = _cli("recipe=gpt_moe_huge", cwd=tmp_path)
     assert result.returncode != 0
     assert "recipe/gpt_moe_huge" in result.stderr and "gpt_moe_tiny" in result.stderr  # names the allowed ones
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["trainer.devices=auto"], r"trainer\.devices='auto' must be an integer >= 1"),
+        (["trainer.accumulate_grad_batches=0"], r"trainer\.accumulate_grad_batches=0 must be an integer >= 1"),
+        (["parallel.start_method=fork"], r"parallel\.start_method='fork' is unknown; allowed: popen, spawn"),
+        (["parallel.bucket_mb=0"], r"parallel\.bucket_mb=0 must be > 0"),
+        (["placement.window=1.5"], r"placement\.window=1\.5 must be an integer >= 1"),
+        (["placement.policy=lpt"], r"placement\.policy='lpt' is unknown"),
+        (["placement.extra_slots=-1"], r"placement\.extra_slots=-1 must be an integer >= 0"),
+        (["ckpt_path=/no/such/ckpt"], r"ckpt_path='/no/such/ckpt' is not a smartmoe checkpoint folder"),
+    ],
+)
+def test_bad_run_settings(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        build(compose_cfg(overrides), tmp_path)
+
+
+def test_empty_bin(tmp_path):
+    (tmp_path / "empty.bin").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"data\.path: .*empty\.bin is empty"):
+        build(compose_cfg([f"data.path={tmp_path / 'empty.bin'}"]), tmp_path)

@@ -58,7 +58,7 @@ def test_one_reduction_per_step_window_heatmaps(tmp_path):
     [
         (dict(policy="random"), r"placement\.policy='random' is unknown; allowed: static, greedy, balanced"),
         (dict(interval=0), r"placement\.interval=0 must be an integer >= 1 or 'epoch'"),
-        (dict(window=0), r"placement\.window=0 must be >= 1"),
+        (dict(window=0), r"placement\.window=0 must be an integer >= 1"),
         (dict(cost={"bandwidth": -1.0}), r"placement\.cost: .*bandwidth"),
     ],
 )

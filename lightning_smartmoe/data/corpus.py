@@ -24,6 +24,8 @@ def read_bytes(files: list[Path]) -> np.ndarray:
 def read_bin(path: Path) -> np.ndarray:
     """Memory-map a headerless uint16 token file (nanoGPT's train.bin convention)."""
     size = path.stat().st_size
+    if size == 0:
+        raise ConfigError(f"data.path: {path} is empty; a .bin token file needs at least one uint16 token")
     if size % 2:
         raise ConfigError(f"data.path: {path} has {size} bytes; a uint16 .bin token file must have an even length")
     return np.memmap(path, dtype=np.uint16, mode="r")
