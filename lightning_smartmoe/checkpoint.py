@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.optim import Optimizer
 
@@ -157,7 +158,7 @@ def load(path: str | Path, module: nn.Module, optimizers: list[Optimizer], meta:
         dcp.load(tensors, checkpoint_id=path)
     except ConfigError:
         raise
-    except Exception as err:  # a damaged file surfaces as many different errors
+    except (Exception, CheckpointException) as err:  # a damaged file surfaces as many different errors
         raise ConfigError(f"ckpt_path={str(path)!r} could not be read: {err}") from err
     for opt, groups in zip(optimizers, meta.pop("optimizer_hparams", [])):
         for group, saved_group in zip(opt.param_groups, groups):
