@@ -41,6 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # run_distributed
 
 from distributed import run_distributed  # noqa: E402
+from machine import cpu_pressure  # noqa: E402
 
 from lightning_smartmoe.moe import MoEConfig, MoELayer, Routing  # noqa: E402
 from triton_ops import expert_histogram  # noqa: E402
@@ -239,15 +240,6 @@ def summarize(world: int, cfg: dict, results: list[dict]) -> dict:
         "bytes_target_met": statistics.mean(fwd_ratios) <= TARGET_BYTES_RATIO,
         "dispatch_rows_match_routing": counted_ok,
     }
-
-
-def cpu_pressure() -> float | None:
-    """Linux PSI: share of the last 10 s some task waited for a CPU (None where unavailable)."""
-    try:
-        with open("/proc/pressure/cpu") as f:
-            return float(f.readline().split()[1].split("=")[1])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def main() -> None:

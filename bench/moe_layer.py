@@ -33,6 +33,7 @@ from torch.nn import functional as F
 
 from lightning_smartmoe.moe import MoEConfig, MoELayer
 from lightning_smartmoe.moe.losses import load_balancing_loss, router_z_loss
+from machine import cpu_pressure
 
 TARGET_SPEEDUP_VS_LOOP = 2.0  # ours must be >= 2x faster than (a)
 TARGET_SLOWDOWN_VS_DENSE = 1.5  # ours must take <= 1.5x the time of (b)
@@ -208,15 +209,6 @@ def profile(model: nn.Module, x: torch.Tensor, gy: torch.Tensor, steps: int = 2)
         ops.append((ev.key, ms, ev.count // steps))
     ops.sort(key=lambda o: -o[1])
     return by_cat, ops[:8]
-
-
-def cpu_pressure() -> float | None:
-    """Linux PSI: share of the last 10 s some task waited for a CPU (None where unavailable)."""
-    try:
-        with open("/proc/pressure/cpu") as f:
-            return float(f.readline().split()[1].split("=")[1])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def main() -> None:
