@@ -243,9 +243,9 @@ class SmartMoEStrategy(ParallelStrategy):
         over the expert-parallel group, each slot weighted by 1 / its expert's replicas (0 if empty).
         """
         shares = {id(p): layer.slot_shares() for layer in self.moe_layers for p in (layer.experts.w1, layer.experts.w2)}
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         sq = torch.zeros(2, dtype=torch.float64, device=self.root_device)
-        for p in (p for group in optimizer.param_groups for p in group["params"] if p.grad is not None):
+        for p in params:
             g = p.grad.detach().double().square()
             share = shares.get(id(p))
             if share is None:
@@ -255,7 +255,7 @@ class SmartMoEStrategy(ParallelStrategy):
         dist.all_reduce(sq[1:], group=self.layout.ep_group)
         scale = clip_val / (sq.sum().sqrt() + 1e-6)
         if scale < 1:
-            torch._foreach_mul_(grads, scale.item())
+            torch._foreach_mul_([p.grad for p in params], scale.item())
 
     def model_to_device(self) -> None:
         assert self.model is not None
