@@ -69,12 +69,13 @@ class GradientSynchronizer:
             self._next += 1
 
     def _launch(self, bucket: _Bucket) -> None:
+        if bucket.group is None:
+            return  # nothing to reduce (a group of one): `finish` scales in place
         parts = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in bucket.params]
         parts.append(torch.tensor([float(p.grad is not None) for p in bucket.params], dtype=parts[0].dtype, device=parts[0].device))
         bucket.buffer = torch.cat(parts)
         bucket.buffer[: -len(bucket.params)].div_(self.divisor)
-        if bucket.group is not None:
-            bucket.work = dist.all_reduce(bucket.buffer, group=bucket.group, async_op=True)
+        bucket.work = dist.all_reduce(bucket.buffer, group=bucket.group, async_op=True)
 
     def end_backward(self) -> None:
         """Start the buckets this backward did not complete. Call after every backward."""
@@ -98,8 +99,12 @@ class GradientSynchronizer:
             return
         self.end_backward()
         for bucket in self.buckets:
-            if bucket.work is not None:
-                bucket.work.wait()
+            if bucket.group is None:
+                grads = [p.grad for p in bucket.params if p.grad is not None]
+                if grads:
+                    torch._foreach_div_(grads, self.divisor)
+                continue
+            bucket.work.wait()
             n = len(bucket.params)
             grads, has_grad = bucket.buffer[:-n], bucket.buffer[-n:].tolist()
             offset = 0

@@ -22,7 +22,7 @@ class MoEStats:
     expert_load: Tensor  # [E] int64 assignments computed per logical expert (after drops)
     dropped: Tensor  # [] int64 assignments dropped for capacity
     assignments: int  # T * k
-    aux_loss: Tensor  # [] load-balancing loss (unscaled by its coefficient)
+    aux_loss: Tensor  # [] load-balancing loss (unscaled; from this rank's counts alone when its coefficient is 0)
     z_loss: Tensor  # [] router z-loss (unscaled)
 
 
@@ -86,7 +86,7 @@ class MoELayer(nn.Module):
         b, s, d = x.shape
         routing = self.router(x)
         routed = routing.routed
-        if self.token_group is not None:
+        if self.token_group is not None and self.cfg.aux_loss_coeff > 0:  # the loss needs global fractions
             routed = routed.clone()
             dist.all_reduce(routed, group=self.token_group)
         balance = load_balancing_loss(routing.probs, routed)
