@@ -72,17 +72,15 @@ class GPTMoEModule(pl.LightningModule):
         layers = self.model.moe_layers()
         if not layers:
             return
-        stats = torch.stack(
-            [
-                torch.cat([m.stats.expert_load.double(), torch.stack([
-                    m.stats.dropped.double(), torch.tensor(float(m.stats.assignments), device=self.device),
-                    m.stats.aux_loss.double(), m.stats.z_loss.double(), torch.ones((), device=self.device),
-                ])])
-                for m in layers
-            ]
-        )
+        rows = []
+        for m in layers:  # [E + 5] per layer: expert load, dropped, assignments, aux, z, 1 (counts the ranks)
+            st = m.stats
+            scalars = [st.dropped.double(), st.aux_loss.double(), st.z_loss.double()]
+            extra = torch.tensor([float(st.assignments), 1.0], dtype=torch.float64, device=self.device)
+            rows.append(torch.cat([st.expert_load.double(), torch.stack(scalars), extra]))
+        stats = torch.stack(rows)
         stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
-        load, (dropped, assignments, aux, z, ranks) = stats[:, :-5], stats[:, -5:].unbind(1)
+        load, (dropped, aux, z, assignments, ranks) = stats[:, :-5], stats[:, -5:].unbind(1)
         imbalance = load.max(dim=1).values / load.mean(dim=1).clamp(min=1e-12)
         self.log("train/aux_loss", (aux / ranks).mean())
         self.log("train/z_loss", (z / ranks).mean())
