@@ -48,6 +48,14 @@ def empty_file(tmp_path) -> Path:
         (["trainer.devices=4", "parallel.dp=2"], r"world size 4 .* must equal parallel\.dp x parallel\.tp x parallel\.pp"),
         (["trainer.devices=4", "data.global_batch_size=6"], r"data\.global_batch_size=6 must be divisible"),
         (["parallel.tp=2", "trainer.devices=2"], r"parallel\.tp=2 is not supported yet"),
+        (["trainer.devices=auto"], r"trainer\.devices='auto' must be an integer >= 1"),
+        (["trainer.accumulate_grad_batches=0"], r"trainer\.accumulate_grad_batches=0 must be an integer >= 1"),
+        (["parallel.start_method=fork"], r"parallel\.start_method='fork' is unknown; allowed: popen, spawn"),
+        (["parallel.bucket_mb=0"], r"parallel\.bucket_mb=0 must be > 0"),
+        (["placement.window=1.5"], r"placement\.window=1\.5 must be an integer >= 1"),
+        (["placement.policy=lpt"], r"placement\.policy='lpt' is unknown"),
+        (["placement.extra_slots=-1"], r"placement\.extra_slots=-1 must be an integer >= 0"),
+        (["ckpt_path=/no/such/ckpt"], r"ckpt_path='/no/such/ckpt' is not a smartmoe checkpoint folder"),
     ],
 )
 def test_bad_config_values(tmp_path, overrides, message):
@@ -85,24 +93,6 @@ def test_cli_unknown_recipe(tmp_path):
     result = _cli("recipe=gpt_moe_huge", cwd=tmp_path)
     assert result.returncode != 0
     assert "recipe/gpt_moe_huge" in result.stderr and "gpt_moe_tiny" in result.stderr  # names the allowed ones
-
-
-@pytest.mark.parametrize(
-    "overrides,message",
-    [
-        (["trainer.devices=auto"], r"trainer\.devices='auto' must be an integer >= 1"),
-        (["trainer.accumulate_grad_batches=0"], r"trainer\.accumulate_grad_batches=0 must be an integer >= 1"),
-        (["parallel.start_method=fork"], r"parallel\.start_method='fork' is unknown; allowed: popen, spawn"),
-        (["parallel.bucket_mb=0"], r"parallel\.bucket_mb=0 must be > 0"),
-        (["placement.window=1.5"], r"placement\.window=1\.5 must be an integer >= 1"),
-        (["placement.policy=lpt"], r"placement\.policy='lpt' is unknown"),
-        (["placement.extra_slots=-1"], r"placement\.extra_slots=-1 must be an integer >= 0"),
-        (["ckpt_path=/no/such/ckpt"], r"ckpt_path='/no/such/ckpt' is not a smartmoe checkpoint folder"),
-    ],
-)
-def test_bad_run_settings(tmp_path, overrides, message):
-    with pytest.raises(ConfigError, match=message):
-        build(compose_cfg(overrides), tmp_path)
 
 
 def test_empty_bin(tmp_path):
