@@ -51,23 +51,22 @@ def optim_config(cfg: DictConfig) -> OptimConfig:
     return _section(cfg, "optim", OptimConfig)
 
 
-def _positive_int(key: str, value, minimum: int = 1) -> None:
+def _check_int(key: str, value, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{key}={value!r} must be an integer >= {minimum}")
 
 
 def check_run(cfg: DictConfig) -> None:
     """Checks of trainer, parallel, placement and resume settings that the dataclasses do not cover."""
-    _positive_int("trainer.devices", cfg.trainer.devices)  # processes per node; "auto" and lists are not supported
-    _positive_int("trainer.num_nodes", cfg.trainer.num_nodes)
-    _positive_int("trainer.accumulate_grad_batches", cfg.trainer.accumulate_grad_batches)
+    _check_int("trainer.devices", cfg.trainer.devices)  # processes per node; "auto" and lists are not supported
+    _check_int("trainer.num_nodes", cfg.trainer.num_nodes)
+    _check_int("trainer.accumulate_grad_batches", cfg.trainer.accumulate_grad_batches)
     if cfg.parallel.start_method not in ("popen", "spawn"):
         raise ConfigError(f"parallel.start_method={cfg.parallel.start_method!r} is unknown; allowed: popen, spawn")
     if not cfg.parallel.bucket_mb > 0:
         raise ConfigError(f"parallel.bucket_mb={cfg.parallel.bucket_mb} must be > 0")
-    _positive_int("placement.window", cfg.placement.window)
-    _positive_int("placement.heatmap_every", cfg.placement.heatmap_every, minimum=0)
-    _positive_int("placement.extra_slots", cfg.placement.extra_slots, minimum=0)
+    _check_int("placement.heatmap_every", cfg.placement.heatmap_every, minimum=0)
+    _check_int("placement.extra_slots", cfg.placement.extra_slots, minimum=0)
     if cfg.ckpt_path is not None:
         read_meta(cfg.ckpt_path)
 

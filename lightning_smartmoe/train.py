@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from lightning_smartmoe import config
-from lightning_smartmoe.callbacks import ExpertPlacementCallback, TokensPerSecond
+from lightning_smartmoe.callbacks import TokensPerSecond
 from lightning_smartmoe.errors import ConfigError
 from lightning_smartmoe.models import GPTMoEModule
 from lightning_smartmoe.strategy import SmartMoEStrategy
