@@ -1,0 +1,287 @@
+"""Megatron-style tensor parallelism over a TP process group.
+
+A column-parallel linear splits its output features over the TP ranks, a row-parallel linear its
+input features; chained (column -> elementwise -> row) they need one all-reduce forward and one
+backward. With `sequence_parallel` the activations outside the pair are split along the sequence
+(dim 1) instead of replicated, and the all-reduces become an all-gather and a reduce-scatter.
+Every layer is built at full size (same init as a single-process model) and then `shard`-ed; sharded
+parameters carry `tp_shard_dim`, the dim they are split along. `group=None` means one TP rank: no
+communication.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# gloo has the flat reduce-scatter since torch 2.2 (as all-reduce + chunk) but the list form only since 2.8;
+# newer torch renames reduce_scatter_tensor to reduce_scatter_single. All-gathers use the list form (any torch).
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
+
+def _tp_size(group: dist.ProcessGroup | None) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _tp_rank(group: dist.ProcessGroup | None) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def _shard_size(total: int, tp: int, what: str) -> int:
+    """Size of one of `tp` equal shards of `total`; ValueError naming `what` if it does not divide."""
+    if total % tp:
+        raise ValueError(f"{what} ({total}) is not divisible by the tensor-parallel size {tp}")
+    return total // tp
+
+
+def _all_reduce(x: Tensor, group: dist.ProcessGroup | None, op=dist.ReduceOp.SUM) -> Tensor:
+    """Reduced copy of x over the group (x itself is left alone)."""
+    x = x.clone(memory_format=torch.contiguous_format)
+    if _tp_size(group) > 1:
+        dist.all_reduce(x, op=op, group=group)
+    return x
+
+
+def _all_gather(x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
+    """Concatenate every rank's x (same shape on all ranks) along dim."""
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(_tp_size(group))]
+    dist.all_gather(parts, x, group=group)
+    return torch.cat(parts, dim)
+
+
+def _reduce_scatter(x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
+    """This rank's chunk along dim of the sum of every rank's x."""
+    size = _shard_size(x.shape[dim], _tp_size(group), f"dim {dim} of the reduce-scatter input")
+    x = x.movedim(dim, 0).contiguous()  # the flat collective scatters along dim 0
+    out = x.new_empty((size, *x.shape[1:]))
+    _reduce_scatter_single(out, x, group=group)
+    return out.movedim(0, dim).contiguous()
+
+
+def _split(x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
+    """This rank's contiguous chunk of x along dim."""
+    size = _shard_size(x.shape[dim], _tp_size(group), f"dim {dim} of the sequence-parallel split")
+    return x.narrow(dim, _tp_rank(group) * size, size).contiguous()
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return _all_reduce(grad, ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+class _ScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
+        ctx.group, ctx.dim = group, dim
+        return _split(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        return _all_gather(grad, ctx.group, ctx.dim), None, None
+
+
+class _GatherFromSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
+        ctx.group, ctx.dim = group, dim
+        return _all_gather(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        return _split(grad, ctx.group, ctx.dim), None, None
+
+
+class _AllGatherSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
+        ctx.group, ctx.dim = group, dim
+        return _all_gather(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        return _reduce_scatter(grad, ctx.group, ctx.dim), None, None
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
+        ctx.group, ctx.dim = group, dim
+        return _reduce_scatter(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        return _all_gather(grad, ctx.group, ctx.dim), None, None
+
+
+def copy_to_tp(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """Enter a TP region with a replicated x: forward identity, backward all-reduce(sum)."""
+    return x if _tp_size(group) == 1 else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """Leave a TP region by summing partial results: forward all-reduce(sum), backward identity."""
+    return x if _tp_size(group) == 1 else _ReduceFromTP.apply(x, group)
+
+
+def scatter_to_sequence(x: Tensor, group: dist.ProcessGroup | None, dim: int = 1) -> Tensor:
+    """Replicated [.., S, ..] -> this rank's [.., S/tp, ..]; backward all-gathers the gradient."""
+    return x if _tp_size(group) == 1 else _ScatterToSequence.apply(x, group, dim)
+
+
+def gather_from_sequence(x: Tensor, group: dist.ProcessGroup | None, dim: int = 1) -> Tensor:
+    """[.., S/tp, ..] -> replicated [.., S, ..]; backward keeps this rank's chunk of the gradient."""
+    return x if _tp_size(group) == 1 else _GatherFromSequence.apply(x, group, dim)
+
+
+def all_gather_sequence(x: Tensor, group: dist.ProcessGroup | None, dim: int = 1) -> Tensor:
+    """[.., S/tp, ..] -> [.., S, ..] before a column-parallel linear; backward reduce-scatter(sum)."""
+    return x if _tp_size(group) == 1 else _AllGatherSequence.apply(x, group, dim)
+
+
+def reduce_scatter_sequence(x: Tensor, group: dist.ProcessGroup | None, dim: int = 1) -> Tensor:
+    """Partial [.., S, ..] -> summed [.., S/tp, ..] after a row-parallel linear; backward all-gather."""
+    return x if _tp_size(group) == 1 else _ReduceScatterSequence.apply(x, group, dim)
+
+
+def _shard_param(param: Tensor, dim: int, group: dist.ProcessGroup) -> nn.Parameter:
+    """This rank's contiguous block of param along dim, marked with `tp_shard_dim`."""
+    size = param.shape[dim] // _tp_size(group)
+    block = param.detach().narrow(dim, _tp_rank(group) * size, size).clone()
+    shard = nn.Parameter(block, requires_grad=param.requires_grad)
+    shard.tp_shard_dim = dim
+    return shard
+
+
+class ColumnParallelLinear(nn.Linear):
+    """nn.Linear whose output features are split over the TP ranks: [..., in] -> [..., out/tp]."""
+
+    tp_group: dist.ProcessGroup | None = None
+    sequence_parallel: bool = False
+
+    def shard(self, group: dist.ProcessGroup | None, sequence_parallel: bool = False) -> "ColumnParallelLinear":
+        """Keep this rank's rows: weight [out/tp, in], bias [out/tp]. Returns self."""
+        self.tp_group, self.sequence_parallel = group, sequence_parallel
+        if _tp_size(group) > 1:
+            self.out_features = _shard_size(self.out_features, _tp_size(group), "out_features")
+            self.weight = _shard_param(self.weight, 0, group)
+            if self.bias is not None:
+                self.bias = _shard_param(self.bias, 0, group)
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [..., in] replicated, or [B, S/tp, in] with sequence_parallel. Returns [..., out/tp]."""
+        if self.sequence_parallel:
+            x = all_gather_sequence(x, self.tp_group, dim=1)
+        else:
+            x = copy_to_tp(x, self.tp_group)
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Linear):
+    """nn.Linear whose input features are split over the TP ranks: [..., in/tp] -> [..., out]."""
+
+    tp_group: dist.ProcessGroup | None = None
+    sequence_parallel: bool = False
+
+    def shard(self, group: dist.ProcessGroup | None, sequence_parallel: bool = False) -> "RowParallelLinear":
+        """Keep this rank's columns: weight [out, in/tp]; the bias stays full and replicated. Returns self."""
+        self.tp_group, self.sequence_parallel = group, sequence_parallel
+        if _tp_size(group) > 1:
+            self.in_features = _shard_size(self.in_features, _tp_size(group), "in_features")
+            self.weight = _shard_param(self.weight, 1, group)
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [..., in/tp]. Returns [..., out] replicated, or [B, S/tp, out] with sequence_parallel."""
+        y = F.linear(x, self.weight)
+        bias = self.bias
+        if self.sequence_parallel:
+            y = reduce_scatter_sequence(y, self.tp_group, dim=1)
+            if bias is not None:  # each rank adds it to its own tokens only: sum its gradient over TP
+                bias = copy_to_tp(bias, self.tp_group)
+        else:
+            y = reduce_from_tp(y, self.tp_group)
+        return y if bias is None else y + bias
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """nn.Embedding with its vocabulary split over the TP ranks: rank r holds ids [r*V/tp, (r+1)*V/tp)."""
+
+    tp_group: dist.ProcessGroup | None = None
+    vocab_start: int = 0
+
+    def shard(self, group: dist.ProcessGroup | None) -> "VocabParallelEmbedding":
+        """Keep this rank's rows: weight [V/tp, d]. Returns self."""
+        self.tp_group = group
+        if _tp_size(group) > 1:
+            if self.max_norm is not None or self.scale_grad_by_freq:
+                raise ValueError("VocabParallelEmbedding supports neither max_norm nor scale_grad_by_freq")
+            rows = _shard_size(self.num_embeddings, _tp_size(group), "num_embeddings")
+            self.vocab_start, self.num_embeddings = _tp_rank(group) * rows, rows
+            if self.padding_idx is not None:
+                local = self.padding_idx - self.vocab_start
+                self.padding_idx = local if 0 <= local < rows else None
+            self.weight = _shard_param(self.weight, 0, group)
+        return self
+
+    def forward(self, idx: Tensor) -> Tensor:
+        """idx: [B, S] global ids. Returns [B, S, d], replicated over TP."""
+        if _tp_size(self.tp_group) == 1:
+            return super().forward(idx)
+        local = idx - self.vocab_start
+        outside = (local < 0) | (local >= self.num_embeddings)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight, self.padding_idx, sparse=self.sparse)
+        return reduce_from_tp(out.masked_fill(outside.unsqueeze(-1), 0), self.tp_group)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+        x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        x = x - _all_reduce(x.max(-1).values, group, dist.ReduceOp.MAX).unsqueeze(-1)
+        local = target - _tp_rank(group) * x.shape[-1]
+        inside = (local >= 0) & (local < x.shape[-1])
+        local = local.masked_fill(~inside, 0)
+        target_logit = x.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(~inside, 0)
+        exp = x.exp()
+        sum_exp, target_logit = _all_reduce(torch.stack([exp.sum(-1), target_logit]), group)  # one all-reduce
+        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local, inside)
+        ctx.logits_dtype = logits.dtype
+        return sum_exp.log() - target_logit
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        softmax, local, inside = ctx.saved_tensors
+        grad_logits = softmax.scatter_add(-1, local.unsqueeze(-1), -inside.to(softmax.dtype).unsqueeze(-1))
+        return (grad_logits * grad.unsqueeze(-1)).to(ctx.logits_dtype), None, None
+
+
+def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """Per-token cross entropy with the vocabulary split over TP, never gathering the full logits.
+
+    Args:
+        logits: [N, V/tp] this rank's vocabulary shard (rank r holds ids [r*V/tp, (r+1)*V/tp)).
+        target: [N] int64 global ids.
+        group: the TP group.
+
+    Returns:
+        [N] loss, in at least fp32, identical on every TP rank.
+    """
+    return _VocabParallelCrossEntropy.apply(logits, target, group)
