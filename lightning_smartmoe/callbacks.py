@@ -37,8 +37,9 @@ class ExpertPlacementCallback(pl.Callback):
     """SmartMoE's online stage: gathers per-expert token counts, logs load telemetry and switches expert
     placement between optimizer steps when a planner finds one that pays for itself.
 
-    After every optimizer step one all-reduce (over all ranks, all layers at once) totals the step's
-    per-layer expert counts and dropped assignments. The last `window` steps' counts feed the planner
+    After every optimizer step one all-reduce (over all ranks, all layers of the whole model at once; a
+    pipeline stage fills the rows of its own layers) totals the step's per-layer expert counts and dropped
+    assignments. The last `window` steps' counts feed the planner
     (`policy`: static, greedy or balanced) every `interval` steps (or at each epoch end, interval="epoch").
     A new placement is adopted if the cost model predicts that the time it saves over the next interval
     exceeds its migration time by `min_gain` seconds; every rank computes the same decision. The cost
@@ -46,7 +47,7 @@ class ExpertPlacementCallback(pl.Callback):
     flops_per_s, bandwidth, grad_bytes_per_param, state_bytes_per_param).
 
     Logged: `moe/layer<i>/rank_imbalance` (busiest rank's expert tokens over the mean rank's, under the
-    current placement), `moe/layer<i>/dropped`, `placement/switches`, `placement/moved_experts`. Every
+    current placement; by the ranks of the layer's pipeline stage), `moe/layer<i>/dropped`, `placement/switches`, `placement/moved_experts`. Every
     `heatmap_every` steps the per-expert load [layers, experts] is appended to `expert_load.csv` in the
     logger's directory and, with a TensorBoard logger, added as an image.
     """
@@ -87,10 +88,13 @@ class ExpertPlacementCallback(pl.Callback):
         return [m for m in trainer.lightning_module.modules() if isinstance(m, MoELayer)]
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        layers = self._layers(trainer)
-        if not layers:
+        experts = trainer.strategy.moe_num_experts  # per MoE layer of the whole model
+        if not experts:
             return
-        counts = torch.stack([torch.cat([m.stats.expert_load, m.stats.dropped.view(1)]) for m in layers])
+        counts = torch.zeros(len(experts), max(experts) + 1, dtype=torch.long, device=trainer.strategy.root_device)
+        for m in self._layers(trainer):
+            counts[m.index, : m.cfg.num_experts] = m.stats.expert_load
+            counts[m.index, -1] = m.stats.dropped
         self._pending = counts if self._pending is None else self._pending + counts
         if trainer.global_step == self._last_step:
             return  # inside gradient accumulation: no optimizer step yet
@@ -99,10 +103,10 @@ class ExpertPlacementCallback(pl.Callback):
         self._pending = None
         load, dropped = total[:, :-1].double().cpu(), total[:, -1]
         self.history = (self.history + [load])[-self.window :]
-        for i, (layer, layer_load) in enumerate(zip(layers, load)):
-            ranks = layer.placement.rank_load(layer_load)
-            pl_module.log(f"moe/layer{i}/rank_imbalance", float(ranks.max() / ranks.mean().clamp(min=1e-12)))
-            pl_module.log(f"moe/layer{i}/dropped", float(dropped[i]))
+        for layer in self._layers(trainer):
+            ranks = layer.placement.rank_load(self._load_of(layer, load))
+            pl_module.log(f"moe/layer{layer.index}/rank_imbalance", float(ranks.max() / ranks.mean().clamp(min=1e-12)))
+            pl_module.log(f"moe/layer{layer.index}/dropped", float(dropped[layer.index]))
         if self.heatmap_every and trainer.global_step % self.heatmap_every == 0:
             self._log_heatmap(trainer, load)
         if self.interval != "epoch" and trainer.global_step % self.interval == 0:
@@ -117,7 +121,8 @@ class ExpertPlacementCallback(pl.Callback):
         if self.policy == "static" or not self.history:
             return
         load = torch.stack(self.history).mean(0)
-        for layer, layer_load in zip(self._layers(trainer), load):
+        for layer in self._layers(trainer):
+            layer_load = self._load_of(layer, load)
             params = layer.experts.w1[0].numel() + layer.experts.w2[0].numel()
             cost = CostModel(**{**self.cost, "expert_params": params})
             new = plan(self.policy, layer_load, layer.placement, cost)
@@ -127,6 +132,11 @@ class ExpertPlacementCallback(pl.Callback):
                 trainer.strategy.migrate(layer, new)
         trainer.lightning_module.log("placement/switches", float(self.switches))
         trainer.lightning_module.log("placement/moved_experts", float(self.moved_experts))
+
+    @staticmethod
+    def _load_of(layer: MoELayer, load: torch.Tensor) -> torch.Tensor:
+        """[E] this layer's row of the [layers, max E] load table."""
+        return load[layer.index, : layer.cfg.num_experts]
 
     def _log_heatmap(self, trainer: pl.Trainer, load: torch.Tensor) -> None:
         if not trainer.is_global_zero or trainer.logger is None or trainer.logger.log_dir is None:

@@ -4,6 +4,9 @@ A checkpoint is a folder: DCP shards holding `model/<name>` and `optim<i>/<name>
 an expert parameter `<name>` of shape [slots, ...] is stored per logical expert as `<name>:<expert>`, plus
 `meta.pt` with everything else Lightning saves (loops, schedulers, callbacks, optimizer hyperparameters).
 Any layout that can build the model can load it: each rank reads the keys of the experts it holds.
+Tensor-parallel shards (parameters with a `tp_shard_dim`, and their optimizer state) are written as
+DTensors over the tensor-parallel mesh, so DCP stores the whole tensor and any tp size reads its shard;
+a pipeline stage writes and reads only its own parameters, whose names do not depend on the stage.
 """
 
 import shutil
@@ -17,6 +20,8 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 from torch.optim import Optimizer
 
 from lightning_smartmoe.errors import ConfigError
@@ -38,16 +43,25 @@ def _entries(name: str, tensor: Tensor, ids: list[int] | None, per_slot: bool = 
     return [(f"{name}:{e}", tensor[i] if per_slot else tensor) for i, e in enumerate(ids) if e >= 0]
 
 
-def model_tensors(module: nn.Module) -> dict[str, Tensor]:
+def _whole(t: Tensor, like: Tensor, tp_mesh: DeviceMesh | None) -> Tensor:
+    """`t` (a parameter `like`, or state shaped like it) as a DTensor over `tp_mesh` if `like` is a
+    tensor-parallel shard; else `t` itself."""
+    dim = getattr(like, "tp_shard_dim", None)
+    if tp_mesh is None or dim is None or t.shape != like.shape:
+        return t
+    return DTensor.from_local(t, tp_mesh, [Shard(dim)], run_check=False)
+
+
+def model_tensors(module: nn.Module, tp_mesh: DeviceMesh | None = None) -> dict[str, Tensor]:
     """`model/<name>[:<expert>]` -> tensor (views of the live parameters and buffers)."""
     ids = _expert_ids(module)
     out: dict[str, Tensor] = {}
     for name, t in module.state_dict(keep_vars=True).items():
-        out.update(_entries(f"model/{name}", t.detach(), ids.get(id(t))))
+        out.update(_entries(f"model/{name}", _whole(t.detach(), t, tp_mesh), ids.get(id(t))))
     return out
 
 
-def optimizer_tensors(module: nn.Module, optimizer: Optimizer, index: int) -> dict[str, Tensor]:
+def optimizer_tensors(module: nn.Module, optimizer: Optimizer, index: int, tp_mesh: DeviceMesh | None = None) -> dict[str, Tensor]:
     """`optim<index>/<param name>[:<expert>]/<state>` -> tensor (views of the live optimizer state).
 
     Per-parameter scalars of an expert parameter (Adam's step) are stored once per logical expert.
@@ -57,9 +71,17 @@ def optimizer_tensors(module: nn.Module, optimizer: Optimizer, index: int) -> di
     for name, p in module.named_parameters():
         for state, value in optimizer.state.get(p, {}).items():
             if isinstance(value, Tensor):
+                value = _whole(value, p, tp_mesh)
                 for key, t in _entries(f"optim{index}/{name}", value, ids.get(id(p)), value.shape == p.shape):
                     out[f"{key}/{state}"] = t
     return out
+
+
+def _all_tensors(module: nn.Module, optimizers: list[Optimizer], tp_mesh: DeviceMesh | None) -> dict[str, Tensor]:
+    tensors = model_tensors(module, tp_mesh)
+    for i, opt in enumerate(optimizers):
+        tensors.update(optimizer_tensors(module, opt, i, tp_mesh))
+    return tensors
 
 
 def _init_optimizer_state(module: nn.Module, optimizer: Optimizer, index: int, saved: dict[str, Any]) -> None:
@@ -77,8 +99,8 @@ def _init_optimizer_state(module: nn.Module, optimizer: Optimizer, index: int, s
         for key, meta in saved.items():
             if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata):
                 shape = tuple(meta.size)
-                if held is not None and shape == p.shape[1:]:
-                    shape = tuple(p.shape)
+                if held is not None and shape == p.shape[1:] or hasattr(p, "tp_shard_dim") and len(shape) == p.ndim:
+                    shape = tuple(p.shape)  # one expert's slice, or a tensor-parallel shard
                 # per-parameter scalars (Adam's step) live on the CPU, as torch.optim keeps them
                 device = p.device if shape else torch.device("cpu")
                 state[key[len(prefix) :]] = torch.zeros(shape, dtype=meta.properties.dtype, device=device)
@@ -103,18 +125,17 @@ def _is_checkpoint(path: Path) -> bool:
     return (path / META).is_file() and (path / ".metadata").is_file()
 
 
-def save(path: str | Path, module: nn.Module, optimizers: list[Optimizer], meta: dict[str, Any]) -> None:
-    """Collective save. Written to a temporary folder that replaces `path` by renames only, so a crash at
+def save(
+    path: str | Path, module: nn.Module, optimizers: list[Optimizer], meta: dict[str, Any], tp_mesh: DeviceMesh | None = None
+) -> None:
+    """Collective save (`tp_mesh`: the tensor-parallel mesh when tp > 1). Written to a temporary folder that replaces `path` by renames only, so a crash at
     any point leaves either the old or the new checkpoint whole. An existing `path` that is not a
     checkpoint is refused, not overwritten."""
     path = _broadcast_path(Path(path))
     if path.exists() and not _is_checkpoint(path):
         raise ConfigError(f"checkpoint path {str(path)!r} exists and is not a smartmoe checkpoint; refusing to replace it")
     tmp = _broadcast_path(path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"))
-    tensors = model_tensors(module)
-    for i, opt in enumerate(optimizers):
-        tensors.update(optimizer_tensors(module, opt, i))
-    dcp.save(tensors, checkpoint_id=tmp)
+    dcp.save(_all_tensors(module, optimizers, tp_mesh), checkpoint_id=tmp)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         meta = dict(meta, optimizer_hparams=[[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in optimizers])
@@ -141,7 +162,9 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"ckpt_path={str(path)!r}: {META} could not be read: {err}") from err
 
 
-def load(path: str | Path, module: nn.Module, optimizers: list[Optimizer], meta: dict[str, Any]) -> dict[str, Any]:
+def load(
+    path: str | Path, module: nn.Module, optimizers: list[Optimizer], meta: dict[str, Any], tp_mesh: DeviceMesh | None = None
+) -> dict[str, Any]:
     """Collective load into the live module and optimizers; `meta` is `read_meta(path)`. Returns the metadata
     for Lightning."""
     path = Path(path)
@@ -149,9 +172,7 @@ def load(path: str | Path, module: nn.Module, optimizers: list[Optimizer], meta:
         saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
         for i, opt in enumerate(optimizers):
             _init_optimizer_state(module, opt, i, saved)
-        tensors = model_tensors(module)
-        for i, opt in enumerate(optimizers):
-            tensors.update(optimizer_tensors(module, opt, i))
+        tensors = _all_tensors(module, optimizers, tp_mesh)
         missing = sorted(k for k in tensors if k not in saved)
         if missing:
             raise ConfigError(f"ckpt_path={str(path)!r} lacks {len(missing)} tensors this model needs, e.g. {missing[:3]}")

@@ -89,7 +89,7 @@ def datamodule(cfg: DictConfig, model: GPTMoEConfig, sizes: ParallelSizes) -> To
         num_workers=d.num_workers,
         seed=d.seed,
     )
-    dm.prepare(sizes.dp, cfg.trainer.accumulate_grad_batches)
+    dm.prepare(sizes.dp, cfg.trainer.accumulate_grad_batches, cfg.parallel.microbatches)
     return dm
 
 

@@ -30,11 +30,14 @@ class GradientSynchronizer:
     backward runs (the all-to-all of the MoE dispatch must not interleave with these all-reduces in
     different orders on different ranks). A parameter without a gradient on every rank keeps none, as in a
     single process. Several backwards per step (manual optimization) are fine: gradients keep
-    accumulating in .grad and the last backward's all-reduce carries their sum.
+    accumulating in .grad and the last backward's all-reduce carries their sum. With `overlap=False` no
+    bucket starts during backward; `end_backward` starts them all (for a pipeline schedule, which runs a
+    backward per micro-batch).
     """
 
     divisor: int
     bucket_bytes: int = 25 * 2**20
+    overlap: bool = True
     enabled: bool = True
     buckets: list[_Bucket] = field(default_factory=list)
     _next: int = 0
@@ -55,6 +58,8 @@ class GradientSynchronizer:
             size += p.numel() * p.element_size()
         if bucket:
             self.buckets.append(_Bucket(bucket, group))
+        if not self.overlap:
+            return
         for index in range(first, len(self.buckets)):
             for p in self.buckets[index].params:
                 self._hooks.append(p.register_post_accumulate_grad_hook(lambda _p, i=index: self._on_grad_ready(i)))

@@ -7,13 +7,12 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from lightning_smartmoe.errors import ConfigError
 
-BUILT = {"tp": 1, "pp": 1}  # sizes this release implements; larger values are refused
-
 
 @dataclass(frozen=True)
 class ParallelSizes:
-    """world = dp * tp * pp. Experts are sharded over ep ranks (ep divides dp); each expert then has dp / ep
-    replicas, whose gradients are averaged over the expert-data-parallel group."""
+    """world = pp * dp * tp. Within a pipeline stage the dp * tp ranks form a plane; experts are sharded over
+    expert-parallel groups of ep ranks of that plane (ep divides dp * tp), and each expert then has
+    dp * tp / ep replicas, whose gradients are averaged over the expert-data-parallel group."""
 
     dp: int = 1
     tp: int = 1
@@ -23,23 +22,26 @@ class ParallelSizes:
     def __post_init__(self) -> None:
         for key in ("dp", "tp", "pp", "ep"):
             value = getattr(self, key)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"parallel.{key}={value!r} must be an integer >= 1")
-            if key in BUILT and value > BUILT[key]:
-                raise ConfigError(
-                    f"parallel.{key}={value} is not supported yet; this release trains with parallel.{key}=1"
-                )
-        if self.dp % self.ep:
-            raise ConfigError(f"parallel.ep={self.ep} must divide parallel.dp={self.dp}")
+        if self.plane % self.ep:
+            raise ConfigError(
+                f"parallel.ep={self.ep} must divide parallel.dp x parallel.tp = {self.dp} x {self.tp} = {self.plane}"
+            )
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.tp * self.pp
+        return self.pp * self.dp * self.tp
+
+    @property
+    def plane(self) -> int:
+        """Ranks of one pipeline stage: dp * tp."""
+        return self.dp * self.tp
 
     @property
     def edp(self) -> int:
         """Replicas of each expert: the expert-data-parallel size."""
-        return self.dp // self.ep
+        return self.plane // self.ep
 
     @classmethod
     def resolve(cls, world_size: int, dp: int | None, tp: int, pp: int, ep: int) -> "ParallelSizes":
@@ -63,48 +65,88 @@ class ParallelSizes:
         if num_experts % self.ep:
             raise ConfigError(f"moe.num_experts={num_experts} must be divisible by parallel.ep={self.ep}")
 
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """(pp, dp, tp) coordinates of a global rank; tp varies fastest, pp slowest."""
+        return rank // self.plane, rank // self.tp % self.dp, rank % self.tp
+
+
+def _my_group(rank_lists: list[list[int]], rank: int) -> dist.ProcessGroup:
+    """Create one group per list (collective: every rank creates all of them, in order); return this rank's."""
+    mine = None
+    for ranks in rank_lists:
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            mine = group
+    assert mine is not None
+    return mine
+
 
 @dataclass
 class ParallelLayout:
-    """The sizes and the groups built from them.
+    """The sizes and the groups built from them (all None in one process).
 
-    The mesh is (edp, ep): ranks r with the same r // ep form an expert-parallel group (together they hold
-    every expert once); ranks with the same r % ep form an expert-data-parallel group (they hold the same
-    experts). Dense parameters are averaged over all dp ranks. Gradient averaging gets groups of its own
-    (`grad_dp_group`, `grad_edp_group`), so its asynchronous all-reduces never share a communicator with the
-    all-to-alls that run in the same backward.
+    Ranks are laid out (pp, dp, tp), tp fastest. Pipeline stage s holds the plane of ranks
+    s*dp*tp ... (s+1)*dp*tp - 1; within it, plane index j = dp_rank * tp + tp_rank. Expert-parallel groups
+    are runs of ep consecutive plane indices; the expert-data-parallel group of a rank is the plane ranks
+    with the same j % ep.
+
+    Groups used in forward and backward: `tp_group` (tensor parallelism), `pp_group` (stage-to-stage
+    sends), `ep_group` (token all-to-all), `plane_group` (routing statistics over a stage's tokens).
+    Gradient averaging gets groups of its own, so its asynchronous all-reduces never share a communicator
+    with the collectives that run in the same backward: `grad_dp_group` (same stage and tp rank: dense
+    parameters), `grad_plane_group` (the stage: parameters whose gradient is partial over tp, such as the
+    router), `grad_edp_group` (expert replicas). `mesh` is the (pp, dp, tp) DeviceMesh; its "tp" dimension
+    describes tensor-parallel shards to checkpoints.
     """
 
     sizes: ParallelSizes
     mesh: DeviceMesh | None = None
+    tp_group: dist.ProcessGroup | None = None
+    pp_group: dist.ProcessGroup | None = None
+    ep_group: dist.ProcessGroup | None = None
+    plane_group: dist.ProcessGroup | None = None
     grad_dp_group: dist.ProcessGroup | None = None
+    grad_plane_group: dist.ProcessGroup | None = None
     grad_edp_group: dist.ProcessGroup | None = None
+    rank: int = 0
 
     @classmethod
     def build(cls, sizes: ParallelSizes, device_type: str) -> "ParallelLayout":
         """Create the mesh and groups (collective: every rank calls it) or, for one process, none."""
         if sizes.world_size == 1:
             return cls(sizes)
-        mesh = init_device_mesh(device_type, (sizes.edp, sizes.ep), mesh_dim_names=("edp", "ep"))
-        grad_dp = dist.new_group(list(range(sizes.world_size)))
-        edp_groups = [dist.new_group(list(range(j, sizes.world_size, sizes.ep))) for j in range(sizes.ep)]
-        return cls(sizes, mesh, grad_dp, edp_groups[dist.get_rank() % sizes.ep])
-
-    def _group(self, dim: str) -> dist.ProcessGroup | None:
-        return None if self.mesh is None else self.mesh[dim].get_group()
+        rank = dist.get_rank()
+        pp, dp, tp, ep, plane = sizes.pp, sizes.dp, sizes.tp, sizes.ep, sizes.plane
+        mesh = init_device_mesh(device_type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
+        stages = [list(range(s * plane, (s + 1) * plane)) for s in range(pp)]
+        ep_lists = [stage[g : g + ep] for stage in stages for g in range(0, plane, ep)]
+        edp_lists = [stage[j::ep] for stage in stages for j in range(ep)]
+        dp_lists = [stage[t::tp] for stage in stages for t in range(tp)]
+        return cls(
+            sizes,
+            mesh,
+            tp_group=mesh["tp"].get_group(),
+            pp_group=mesh["pp"].get_group(),
+            ep_group=_my_group(ep_lists, rank),
+            plane_group=_my_group(stages, rank),
+            grad_dp_group=_my_group(dp_lists, rank),
+            grad_plane_group=_my_group(stages, rank),
+            grad_edp_group=_my_group(edp_lists, rank),
+            rank=rank,
+        )
 
     @property
-    def ep_group(self) -> dist.ProcessGroup | None:
-        return self._group("ep")
-
-    @property
-    def edp_group(self) -> dist.ProcessGroup | None:
-        return self._group("edp")
-
-    @property
-    def dp_group(self) -> dist.ProcessGroup | None:
-        return None if self.mesh is None else dist.group.WORLD
+    def stage(self) -> int:
+        return self.sizes.coords(self.rank)[0]
 
     @property
     def dp_rank(self) -> int:
-        return 0 if self.mesh is None else dist.get_rank()
+        return self.sizes.coords(self.rank)[1]
+
+    @property
+    def tp_rank(self) -> int:
+        return self.sizes.coords(self.rank)[2]
+
+    def stage_rank(self, stage: int) -> int:
+        """Global rank of this rank's peer (same dp and tp coordinates) in pipeline stage `stage`."""
+        return stage * self.sizes.plane + self.rank % self.sizes.plane

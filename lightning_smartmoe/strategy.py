@@ -1,4 +1,4 @@
-"""SmartMoEStrategy: a Lightning strategy for data- and expert-parallel MoE training."""
+"""SmartMoEStrategy: a Lightning strategy for data-, tensor-, pipeline- and expert-parallel MoE training."""
 
 import shutil
 from collections.abc import Callable, Generator, Mapping
@@ -26,6 +26,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
 from torch.distributed.constants import default_pg_timeout
+from torch.distributed.device_mesh import DeviceMesh
 from torch.optim import Optimizer
 
 from lightning_smartmoe import checkpoint as ckpt_io
@@ -33,6 +34,7 @@ from lightning_smartmoe.grad_sync import GradientSynchronizer
 from lightning_smartmoe.errors import ConfigError
 from lightning_smartmoe.layout import ParallelLayout, ParallelSizes
 from lightning_smartmoe.moe import GroupedExperts, MoELayer
+from lightning_smartmoe.pipeline import SCHEDULES, PipelineRunner
 from lightning_smartmoe.placement import Placement
 from lightning_smartmoe.placement.migration import migrate
 from lightning_smartmoe.placement.replica_sync import sync_replica_grads
@@ -55,11 +57,21 @@ class _SpawnLauncher(_MultiProcessingLauncher):
 
 
 class SmartMoEStrategy(ParallelStrategy):
-    """Hybrid data/expert parallelism for models built from `MoELayer`s.
+    """Hybrid data/tensor/pipeline/expert parallelism for models built from `MoELayer`s.
+
+    Tensor and pipeline parallelism need a model that can shard and cut itself: a submodule of the
+    LightningModule with `check_parallel(tp, pp)`, `shard_tensor_parallel(tp_group, sequence_parallel)`,
+    `keep_stage(stage, num_stages)`, `stage_io(batch, seq_len)` and `loss(logits, target)` (GPTMoE has them). Under pipeline
+    parallelism the LightningModule's training and validation steps call `strategy.pipeline.train_step`
+    and `eval_step`, which run the schedule, backward included.
 
     Args:
-        dp, tp, pp, ep: parallel sizes; world = dp * tp * pp, ep divides dp. dp=None takes the rest of the
-            world. tp and pp above 1 are refused in this release.
+        dp, tp, pp, ep: parallel sizes; world = dp * tp * pp, ep divides dp * tp (expert parallelism folds
+            over the data- and tensor-parallel ranks of a stage). dp=None takes the rest of the world.
+        microbatches: micro-batches per batch in the pipeline schedule (pp > 1).
+        pp_schedule: "gpipe" or "1f1b".
+        sequence_parallel: with tp > 1, keep layer norms, dropouts and the MoE layers on a slice of the
+            sequence (Megatron's sequence parallelism).
         start_method: "spawn" starts the processes from this one (works under pytest and in scripts);
             "popen" re-runs the command per process (the CLI). Under torchrun or SLURM the cluster
             environment has created the processes and no launcher is used.
@@ -76,6 +88,9 @@ class SmartMoEStrategy(ParallelStrategy):
         tp: int = 1,
         pp: int = 1,
         ep: int = 1,
+        microbatches: int = 1,
+        pp_schedule: str = "1f1b",
+        sequence_parallel: bool = False,
         start_method: Literal["spawn", "popen"] = "spawn",
         bucket_mb: float = 25.0,
         extra_slots: int = 0,
@@ -95,7 +110,17 @@ class SmartMoEStrategy(ParallelStrategy):
             precision_plugin=precision_plugin,
         )
         self._requested = dict(dp=dp, tp=tp, pp=pp, ep=ep)
-        ParallelSizes(dp=dp or ep, tp=tp, pp=pp, ep=ep)  # refuse bad sizes at construction
+        if dp is not None:
+            ParallelSizes(dp=dp, tp=tp, pp=pp, ep=ep)  # refuse bad sizes at construction
+        if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
+            raise ConfigError(f"parallel.microbatches={microbatches!r} must be an integer >= 1")
+        if pp_schedule not in SCHEDULES:
+            raise ConfigError(f"parallel.pp_schedule={pp_schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}")
+        if pp == 1 and microbatches > 1:
+            raise ConfigError(
+                "parallel.microbatches > 1 needs parallel.pp > 1; without a pipeline use trainer.accumulate_grad_batches"
+            )
+        self.microbatches, self._pp_schedule, self._sequence_parallel = microbatches, pp_schedule, sequence_parallel
         self._start_method = start_method
         self._bucket_bytes = int(bucket_mb * 2**20)
         if extra_slots < 0:
@@ -106,6 +131,8 @@ class SmartMoEStrategy(ParallelStrategy):
         self._sizes: ParallelSizes | None = None
         self.layout: ParallelLayout | None = None
         self._grad_sync: GradientSynchronizer | None = None
+        self.pipeline: PipelineRunner | None = None
+        self.moe_num_experts: list[int] = []  # experts of each MoE layer of the whole model, by `MoELayer.index`
         self.num_nodes = 1
 
     @classmethod
@@ -160,10 +187,25 @@ class SmartMoEStrategy(ParallelStrategy):
             self._launcher = _SpawnLauncher(self, start_method=self._start_method)
 
     def check_model(self, model: nn.Module | None) -> None:
-        """Raise ConfigError if the model's MoE layers do not fit the parallel sizes."""
-        for layer in model.modules() if model is not None else ():
+        """Raise ConfigError if the model does not fit the parallel sizes."""
+        if model is None:
+            return
+        for layer in model.modules():
             if isinstance(layer, MoELayer):
                 self.sizes.check_experts(layer.cfg.num_experts)
+        if self.sizes.tp > 1 or self.sizes.pp > 1:
+            self._parallel_model(model).check_parallel(self.sizes.tp, self.sizes.pp)
+
+    @staticmethod
+    def _parallel_model(module: nn.Module) -> nn.Module:
+        """The submodule that shards and cuts itself (see the class docstring)."""
+        for m in module.modules():
+            if all(hasattr(m, f) for f in ("check_parallel", "shard_tensor_parallel", "keep_stage", "stage_io", "loss")):
+                return m
+        raise ConfigError(
+            "parallel.tp > 1 or parallel.pp > 1 need a model with check_parallel, shard_tensor_parallel, keep_stage, "
+            "stage_io and loss methods (such as lightning_smartmoe.models.GPTMoE)"
+        )
 
     def connect(self, model: nn.Module) -> None:
         self.check_model(model)
@@ -182,7 +224,8 @@ class SmartMoEStrategy(ParallelStrategy):
             self.set_world_ranks()
             backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
             _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
-        self.layout = ParallelLayout.build(self.sizes, self.root_device.type)
+        if self.layout is None:  # a later fit or validate of the same trainer keeps the groups its model uses
+            self.layout = ParallelLayout.build(self.sizes, self.root_device.type)
 
     # ---- model ---------------------------------------------------------------------------------------
 
@@ -192,13 +235,16 @@ class SmartMoEStrategy(ParallelStrategy):
             # Lightning's predict sampler gives ranks unequal batch counts; MoE layers run collectives per batch
             raise ConfigError("trainer.predict needs one process with the smartmoe strategy (devices=1)")
         self.accelerator.setup(trainer)
-        if self.layout.mesh is not None:
-            for layer in self.moe_layers:
-                layer.distribute(self.layout.ep_group, self.layout.dp_group, self._extra_slots)
+        self._split_model()
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if self.layout.mesh is not None and trainer.state.fn == TrainerFn.FITTING:
             self._grad_sync = self._build_grad_sync(self.model)
+        if self.sizes.pp > 1 and self.pipeline is None:
+            self.pipeline = PipelineRunner(
+                self._parallel_model(self.lightning_module), self.layout, self._pp_schedule, self.microbatches,
+                self.root_device,
+            )
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
@@ -207,6 +253,24 @@ class SmartMoEStrategy(ParallelStrategy):
             self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _split_model(self) -> None:
+        """Number the MoE layers of the whole model, then keep this rank's part: its tensor-parallel shard,
+        its pipeline stage, its experts. Idempotent (a second fit or validate keeps the part)."""
+        if self.pipeline is None and not self.moe_num_experts:
+            for index, layer in enumerate(self.moe_layers):
+                layer.index = index
+            self.moe_num_experts = [layer.cfg.num_experts for layer in self.moe_layers]
+        layout, sizes = self.layout, self.sizes
+        if sizes.tp > 1 or sizes.pp > 1:
+            model = self._parallel_model(self.lightning_module)
+            if sizes.tp > 1:
+                model.shard_tensor_parallel(layout.tp_group, self._sequence_parallel)
+            if sizes.pp > 1:
+                model.keep_stage(layout.stage, sizes.pp)
+        if layout.mesh is not None:
+            for layer in self.moe_layers:
+                layer.distribute(layout.ep_group, layout.plane_group, self._extra_slots, layout.tp_group, self._sequence_parallel)
 
     @property
     def moe_layers(self) -> list[MoELayer]:
@@ -218,13 +282,30 @@ class SmartMoEStrategy(ParallelStrategy):
         return migrate(layer, placement, self.optimizers)
 
     def _build_grad_sync(self, model: nn.Module) -> GradientSynchronizer:
-        """Dense parameters average over all dp ranks; expert parameters over their expert-dp group."""
+        """Every gradient is summed over a group and divided by dp: dense parameters over the dp ranks of
+        their stage and tp rank; parameters whose gradient is partial over tp (`tp_partial`) over the whole
+        stage; expert parameters over their expert-data-parallel group. Under pipeline parallelism the
+        schedule runs many backwards per step, so buckets start only after it (`overlap=False`)."""
         expert = {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
         params = list(model.parameters())
-        sync = GradientSynchronizer(divisor=self.sizes.dp, bucket_bytes=self._bucket_bytes)
-        sync.add([p for p in params if id(p) not in expert], self.layout.grad_dp_group)
+        dense = [p for p in params if id(p) not in expert]
+        sync = GradientSynchronizer(divisor=self.sizes.dp, bucket_bytes=self._bucket_bytes, overlap=self.sizes.pp == 1)
+        sync.add([p for p in dense if not getattr(p, "tp_partial", False)], self.layout.grad_dp_group)
+        sync.add([p for p in dense if getattr(p, "tp_partial", False)], self.layout.grad_plane_group)
         sync.add([p for p in params if id(p) in expert], self.layout.grad_edp_group)
         return sync
+
+    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
+        """Under pipeline parallelism the schedule has already run backward in the training step: here its
+        gradients come back and only the hooks around backward run."""
+        if self.pipeline is None:
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+        self.pre_backward(closure_loss)
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
+        self.pipeline.restore_grads()
+        closure_loss = self.precision_plugin.post_backward(closure_loss, self.lightning_module)
+        self.post_backward(closure_loss)
+        return closure_loss
 
     def pre_backward(self, closure_loss: Tensor) -> None:
         super().pre_backward(closure_loss)
@@ -237,23 +318,28 @@ class SmartMoEStrategy(ParallelStrategy):
             self._grad_sync.end_backward()
 
     def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: float) -> None:
-        """Clip by the norm of the whole model's gradient: each expert counted once, wherever it lives.
+        """Clip by the norm of the whole model's gradient, each element counted once wherever it lives.
 
-        Dense gradients are identical on every rank after synchronisation; expert gradients are summed
-        over the expert-parallel group, each slot weighted by 1 / its expert's replicas (0 if empty).
+        After synchronisation a stage's copies of a gradient are identical, so each rank adds its squares
+        weighted by 1 / (copies of it in the stage) and one all-reduce over the world sums the stages:
+        tensor-parallel shards have dp copies, other dense parameters dp * tp, an expert slot
+        replicas * edp (0 for an empty slot).
         """
+        sizes = self.sizes
         shares = {id(p): layer.slot_shares() for layer in self.moe_layers for p in (layer.experts.w1, layer.experts.w2)}
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        sq = torch.zeros(2, dtype=torch.float64, device=self.root_device)
+        sq = torch.zeros((), dtype=torch.float64, device=self.root_device)
         for p in params:
             g = p.grad.detach().double().square()
             share = shares.get(id(p))
-            if share is None:
-                sq[0] += g.sum()
+            if share is not None:
+                sq += (g.flatten(1).sum(1) * share.to(g.device)).sum() / sizes.edp
+            elif hasattr(p, "tp_shard_dim"):
+                sq += g.sum() / sizes.dp
             else:
-                sq[1] += (g.flatten(1).sum(1) * share.to(g.device)).sum()
-        dist.all_reduce(sq[1:], group=self.layout.ep_group)
-        scale = clip_val / (sq.sum().sqrt() + 1e-6)
+                sq += g.sum() / sizes.plane
+        dist.all_reduce(sq)
+        scale = clip_val / (sq.sqrt() + 1e-6)
         if scale < 1:
             torch._foreach_mul_([p.grad for p in params], scale.item())
 
@@ -312,25 +398,40 @@ class SmartMoEStrategy(ParallelStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         meta = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
         meta["parallel"] = vars(self.sizes).copy()
-        meta["placements"] = [layer.placement.slot_expert for layer in self.moe_layers]
-        ckpt_io.save(filepath, self.lightning_module, self.optimizers, meta)
+        meta["placements"] = self._placement_tables()
+        ckpt_io.save(filepath, self.lightning_module, self.optimizers, meta, self.tp_mesh)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))
         meta = ckpt_io.read_meta(path)
         self._adopt_saved_placements(meta)
-        meta = ckpt_io.load(path, self.lightning_module, self.optimizers, meta)
+        meta = ckpt_io.load(path, self.lightning_module, self.optimizers, meta, self.tp_mesh)
         meta.setdefault("state_dict", {})
         return meta
+
+    @property
+    def tp_mesh(self) -> DeviceMesh | None:
+        """The tensor-parallel mesh dimension (None when tp = 1): checkpoints write TP shards as DTensors on it."""
+        return self.layout.mesh["tp"] if self.layout.mesh is not None and self.sizes.tp > 1 else None
+
+    def _placement_tables(self) -> list[tuple[int, ...]]:
+        """Each MoE layer's slot -> logical expert table, for every layer of the whole model (collective:
+        the pipeline stages hold different layers)."""
+        tables = {layer.index: layer.placement.slot_expert for layer in self.moe_layers}
+        if self.sizes.pp > 1:
+            parts: list[dict] = [None] * self.sizes.world_size  # type: ignore[list-item]
+            dist.all_gather_object(parts, tables)
+            tables = {i: t for part in parts for i, t in part.items()}
+        return [tables[i] for i in range(len(self.moe_num_experts))]
 
     def _adopt_saved_placements(self, meta: dict[str, Any]) -> None:
         """Continue with the checkpoint's placements if they fit this layout (same ep and slots per rank);
         otherwise keep the current ones. Either way each rank then loads the logical experts it holds."""
-        layers, saved = self.moe_layers, meta.get("placements", [])
-        if len(saved) != len(layers) or meta.get("parallel", {}).get("ep") != self.sizes.ep:
+        saved = meta.get("placements", [])
+        if len(saved) != len(self.moe_num_experts) or meta.get("parallel", {}).get("ep") != self.sizes.ep:
             return
-        for layer, table in zip(layers, saved):
-            current = layer.placement
+        for layer in self.moe_layers:
+            current, table = layer.placement, saved[layer.index]
             if len(table) == len(current.slot_expert):
                 layer.relabel(Placement(current.num_experts, current.ep, tuple(table)))
 

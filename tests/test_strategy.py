@@ -77,14 +77,16 @@ def test_user_module_spawns_two_expert_parallel_ranks_from_pytest_in_bf16_mixed(
 
 
 def test_sizes_that_do_not_divide_fail_before_spawn():
-    with pytest.raises(ConfigError, match=r"parallel\.ep=3 must divide parallel\.dp=2"):
+    with pytest.raises(ConfigError, match=r"parallel\.ep=3 must divide parallel\.dp x parallel\.tp = 2 x 1 = 2"):
         user_trainer(strategy=SmartMoEStrategy(ep=3), devices=2).fit(UserModel(), DataLoader(user_data()))
     with pytest.raises(ConfigError, match=r"moe\.num_experts=4 must be divisible by parallel\.ep=8"):
         user_trainer(strategy=SmartMoEStrategy(ep=8), devices=8).fit(UserModel(), DataLoader(user_data()))
     with pytest.raises(ConfigError, match=r"world size 2 .* must equal"):
         user_trainer(strategy=SmartMoEStrategy(dp=4, ep=2), devices=2).fit(UserModel(), DataLoader(user_data()))
-    with pytest.raises(ConfigError, match=r"parallel\.pp=2 is not supported yet"):
-        SmartMoEStrategy(pp=2)
+    with pytest.raises(ConfigError, match=r"parallel\.tp > 1 or parallel\.pp > 1 need a model with check_parallel"):
+        user_trainer(strategy=SmartMoEStrategy(tp=2), devices=2).fit(UserModel(), DataLoader(user_data()))
+    with pytest.raises(ConfigError, match=r"parallel\.pp_schedule='zb' is unknown"):
+        SmartMoEStrategy(pp=2, pp_schedule="zb")
 
 
 class ManualModel(UserModel):

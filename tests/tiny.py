@@ -7,6 +7,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.distributed.tensor import DTensor, Shard
 
 from lightning_smartmoe import SmartMoEStrategy
 from lightning_smartmoe.checkpoint import model_tensors
@@ -29,15 +30,24 @@ def model_config(gate: str = "naive", capacity_factor: float | None = None, num_
     return GPTMoEConfig(vocab_size=VOCAB, seq_len=16, n_layers=2, d_model=32, n_heads=4, moe=moe)
 
 
-def logical_grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """`grad/<param>[:<expert>]` -> this rank's gradient, expert gradients split by logical expert."""
+def _whole(t: torch.Tensor, like: torch.Tensor, tp_mesh) -> torch.Tensor:
+    """The whole tensor of a tensor-parallel shard `t` of parameter `like` (collective over tp), else `t`."""
+    dim = getattr(like, "tp_shard_dim", None)
+    if tp_mesh is None or dim is None:
+        return t.clone()
+    return DTensor.from_local(t, tp_mesh, [Shard(dim)], run_check=False).full_tensor()
+
+
+def logical_grads(module: torch.nn.Module, tp_mesh=None) -> dict[str, torch.Tensor]:
+    """`grad/<param>[:<expert>]` -> this rank's gradient, expert gradients split by logical expert and
+    tensor-parallel shards gathered whole."""
     ids = {id(p): m.logical_ids for m in module.modules() if isinstance(m, GroupedExperts) for p in (m.w1, m.w2)}
     out = {}
     for name, p in module.named_parameters():
         if p.grad is None:
             continue
         if id(p) not in ids:
-            out[f"grad/{name}"] = p.grad.clone()
+            out[f"grad/{name}"] = _whole(p.grad, p, tp_mesh)
         for i, e in enumerate(ids.get(id(p), [])):
             if e >= 0:
                 out[f"grad/{name}:{e}"] = p.grad[i].clone()
@@ -45,7 +55,7 @@ def logical_grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 class LossRecorder(pl.Callback):
-    """Keeps each micro-batch's training loss (this rank's) and the synchronised, unclipped gradients of the
+    """Keeps each training batch's cross-entropy (this rank's) and the synchronised, unclipped gradients of the
     first optimizer step (so that a wrong gradient scale, which Adam would hide, shows)."""
 
     def __init__(self) -> None:
@@ -53,17 +63,22 @@ class LossRecorder(pl.Callback):
         self.first_grads: dict[str, torch.Tensor] | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
+        self.losses.append(float(outputs["ce"]))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.first_grads is None:
-            self.first_grads = logical_grads(pl_module)
+            self.first_grads = logical_grads(pl_module, trainer.strategy.tp_mesh)
 
 
 def fit(
     corpus: Path,
     model: GPTMoEConfig,
     ep: int = 1,
+    tp: int = 1,
+    pp: int = 1,
+    microbatches: int = 1,
+    schedule: str = "1f1b",
+    sequence_parallel: bool = False,
     steps: int = 5,
     accumulate: int = 1,
     save_dir: Path | None = None,
@@ -71,9 +86,11 @@ def fit(
     clip: float | None = 0.05,
     extra_slots: int = 0,
     callbacks: list[pl.Callback] = (),
+    val_windows: int = 0,
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Train and return (global per-micro-batch losses, full logical parameters plus the first step's gradients
-    unless resumed), identical on every rank."""
+    """Train and return (global per-batch cross-entropies, full logical parameters plus the first step's
+    gradients unless resumed), identical on every rank. With `val_windows`, validate the trained model on
+    the first that many validation windows afterwards, and add its loss as "val/loss"."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     pl.seed_everything(0, verbose=False)
     module = GPTMoEModule(model, OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2))
@@ -83,16 +100,22 @@ def fit(
     if save_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=save_dir, save_top_k=-1, every_n_train_steps=2))
     trainer = pl.Trainer(
-        accelerator="cpu", devices=world, strategy=SmartMoEStrategy(ep=ep, extra_slots=extra_slots), max_steps=steps,
+        accelerator="cpu", devices=world, max_steps=steps,
+        strategy=SmartMoEStrategy(tp=tp, pp=pp, ep=ep, microbatches=microbatches, pp_schedule=schedule,
+                                  sequence_parallel=sequence_parallel, extra_slots=extra_slots),
         accumulate_grad_batches=accumulate, gradient_clip_val=clip,
-        limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=save_dir is not None,
+        limit_val_batches=val_windows // (GLOBAL_BATCH // accumulate), num_sanity_val_steps=0, logger=False, enable_checkpointing=save_dir is not None,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
     )
     trainer.fit(module, dm, ckpt_path=str(resume) if resume else None)
+    val = trainer.validate(module, dm, verbose=False)[0]["val/loss"] if val_windows else None
     losses = torch.tensor(recorder.losses, dtype=torch.float64)
-    params = {k: v.clone() for k, v in model_tensors(module).items()}
+    tp_mesh = trainer.strategy.tp_mesh
+    params = {k: v.full_tensor() if isinstance(v, DTensor) else v.clone() for k, v in model_tensors(module, tp_mesh).items()}
     if resume is None:
         params.update(recorder.first_grads)
+    if val is not None:
+        params["val/loss"] = torch.as_tensor(val, dtype=torch.float64)
     if world > 1:
         dist.all_reduce(losses)
         losses /= world

@@ -82,15 +82,19 @@ class TokenDataModule(pl.LightningDataModule):
         self.train: TokenWindows | None = None
         self.val: TokenWindows | None = None
         self.micro_batch_size = global_batch_size
+        self.data_parallel_size = 1
+        self._resumed_windows_per_batch: int | None = None  # of the run that wrote the checkpoint
 
-    def prepare(self, data_parallel_size: int, accumulate: int) -> None:
-        """Load and check the corpus, and size the per-rank batch. Raises ConfigError on bad input."""
-        if self.global_batch_size % (data_parallel_size * accumulate):
+    def prepare(self, data_parallel_size: int, accumulate: int, microbatches: int = 1) -> None:
+        """Load and check the corpus, and size the per-rank batch (`microbatches`: pipeline micro-batches each
+        batch is cut into). Raises ConfigError on bad input."""
+        if self.global_batch_size % (data_parallel_size * accumulate * microbatches):
             raise ConfigError(
                 f"data.global_batch_size={self.global_batch_size} must be divisible by data-parallel size "
-                f"{data_parallel_size} x trainer.accumulate_grad_batches={accumulate}"
+                f"{data_parallel_size} x trainer.accumulate_grad_batches={accumulate} x parallel.microbatches={microbatches}"
             )
         self.micro_batch_size = self.global_batch_size // (data_parallel_size * accumulate)
+        self.data_parallel_size = data_parallel_size
         train, val = load_splits(self.path, self.val_fraction)
         top = max(max_token(train), max_token(val) if len(val) else 0)
         if top >= self.vocab_size:
@@ -102,7 +106,7 @@ class TokenDataModule(pl.LightningDataModule):
         if self.train is None:
             strategy = self.trainer.strategy
             dp = strategy.distributed_sampler_kwargs["num_replicas"] if strategy.distributed_sampler_kwargs else 1
-            self.prepare(dp, self.trainer.accumulate_grad_batches)
+            self.prepare(dp, self.trainer.accumulate_grad_batches, getattr(strategy, "microbatches", 1))
 
     def train_dataloader(self) -> DataLoader:
         """In-order batches (Lightning's own sampler would shuffle), resuming mid-epoch where a checkpoint left off."""
@@ -112,10 +116,35 @@ class TokenDataModule(pl.LightningDataModule):
             self.train, batch_size=self.micro_batch_size, sampler=sampler, drop_last=True, num_workers=self.num_workers
         )
 
+    @property
+    def windows_per_batch(self) -> int:
+        """Windows that one loader batch on every data-parallel rank consumes together."""
+        return self.micro_batch_size * self.data_parallel_size
+
+    def state_dict(self) -> dict[str, int]:
+        return {"windows_per_batch": self.windows_per_batch}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resumed_windows_per_batch = state_dict["windows_per_batch"]
+
     def _batches_done_this_epoch(self) -> int:
-        """Batches of the current epoch already trained when resuming from a checkpoint, else 0."""
+        """Batches of the current epoch already trained when resuming from a checkpoint, else 0. The
+        checkpoint may come from a layout that split the global batch differently (other dp or
+        accumulation): what counts is the windows it consumed."""
         loop = self.trainer.fit_loop
-        return loop.epoch_loop.batch_progress.current.ready if loop.restarting else 0
+        if not loop.restarting:
+            return 0
+        done = loop.epoch_loop.batch_progress.current.ready
+        windows = done * (self._resumed_windows_per_batch or self.windows_per_batch)
+        if windows % self.windows_per_batch:
+            raise ConfigError(
+                f"cannot resume mid-epoch: the checkpoint's run consumed {windows} windows this epoch, not a multiple "
+                f"of this run's {self.windows_per_batch} per batch (data-parallel size x micro-batch size)"
+            )
+        return windows // self.windows_per_batch
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val, batch_size=self.micro_batch_size, shuffle=False, num_workers=self.num_workers)
+        """Full batches only: a pipeline schedule needs every batch to have the training batch's shape."""
+        return DataLoader(
+            self.val, batch_size=self.micro_batch_size, shuffle=False, drop_last=True, num_workers=self.num_workers
+        )

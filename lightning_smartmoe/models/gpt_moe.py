@@ -1,13 +1,22 @@
-"""Decoder-only GPT with a mixture-of-experts FFN every `moe.every` layers (nanoGPT-style)."""
+"""Decoder-only GPT with a mixture-of-experts FFN every `moe.every` layers (nanoGPT-style), built whole and
+then, for tensor parallelism, sharded Megatron-style, and for pipeline parallelism, cut into stages."""
 
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_smartmoe.errors import ConfigError
 from lightning_smartmoe.moe import MoEConfig, MoELayer
 from lightning_smartmoe.moe.experts import default_out_std
+from lightning_smartmoe.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    scatter_to_sequence,
+    vocab_parallel_cross_entropy,
+)
 
 
 @dataclass
@@ -40,33 +49,56 @@ class GPTMoEConfig:
         """Layers every-1, 2*every-1, ... carry an MoE FFN (all layers when every = 1)."""
         return i % self.moe.every == self.moe.every - 1
 
+    def check_parallel(self, tp: int, pp: int) -> None:
+        """Raise ConfigError unless the model can be sharded over tp ranks and cut into pp stages."""
+        need = {"model.n_heads": self.n_heads, "model.vocab_size": self.vocab_size, "model.seq_len": self.seq_len}
+        if any(not self.is_moe_layer(i) for i in range(self.n_layers)):
+            need["model.ffn_hidden (default 4 x d_model)"] = self.hidden
+        for key, value in need.items():
+            if value % tp:
+                raise ConfigError(f"{key}={value} must be divisible by parallel.tp={tp}")
+        if self.n_layers % pp:
+            raise ConfigError(f"model.n_layers={self.n_layers} must be divisible by parallel.pp={pp}")
+
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention, x [B, S, d] -> [B, S, d]."""
+    """Multi-head causal self-attention, x [B, S, d] -> [B, S, d] (under sequence parallelism [B, S/tp, d] in
+    and out). The qkv rows are ordered (head, q|k|v, head_dim), so a tensor-parallel shard is whole heads."""
 
     def __init__(self, cfg: GPTMoEConfig) -> None:
         super().__init__()
-        self.n_heads = cfg.n_heads
+        self.n_heads = cfg.n_heads  # heads on this rank
+        self.head_dim = cfg.d_model // cfg.n_heads
         self.dropout = cfg.dropout
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)  # a key bias has no gradient (softmax shift)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.qkv = ColumnParallelLinear(cfg.d_model, 3 * cfg.d_model, bias=False)  # a key bias has no gradient
+        self.proj = RowParallelLinear(cfg.d_model, cfg.d_model)
+
+    def shard(self, tp_group: dist.ProcessGroup, sequence_parallel: bool) -> None:
+        self.qkv.shard(tp_group, sequence_parallel)
+        self.proj.shard(tp_group, sequence_parallel)
+        self.n_heads //= dist.get_world_size(tp_group)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, s, d = x.shape
-        q, k, v = self.qkv(x).view(b, s, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        h = self.qkv(x)  # [B, S, 3 * local heads * head_dim]
+        b, s, _ = h.shape
+        q, k, v = h.view(b, s, self.n_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
         y = nn.functional.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )
-        return self.proj(y.transpose(1, 2).reshape(b, s, d))
+        return self.proj(y.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
 
 
 class DenseFFN(nn.Module):
-    """Two-layer GELU FFN, x [B, S, d] -> ([B, S, d], zero aux loss)."""
+    """Two-layer GELU FFN, x [B, S, d] -> ([B, S, d], zero aux loss); column- then row-parallel under TP."""
 
     def __init__(self, d_model: int, hidden: int) -> None:
         super().__init__()
-        self.fc = nn.Linear(d_model, hidden)
-        self.proj = nn.Linear(hidden, d_model)
+        self.fc = ColumnParallelLinear(d_model, hidden)
+        self.proj = RowParallelLinear(hidden, d_model)
+
+    def shard(self, tp_group: dist.ProcessGroup, sequence_parallel: bool) -> None:
+        self.fc.shard(tp_group, sequence_parallel)
+        self.proj.shard(tp_group, sequence_parallel)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.proj(nn.functional.gelu(self.fc(x))), x.new_zeros(())
@@ -91,17 +123,26 @@ class Block(nn.Module):
 
 
 class GPTMoE(nn.Module):
-    """forward(idx [B, S] int64) -> (logits [B, S, vocab], summed MoE aux loss [])."""
+    """forward(idx [B, S] int64) -> (logits [B, S, vocab], summed MoE aux loss []).
+
+    `shard_tensor_parallel` and `keep_stage` turn the whole model into one rank's part. A pipeline stage
+    after the first takes the hidden states [B, S, d] instead of token ids, and one before the last
+    returns hidden states instead of logits. Under tensor parallelism the logits are this rank's vocab
+    shard [B, S, vocab / tp]; `loss` computes the cross-entropy from the shards. Parameter names do not
+    depend on the layout (blocks are keyed by their layer index).
+    """
 
     def __init__(self, cfg: GPTMoEConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.tok_emb: VocabParallelEmbedding | None = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb: nn.Embedding | None = nn.Embedding(cfg.seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.blocks = nn.ModuleDict({str(i): Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.n_layers)})
+        self.ln_f: nn.LayerNorm | None = nn.LayerNorm(cfg.d_model)
+        self.lm_head: ColumnParallelLinear | None = ColumnParallelLinear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.tp_group: dist.ProcessGroup | None = None
+        self.sequence_parallel = False
         self.apply(self._init_dense)
         for name, p in self.named_parameters():
             if name.endswith("attn.proj.weight") or name.endswith("ffn.proj.weight"):
@@ -117,13 +158,79 @@ class GPTMoE(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
 
-    def forward(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+    def check_parallel(self, tp: int, pp: int) -> None:
+        self.cfg.check_parallel(tp, pp)
+
+    def shard_tensor_parallel(self, tp_group: dist.ProcessGroup, sequence_parallel: bool = False) -> None:
+        """Keep this rank's tensor-parallel shard: attention heads, dense FFN columns, vocab rows.
+
+        Parameters whose gradient each TP rank computes from a part of the tokens only (with sequence
+        parallelism: the layer norms) get `tp_partial = True`.
+        """
+        if self.tp_group is tp_group:
+            return  # already sharded (a second fit, validate after fit)
+        self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
+        for module in self.modules():
+            if isinstance(module, (CausalSelfAttention, DenseFFN)):
+                module.shard(tp_group, sequence_parallel)
+        if self.tok_emb is not None:
+            self.tok_emb.shard(tp_group)
+        if self.lm_head is not None:
+            self.lm_head.shard(tp_group, sequence_parallel)
+        if sequence_parallel:
+            for module in self.modules():
+                if isinstance(module, nn.LayerNorm):
+                    module.weight.tp_partial = module.bias.tp_partial = True
+
+    def keep_stage(self, stage: int, num_stages: int) -> None:
+        """Drop everything outside pipeline stage `stage` of `num_stages` (equal numbers of layers each)."""
+        per = self.cfg.n_layers // num_stages
+        for i in range(self.cfg.n_layers):
+            if not stage * per <= i < (stage + 1) * per and str(i) in self.blocks:
+                del self.blocks[str(i)]
+        if stage > 0:
+            self.tok_emb = self.pos_emb = None
+        if stage < num_stages - 1:
+            self.ln_f = self.lm_head = None
+
+    def stage_io(self, batch: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        """Meta tensors shaped like this pipeline stage's input and output for [batch, seq_len] token windows
+        (under the current autocast setting; hidden states require grad), so the schedule needs no
+        shape-inference forward."""
+        tp = dist.get_world_size(self.tp_group) if self.tp_group is not None else 1
+        seq = seq_len // tp if self.sequence_parallel else seq_len
+        dtype = next(self.parameters()).dtype
+        if self.tok_emb is not None:
+            inp = torch.empty(batch, seq_len, dtype=torch.long, device="meta")
+        else:
+            inp = torch.empty(batch, seq, self.cfg.d_model, dtype=dtype, device="meta", requires_grad=True)
+        if self.lm_head is None:
+            return inp, torch.empty(batch, seq, self.cfg.d_model, dtype=dtype, device="meta", requires_grad=True)
+        device = self.lm_head.weight.device.type
+        logits_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
+        logits = torch.empty(batch, seq_len, self.lm_head.out_features, dtype=logits_dtype, device="meta", requires_grad=True)
+        return inp, logits
+
+    def embed(self, idx: Tensor) -> Tensor:
+        """Token ids [B, S] -> hidden [B, S, d] (under sequence parallelism, this rank's [B, S/tp, d])."""
         s = idx.shape[1]
         if s > self.cfg.seq_len:
             raise ValueError(f"sequence length {s} exceeds model.seq_len={self.cfg.seq_len}")
         x = self.drop(self.tok_emb(idx) + self.pos_emb(torch.arange(s, device=idx.device)))
+        return scatter_to_sequence(x, self.tp_group) if self.sequence_parallel else x
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.tok_emb is not None:
+            x = self.embed(x)
         aux = x.new_zeros(())
-        for block in self.blocks:
+        for block in self.blocks.values():
             x, block_aux = block(x)
             aux = aux + block_aux
+        if self.lm_head is None:
+            return x, aux
         return self.lm_head(self.ln_f(x)), aux
+
+    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Mean next-token cross-entropy [] of logits [B, S, vocab / tp] against target ids [B, S]."""
+        losses = vocab_parallel_cross_entropy(logits.flatten(0, 1).float(), target.flatten(), self.tp_group)
+        return losses.mean()

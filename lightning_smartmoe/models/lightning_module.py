@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_smartmoe.errors import ConfigError
 from lightning_smartmoe.models.gpt_moe import GPTMoE, GPTMoEConfig
@@ -36,7 +36,11 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 
 
 class GPTMoEModule(pl.LightningModule):
-    """Trains GPTMoE on (input, target) token batches of shape [B, S]."""
+    """Trains GPTMoE on (input, target) token batches of shape [B, S].
+
+    Under the smartmoe strategy with pipeline parallelism, the strategy's `pipeline` runs each step's
+    forward and backward; the loss it returns is the last stage's, on every rank.
+    """
 
     def __init__(self, model: GPTMoEConfig, optim: OptimConfig = OptimConfig()) -> None:
         super().__init__()
@@ -47,43 +51,53 @@ class GPTMoEModule(pl.LightningModule):
     def forward(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         return self.model(idx)
 
+    @property
+    def _pipeline(self):
+        return getattr(self.trainer.strategy, "pipeline", None)
+
     def _lm_loss(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         x, y = batch
         logits, aux = self.model(x)
-        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten()), aux
+        return self.model.loss(logits, y), aux
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        ce, aux = self._lm_loss(batch)
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Returns the loss to optimise ("loss": cross-entropy plus MoE aux losses; under pipelining the
+        detached cross-entropy, its backward done) and the detached cross-entropy ("ce")."""
+        if self._pipeline is not None:
+            loss = ce = self._pipeline.train_step(batch, batch_idx, self.trainer.accumulate_grad_batches)
+        else:
+            ce, aux = self._lm_loss(batch)
+            loss = ce + aux
         self.log("train/loss", ce, prog_bar=True)
         self.log("train/ppl", ce.detach().exp())
         self._log_moe_stats()
-        return ce + aux
+        return {"loss": loss, "ce": ce.detach()}
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        ce, _ = self._lm_loss(batch)
+        ce = self._pipeline.eval_step(batch) if self._pipeline is not None else self._lm_loss(batch)[0]
         self.log("val/loss", ce, prog_bar=True, sync_dist=True)
         self.log("val/ppl", ce.exp(), sync_dist=True)
 
     def _log_moe_stats(self) -> None:
         """Log per-layer expert load (max / mean), dropped fraction, aux and z losses over the global batch.
 
-        One reduction covers every layer.
+        One reduction covers every layer of the whole model (a pipeline stage fills the rows of its own).
         """
-        layers = self.model.moe_layers()
-        if not layers:
+        num_layers = sum(self.model.cfg.is_moe_layer(i) for i in range(self.model.cfg.n_layers))
+        if not num_layers:
             return
-        rows = []
-        for m in layers:  # [E + 5] per layer: expert load, dropped, assignments, aux, z, 1 (counts the ranks)
+        # [E + 5] per layer: expert load, dropped, assignments, aux, z, forwards (counts the contributions)
+        stats = torch.zeros(num_layers, self.model.cfg.moe.num_experts + 5, dtype=torch.float64, device=self.device)
+        for i, m in enumerate(self.model.moe_layers()):
             st = m.stats
             scalars = [st.dropped.double(), st.aux_loss.double(), st.z_loss.double()]
-            extra = torch.tensor([float(st.assignments), 1.0], dtype=torch.float64, device=self.device)
-            rows.append(torch.cat([st.expert_load.double(), torch.stack(scalars), extra]))
-        stats = torch.stack(rows)
+            extra = torch.tensor([float(st.assignments), float(st.forwards)], dtype=torch.float64, device=self.device)
+            stats[i if m.index is None else m.index] = torch.cat([st.expert_load.double(), torch.stack(scalars), extra])
         stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
-        load, (dropped, aux, z, assignments, ranks) = stats[:, :-5], stats[:, -5:].unbind(1)
+        load, (dropped, aux, z, assignments, forwards) = stats[:, :-5], stats[:, -5:].unbind(1)
         imbalance = load.max(dim=1).values / load.mean(dim=1).clamp(min=1e-12)
-        self.log("train/aux_loss", (aux / ranks).mean())
-        self.log("train/z_loss", (z / ranks).mean())
+        self.log("train/aux_loss", (aux / forwards).mean())
+        self.log("train/z_loss", (z / forwards).mean())
         self.log("train/dropped_frac", dropped.sum() / assignments.sum())
         for i, value in enumerate(imbalance):
             self.log(f"moe/layer{i}/load_max_over_mean", value)

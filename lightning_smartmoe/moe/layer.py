@@ -12,18 +12,28 @@ from lightning_smartmoe.moe.experts import GroupedExperts
 from lightning_smartmoe.moe.losses import load_balancing_loss, router_z_loss
 from lightning_smartmoe.moe.router import Router
 from lightning_smartmoe.placement import Placement
+from lightning_smartmoe.tensor_parallel import gather_from_sequence, scatter_to_sequence
 from triton_ops import expert_histogram
 
 
 @dataclass
 class MoEStats:
-    """Detached figures of the last forward on this rank."""
+    """Detached figures of the last forward on this rank (of the last `forwards` forwards, summed, when the
+    layer's `sum_stats` is set, as for the micro-batches of a pipeline step)."""
 
     expert_load: Tensor  # [E] int64 assignments computed per logical expert (after drops)
     dropped: Tensor  # [] int64 assignments dropped for capacity
     assignments: int  # T * k
-    aux_loss: Tensor  # [] load-balancing loss (unscaled; from this rank's counts alone when its coefficient is 0)
-    z_loss: Tensor  # [] router z-loss (unscaled)
+    aux_loss: Tensor  # [] load-balancing loss of this rank's tokens (unscaled; from this rank's counts alone
+    # when its coefficient is 0)
+    z_loss: Tensor  # [] router z-loss of this rank's tokens (unscaled)
+    forwards: int = 1
+
+    def __add__(self, other: "MoEStats") -> "MoEStats":
+        return MoEStats(
+            self.expert_load + other.expert_load, self.dropped + other.dropped, self.assignments + other.assignments,
+            self.aux_loss + other.aux_loss, self.z_loss + other.z_loss, self.forwards + other.forwards,
+        )
 
 
 class MoELayer(nn.Module):
@@ -33,6 +43,11 @@ class MoELayer(nn.Module):
     expert-parallel group. The returned aux loss (aux_loss_coeff * balance + z_loss_coeff * z) must be
     added to the training loss. `placement` says which global slot holds which logical expert; tokens of a
     replicated expert are split among its replicas.
+
+    Under tensor parallelism the ranks of the TP group hold the same tokens; each routes and dispatches
+    its own contiguous slice of every sequence, so no token is computed twice, and the outputs are
+    gathered back (with sequence parallelism the input and output stay sliced). Each rank's aux loss
+    is its slice's share, so the TP ranks' losses add up to the whole batch's.
     """
 
     def __init__(self, d_model: int, ffn_hidden: int, cfg: MoEConfig, out_std: float = 0.02) -> None:
@@ -45,14 +60,27 @@ class MoELayer(nn.Module):
         self.ep_group: dist.ProcessGroup | None = None
         self.ep_rank = 0
         self.token_group: dist.ProcessGroup | None = None
+        self.tp_group: dist.ProcessGroup | None = None
+        self.sequence_parallel = False
+        self.index: int | None = None  # position among the whole model's MoE layers (set by the strategy)
         self.stats: MoEStats | None = None
+        self.sum_stats = False
 
-    def distribute(self, ep_group: dist.ProcessGroup, token_group: dist.ProcessGroup, extra_slots: int = 0) -> None:
+    def distribute(
+        self,
+        ep_group: dist.ProcessGroup,
+        token_group: dist.ProcessGroup,
+        extra_slots: int = 0,
+        tp_group: dist.ProcessGroup | None = None,
+        sequence_parallel: bool = False,
+    ) -> None:
         """Shard the experts contiguously over `ep_group`, with `extra_slots` empty slots per rank for replicas.
 
         Args:
             ep_group: ranks that hold different experts.
             token_group: ranks whose tokens together form the global batch (for the aux-loss statistics).
+            tp_group: tensor-parallel ranks, which hold the same tokens (None or a group of one: none).
+            sequence_parallel: the input and output are already this rank's slice of every sequence.
         Calling it again with the same group (a second fit, validate after fit) keeps the current shard.
         """
         if self.ep_group is ep_group:
@@ -64,6 +92,10 @@ class MoELayer(nn.Module):
         self.experts.select(self.local_experts(self.placement))
         self.dispatcher = TokenDispatcher(self.placement.slots_per_rank, ep_group)
         self.token_group = token_group
+        if tp_group is not None and dist.get_world_size(tp_group) > 1:
+            self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
+            self.router.seq_group = tp_group
+            self.router.weight.tp_partial = True  # each TP rank routes a different slice
 
     def local_experts(self, placement: Placement) -> list[int]:
         """Logical expert of each of this rank's slots under `placement` (-1 = empty)."""
@@ -83,6 +115,8 @@ class MoELayer(nn.Module):
         self.experts.logical_ids = self.local_experts(placement)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.tp_group is not None and not self.sequence_parallel:
+            x = scatter_to_sequence(x, self.tp_group)
         b, s, d = x.shape
         routing = self.router(x)
         routed = routing.routed
@@ -94,12 +128,18 @@ class MoELayer(nn.Module):
         slot_ids = self.placement.route(routing.expert_ids)
         rows, counts, state = self.dispatcher.dispatch(x.reshape(b * s, d), slot_ids)
         y = self.dispatcher.combine(self.experts(rows, counts), routing.weights, state)
-        self.stats = MoEStats(
+        stats = MoEStats(
             expert_load=expert_histogram(routing.expert_ids, self.cfg.num_experts),
             dropped=routing.dropped,
             assignments=routing.expert_ids.numel(),
             aux_loss=balance.detach(),
             z_loss=z.detach(),
         )
+        self.stats = stats if self.stats is None or not self.sum_stats else self.stats + stats
         aux = self.cfg.aux_loss_coeff * balance + self.cfg.z_loss_coeff * z
-        return y.reshape(b, s, d), aux
+        y = y.reshape(b, s, d)
+        if self.tp_group is not None:
+            aux = aux / dist.get_world_size(self.tp_group)  # this slice's share of the batch's loss
+            if not self.sequence_parallel:
+                y = gather_from_sequence(y, self.tp_group)
+        return y, aux

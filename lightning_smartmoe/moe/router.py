@@ -4,6 +4,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_smartmoe.moe.config import MoEConfig
@@ -62,6 +63,9 @@ class Router(nn.Module):
     - switch: top-1 with the raw top-1 probability as weight; in training the router input is
       multiplied by U(1 - jitter_eps, 1 + jitter_eps) noise.
     Every gate honours `capacity_factor` (per-sequence capacity ceil(cf * S * k / E)) when it is set.
+
+    With `seq_group` set, each rank of that group routes a contiguous slice of every sequence (tensor
+    parallelism); capacity is still decided over whole sequences, from the gathered expert choices.
     """
 
     def __init__(self, d_model: int, cfg: MoEConfig) -> None:
@@ -69,6 +73,7 @@ class Router(nn.Module):
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, d_model))
         nn.init.normal_(self.weight, std=0.02)
+        self.seq_group: dist.ProcessGroup | None = None
 
     def capacity(self, seq_len: int) -> int:
         """Per-sequence slots per expert."""
@@ -90,8 +95,19 @@ class Router(nn.Module):
             expert_ids = torch.stack([expert_ids[:, 0], expert_ids[:, 1].where(keep_second, -1)], dim=1)
         dropped = torch.zeros((), dtype=torch.long, device=x.device)
         if cfg.capacity_factor is not None:
-            keep = capacity_mask(expert_ids.reshape(b, s, -1), cfg.num_experts, self.capacity(s))
-            keep = keep.reshape(b * s, -1)
+            keep = self._capacity_keep(expert_ids.reshape(b, s, -1)).reshape(b * s, -1)
             dropped = ((expert_ids >= 0) & ~keep).sum()
             expert_ids = expert_ids.where(keep, -1)
         return Routing(expert_ids, weights, probs, logits, routed, dropped)
+
+    def _capacity_keep(self, expert_ids: Tensor) -> Tensor:
+        """[B, S, k] bool capacity mask of this rank's [B, S, k] choices, decided over whole sequences."""
+        if self.seq_group is None:
+            return capacity_mask(expert_ids, self.cfg.num_experts, self.capacity(expert_ids.shape[1]))
+        parts = [torch.empty_like(expert_ids) for _ in range(dist.get_world_size(self.seq_group))]
+        dist.all_gather(parts, expert_ids.contiguous(), group=self.seq_group)
+        full = torch.cat(parts, dim=1)
+        keep = capacity_mask(full, self.cfg.num_experts, self.capacity(full.shape[1]))
+        s = expert_ids.shape[1]
+        start = dist.get_rank(self.seq_group) * s
+        return keep[:, start : start + s]

@@ -1,0 +1,117 @@
+"""Tensor and pipeline parallelism, alone and combined with data and expert parallelism, reproduce the
+single-process run (fp32, same global batch); checkpoints move between such layouts. Real gloo process
+groups; each spawn runs several layouts.
+
+A pipeline with M micro-batches computes the MoE aux loss per micro-batch, as gradient accumulation over
+M batches does, so its reference is the single-process run with accumulate_grad_batches=M, whose
+per-step cross-entropy is the mean over the M batches.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny
+from distributed import run_distributed
+from test_expert_parallel import assert_same_run
+
+STEPS = 4
+MODEL = dict(gate="naive", capacity_factor=1.0)  # drops tokens: capacity is decided over whole sequences
+
+
+def _per_step(run, microbatches: int):
+    """A reference run's per-batch losses averaged over each optimizer step's `microbatches` batches."""
+    losses, params = run
+    return torch.tensor(losses).view(-1, microbatches).mean(1).tolist(), params
+
+
+def _layouts(corpus: str, cases: list[tuple[str, dict]]):
+    """Run on every rank: each case is (name, tiny.fit keyword arguments)."""
+    return {name: tiny.fit(Path(corpus), tiny.model_config(**MODEL), steps=STEPS, **kw) for name, kw in cases}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return tiny.write_corpus(tmp_path_factory.mktemp("data") / "tokens.bin")
+
+
+@pytest.fixture(scope="module")
+def reference(corpus):
+    """Single-process runs by accumulate_grad_batches, as per-step losses."""
+    cache = {}
+
+    def get(microbatches: int = 1, val_windows: int = 0):
+        key = (microbatches, val_windows)
+        if key not in cache:
+            run = tiny.fit(corpus, tiny.model_config(**MODEL), steps=STEPS, accumulate=microbatches, val_windows=val_windows)
+            cache[key] = _per_step(run, microbatches)
+        return cache[key]
+
+    return get
+
+
+VAL_WINDOWS = 16  # validated after training, too
+TWO = [
+    ("tp2", dict(tp=2, val_windows=VAL_WINDOWS), 1),
+    ("tp2_sequence_parallel", dict(tp=2, sequence_parallel=True), 1),
+    ("pp2_gpipe_mb4", dict(pp=2, microbatches=4, schedule="gpipe", val_windows=VAL_WINDOWS), 4),
+    ("pp2_1f1b_mb4", dict(pp=2, microbatches=4, schedule="1f1b"), 4),
+]
+
+
+TWO_KW = {name: kw for name, kw, _ in TWO}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(corpus):
+    return run_distributed(2, _layouts, str(corpus), [(name, kw) for name, kw, _ in TWO], timeout=240)[0]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name,microbatches", [(name, mb) for name, _, mb in TWO])
+def test_two_ranks_match_single_process(two_ranks, reference, name, microbatches):
+    val_windows = TWO_KW[name].get("val_windows", 0)
+    assert_same_run(two_ranks[name], reference(microbatches, val_windows))
+
+
+def _four_ranks(corpus: str, save: str):
+    """tp x dp x ep, then pp x dp x ep saving a checkpoint after step 2, then a resume of it at dp 4, ep 4
+    (gradient accumulation over the saved run's 2 micro-batches)."""
+    results = _layouts(corpus, [("tp2_dp2_ep4", dict(tp=2, ep=4))])
+    results["pp2_dp2_ep2_mb2"] = tiny.fit(Path(corpus), tiny.model_config(**MODEL), pp=2, ep=2, microbatches=2,
+                                          steps=STEPS, save_dir=Path(save))
+    results["resumed_dp4_ep4"] = tiny.fit(Path(corpus), tiny.model_config(**MODEL), ep=4, accumulate=2, steps=STEPS,
+                                          resume=Path(save) / "epoch=0-step=2.ckpt")
+    return results
+
+
+@pytest.fixture(scope="module")
+def four_ranks(corpus, tmp_path_factory):
+    save = tmp_path_factory.mktemp("ckpt")
+    return run_distributed(4, _four_ranks, str(corpus), str(save), timeout=300)[0], save
+
+
+@pytest.mark.timeout(360)
+def test_tp_dp_ep_matches_single_process(four_ranks, reference):
+    assert_same_run(four_ranks[0]["tp2_dp2_ep4"], reference(1))
+
+
+@pytest.mark.timeout(360)
+def test_pp_dp_ep_matches_and_resumes_under_other_layouts(four_ranks, reference, corpus):
+    results, save = four_ranks
+    saved_losses, saved_params = results["pp2_dp2_ep2_mb2"]
+    assert_same_run((saved_losses, saved_params), reference(2))
+    # Saved at {pp 2, dp 2, ep 2} after step 2; resumed at {dp 4, ep 4} and in one process.
+    expected = (saved_losses[2:], tiny.weights(saved_params))
+    resumed_losses, resumed_params = results["resumed_dp4_ep4"]
+    assert_same_run(_per_step((resumed_losses, resumed_params), 2), expected)
+    single = tiny.fit(corpus, tiny.model_config(**MODEL), accumulate=2, steps=STEPS, resume=save / "epoch=0-step=2.ckpt")
+    assert_same_run(_per_step(single, 2), expected)
+
+
+@pytest.mark.timeout(360)
+def test_pp_tp_dp_ep_on_eight_ranks(corpus, reference):
+    cases = [("pp2_tp2_dp2_ep2_mb2", dict(pp=2, tp=2, ep=2, microbatches=2))]
+    eight = run_distributed(8, _layouts, str(corpus), cases, timeout=300)[0]
+    assert_same_run(eight["pp2_tp2_dp2_ep2_mb2"], reference(2))
