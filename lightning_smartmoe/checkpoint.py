@@ -35,21 +35,21 @@ def _expert_ids(module: nn.Module) -> dict[int, list[int]]:
     return {id(p): m.logical_ids for m in module.modules() if isinstance(m, GroupedExperts) for p in (m.w1, m.w2)}
 
 
-def _entries(name: str, tensor: Tensor, ids: list[int] | None, per_slot: bool = True) -> list[tuple[str, Tensor]]:
-    """(`name` or `name:<expert>`, tensor or its slot) pairs, empty slots left out; per_slot=False repeats a
-    per-parameter scalar. Replicas of an expert on several ranks write the same key: DCP keeps one copy."""
+def _entries(name: str, tensor: Tensor, like: Tensor, ids: list[int] | None, tp_mesh: DeviceMesh | None) -> list[tuple[str, Tensor]]:
+    """(`name` or `name:<expert>`, tensor or its slot) pairs for a parameter `like` or a piece of its
+    optimizer state `tensor`; empty slots are left out, and a per-parameter scalar (Adam's step) is repeated
+    per expert. A tensor-parallel shard (a `like` with `tp_shard_dim`, under `tp_mesh`) becomes a DTensor.
+    Replicas of a tensor on several ranks write the same key: DCP keeps one copy."""
+    shaped = tensor.shape == like.shape
+    dim = getattr(like, "tp_shard_dim", None) if shaped and tp_mesh is not None else None
+
+    def whole(t: Tensor, shard_dim: int | None) -> Tensor:
+        return t if shard_dim is None else DTensor.from_local(t, tp_mesh, [Shard(shard_dim)], run_check=False)
+
     if ids is None:
-        return [(name, tensor)]
-    return [(f"{name}:{e}", tensor[i] if per_slot else tensor) for i, e in enumerate(ids) if e >= 0]
-
-
-def _whole(t: Tensor, like: Tensor, tp_mesh: DeviceMesh | None) -> Tensor:
-    """`t` (a parameter `like`, or state shaped like it) as a DTensor over `tp_mesh` if `like` is a
-    tensor-parallel shard; else `t` itself."""
-    dim = getattr(like, "tp_shard_dim", None)
-    if tp_mesh is None or dim is None or t.shape != like.shape:
-        return t
-    return DTensor.from_local(t, tp_mesh, [Shard(dim)], run_check=False)
+        return [(name, whole(tensor, dim))]
+    slot_dim = None if dim is None else dim - 1
+    return [(f"{name}:{e}", whole(tensor[i], slot_dim) if shaped else tensor) for i, e in enumerate(ids) if e >= 0]
 
 
 def model_tensors(module: nn.Module, tp_mesh: DeviceMesh | None = None) -> dict[str, Tensor]:
@@ -57,22 +57,18 @@ def model_tensors(module: nn.Module, tp_mesh: DeviceMesh | None = None) -> dict[
     ids = _expert_ids(module)
     out: dict[str, Tensor] = {}
     for name, t in module.state_dict(keep_vars=True).items():
-        out.update(_entries(f"model/{name}", _whole(t.detach(), t, tp_mesh), ids.get(id(t))))
+        out.update(_entries(f"model/{name}", t.detach(), t, ids.get(id(t)), tp_mesh))
     return out
 
 
 def optimizer_tensors(module: nn.Module, optimizer: Optimizer, index: int, tp_mesh: DeviceMesh | None = None) -> dict[str, Tensor]:
-    """`optim<index>/<param name>[:<expert>]/<state>` -> tensor (views of the live optimizer state).
-
-    Per-parameter scalars of an expert parameter (Adam's step) are stored once per logical expert.
-    """
+    """`optim<index>/<param name>[:<expert>]/<state>` -> tensor (views of the live optimizer state)."""
     ids = _expert_ids(module)
     out: dict[str, Tensor] = {}
     for name, p in module.named_parameters():
         for state, value in optimizer.state.get(p, {}).items():
             if isinstance(value, Tensor):
-                value = _whole(value, p, tp_mesh)
-                for key, t in _entries(f"optim{index}/{name}", value, ids.get(id(p)), value.shape == p.shape):
+                for key, t in _entries(f"optim{index}/{name}", value, p, ids.get(id(p)), tp_mesh):
                     out[f"{key}/{state}"] = t
     return out
 
@@ -99,8 +95,8 @@ def _init_optimizer_state(module: nn.Module, optimizer: Optimizer, index: int, s
         for key, meta in saved.items():
             if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata):
                 shape = tuple(meta.size)
-                if held is not None and shape == p.shape[1:] or hasattr(p, "tp_shard_dim") and len(shape) == p.ndim:
-                    shape = tuple(p.shape)  # one expert's slice, or a tensor-parallel shard
+                if len(shape) == p.ndim - (held is not None):
+                    shape = tuple(p.shape)  # shaped like the parameter (per expert; maybe another tp shard)
                 # per-parameter scalars (Adam's step) live on the CPU, as torch.optim keeps them
                 device = p.device if shape else torch.device("cpu")
                 state[key[len(prefix) :]] = torch.zeros(shape, dtype=meta.properties.dtype, device=device)

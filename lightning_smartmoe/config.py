@@ -74,7 +74,7 @@ def check_run(cfg: DictConfig) -> None:
 def parallel_sizes(cfg: DictConfig) -> ParallelSizes:
     p = cfg.parallel
     world = cfg.trainer.devices * cfg.trainer.num_nodes
-    return ParallelSizes.resolve(world, dp=p.dp, tp=p.tp, pp=p.pp, ep=p.ep)
+    return ParallelSizes.resolve(world, dp=p.dp, tp=p.tp, pp=p.pp, ep=p.ep, expert_tp=p.expert_tp)
 
 
 def datamodule(cfg: DictConfig, model: GPTMoEConfig, sizes: ParallelSizes) -> TokenDataModule:

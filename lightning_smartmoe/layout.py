@@ -12,18 +12,25 @@ from lightning_smartmoe.errors import ConfigError
 class ParallelSizes:
     """world = pp * dp * tp. Within a pipeline stage the dp * tp ranks form a plane; experts are sharded over
     expert-parallel groups of ep ranks of that plane (ep divides dp * tp), and each expert then has
-    dp * tp / ep replicas, whose gradients are averaged over the expert-data-parallel group."""
+    dp * tp / ep replicas, whose gradients are averaged over the expert-data-parallel group.
+
+    With `expert_tp`, each expert's FFN is instead sharded over the tp ranks, and expert parallelism runs
+    among the dp ranks of each tp rank (ep divides dp; dp / ep replicas of each expert shard).
+    """
 
     dp: int = 1
     tp: int = 1
     pp: int = 1
     ep: int = 1
+    expert_tp: bool = False
 
     def __post_init__(self) -> None:
         for key in ("dp", "tp", "pp", "ep"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"parallel.{key}={value!r} must be an integer >= 1")
+        if self.expert_tp and self.dp % self.ep:
+            raise ConfigError(f"parallel.ep={self.ep} must divide parallel.dp={self.dp} with parallel.expert_tp=true")
         if self.plane % self.ep:
             raise ConfigError(
                 f"parallel.ep={self.ep} must divide parallel.dp x parallel.tp = {self.dp} x {self.tp} = {self.plane}"
@@ -40,11 +47,11 @@ class ParallelSizes:
 
     @property
     def edp(self) -> int:
-        """Replicas of each expert: the expert-data-parallel size."""
-        return self.plane // self.ep
+        """Replicas of each expert (of each expert shard, with expert_tp): the expert-data-parallel size."""
+        return (self.dp if self.expert_tp else self.plane) // self.ep
 
     @classmethod
-    def resolve(cls, world_size: int, dp: int | None, tp: int, pp: int, ep: int) -> "ParallelSizes":
+    def resolve(cls, world_size: int, dp: int | None, tp: int, pp: int, ep: int, expert_tp: bool = False) -> "ParallelSizes":
         """Sizes for `world_size` processes; dp=None takes whatever tp and pp leave."""
         if dp is None:
             if world_size % (tp * pp):
@@ -53,7 +60,7 @@ class ParallelSizes:
                     f"parallel.tp x parallel.pp = {tp * pp}"
                 )
             dp = world_size // (tp * pp)
-        sizes = cls(dp=dp, tp=tp, pp=pp, ep=ep)
+        sizes = cls(dp=dp, tp=tp, pp=pp, ep=ep, expert_tp=expert_tp)
         if sizes.world_size != world_size:
             raise ConfigError(
                 f"world size {world_size} (trainer.devices x trainer.num_nodes) must equal "
@@ -88,7 +95,7 @@ class ParallelLayout:
     Ranks are laid out (pp, dp, tp), tp fastest. Pipeline stage s holds the plane of ranks
     s*dp*tp ... (s+1)*dp*tp - 1; within it, plane index j = dp_rank * tp + tp_rank. Expert-parallel groups
     are runs of ep consecutive plane indices; the expert-data-parallel group of a rank is the plane ranks
-    with the same j % ep.
+    with the same j % ep. With expert_tp the same holds for the dp ranks of each tp rank separately.
 
     Groups used in forward and backward: `tp_group` (tensor parallelism), `pp_group` (stage-to-stage
     sends), `ep_group` (token all-to-all), `plane_group` (routing statistics over a stage's tokens).
@@ -119,9 +126,10 @@ class ParallelLayout:
         pp, dp, tp, ep, plane = sizes.pp, sizes.dp, sizes.tp, sizes.ep, sizes.plane
         mesh = init_device_mesh(device_type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
         stages = [list(range(s * plane, (s + 1) * plane)) for s in range(pp)]
-        ep_lists = [stage[g : g + ep] for stage in stages for g in range(0, plane, ep)]
-        edp_lists = [stage[j::ep] for stage in stages for j in range(ep)]
         dp_lists = [stage[t::tp] for stage in stages for t in range(tp)]
+        expert_planes = dp_lists if sizes.expert_tp else stages  # the ranks that split the experts among them
+        ep_lists = [ranks[g : g + ep] for ranks in expert_planes for g in range(0, len(ranks), ep)]
+        edp_lists = [ranks[j::ep] for ranks in expert_planes for j in range(ep)]
         return cls(
             sizes,
             mesh,

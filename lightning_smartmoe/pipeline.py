@@ -7,12 +7,12 @@ The strategy cuts the model into equal stages of layers; each rank keeps one. A 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from lightning_smartmoe.layout import ParallelLayout
 from lightning_smartmoe.moe import MoELayer
 
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 
 
 class _AttachAuxLoss(torch.autograd.Function):
@@ -32,24 +32,25 @@ class _AttachAuxLoss(torch.autograd.Function):
 
 
 class _Stage(nn.Module):
-    """forward(x) -> the stage's output, with its summed MoE aux loss attached at weight `aux_weight`."""
+    """forward(x) -> pipeline stage `stage`'s output, with its summed MoE aux loss attached at weight
+    `aux_weight`."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, stage: int) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.stage = model, stage
         self.aux_weight = 1.0
 
     def forward(self, x: Tensor) -> Tensor:
-        out, aux = self.model(x)
+        out, aux = self.model(x, self.stage)
         return _AttachAuxLoss.apply(out, aux, self.aux_weight)
 
 
 class PipelineRunner:
-    """Runs this rank's pipeline stage of `model`.
+    """Runs this rank's pipeline stages `stages` of `model` (one, or several for an interleaved schedule).
 
-    `model` is the stage's part (see GPTMoE.keep_stage): forward(x) -> (output, aux loss),
-    `model.stage_io(batch, seq_len)` gives meta tensors shaped like the stage's input and output (so the
-    schedule runs no shape-inference forward through the MoE layers), and `model.loss(logits, target)`
+    `model` is the rank's part (see GPTMoE.keep_stages): forward(x, stage) -> (output, aux loss),
+    `model.stage_io(batch, seq_len, stage)` gives meta tensors shaped like a stage's input and output (so
+    the schedule runs no shape-inference forward through the MoE layers), and `model.loss(logits, target)`
     gives the mean cross-entropy on the last stage. Each micro-batch's loss (cross-entropy plus every
     stage's aux losses) is weighted 1 / (microbatches * accumulate), so the gradients equal those of the
     whole batch's mean loss, as without pipelining. Every batch must have the first batch's shape.
@@ -60,12 +61,15 @@ class PipelineRunner:
     the strategy's backward calls `restore_grads`.
     """
 
-    def __init__(self, model: nn.Module, layout: ParallelLayout, schedule: str, microbatches: int, device: torch.device) -> None:
+    def __init__(
+        self, model: nn.Module, layout: ParallelLayout, stages: list[int], schedule: str, microbatches: int,
+        device: torch.device,
+    ) -> None:
         self.model, self.layout, self.microbatches, self.device = model, layout, microbatches, device
         self.schedule_name = schedule
-        pp = layout.sizes.pp
-        self.is_first, self.is_last = layout.stage == 0, layout.stage == pp - 1
-        self._stage_module = _Stage(model)
+        self.num_stages = layout.sizes.pp * len(stages)
+        self.is_first, self.is_last = 0 in stages, self.num_stages - 1 in stages
+        self._stage_modules = [_Stage(model, stage) for stage in stages]
         self.schedule = None
         self._shape: torch.Size | None = None
         self._weight = 1.0
@@ -78,12 +82,17 @@ class PipelineRunner:
         batch, seq_len = shape
         if batch % self.microbatches:
             raise ValueError(f"a batch of {batch} sequences cannot be cut into parallel.microbatches={self.microbatches}")
-        inp, out = self.model.stage_io(batch // self.microbatches, seq_len)
-        stage = PipelineStage(
-            self._stage_module, self.layout.stage, self.layout.sizes.pp, self.device,
-            input_args=inp, output_args=out, group=self.layout.pp_group,
+        stages = []
+        for module in self._stage_modules:
+            inp, out = self.model.stage_io(batch // self.microbatches, seq_len, module.stage)
+            stages.append(PipelineStage(
+                module, module.stage, self.num_stages, self.device, input_args=inp, output_args=out,
+                group=self.layout.pp_group,
+            ))
+        interleaved = self.schedule_name == "interleaved_1f1b"
+        self.schedule = SCHEDULES[self.schedule_name](
+            stages if interleaved else stages[0], self.microbatches, loss_fn=self._loss, scale_grads=False
         )
-        self.schedule = SCHEDULES[self.schedule_name](stage, self.microbatches, loss_fn=self._loss, scale_grads=False)
         self._shape = shape
 
     def _loss(self, logits: Tensor, target: Tensor) -> Tensor:
@@ -120,7 +129,8 @@ class PipelineRunner:
             for p in params:
                 p.grad = None
         self._weight = 1.0 / (self.microbatches * accumulate)
-        self._stage_module.aux_weight = self._weight
+        for module in self._stage_modules:
+            module.aux_weight = self._weight
         loss = self._run(batch, train=True)
         self._held = [p.grad for p in params]
         for p in params:

@@ -60,8 +60,9 @@ class SmartMoEStrategy(ParallelStrategy):
     """Hybrid data/tensor/pipeline/expert parallelism for models built from `MoELayer`s.
 
     Tensor and pipeline parallelism need a model that can shard and cut itself: a submodule of the
-    LightningModule with `check_parallel(tp, pp)`, `shard_tensor_parallel(tp_group, sequence_parallel)`,
-    `keep_stage(stage, num_stages)`, `stage_io(batch, seq_len)` and `loss(logits, target)` (GPTMoE has them). Under pipeline
+    LightningModule with `check_parallel(tp, pp, expert_tp, virtual_stages)`,
+    `shard_tensor_parallel(tp_group, sequence_parallel)`, `keep_stages(stages, num_stages)`,
+    `stage_io(batch, seq_len, stage)`, `forward(x, stage)` and `loss(logits, target)` (GPTMoE has them). Under pipeline
     parallelism the LightningModule's training and validation steps call `strategy.pipeline.train_step`
     and `eval_step`, which run the schedule, backward included.
 
@@ -69,9 +70,13 @@ class SmartMoEStrategy(ParallelStrategy):
         dp, tp, pp, ep: parallel sizes; world = dp * tp * pp, ep divides dp * tp (expert parallelism folds
             over the data- and tensor-parallel ranks of a stage). dp=None takes the rest of the world.
         microbatches: micro-batches per batch in the pipeline schedule (pp > 1).
-        pp_schedule: "gpipe" or "1f1b".
+        pp_schedule: "gpipe", "1f1b" or "interleaved_1f1b".
+        virtual_stages: pipeline stages per rank (interleaved_1f1b: at least 2; rank r holds stages
+            r, r + pp, ...).
         sequence_parallel: with tp > 1, keep layer norms, dropouts and the MoE layers on a slice of the
             sequence (Megatron's sequence parallelism).
+        expert_tp: with tp > 1, shard each expert's FFN over the tp ranks instead of giving each tp rank a
+            slice of the tokens; ep then divides dp.
         start_method: "spawn" starts the processes from this one (works under pytest and in scripts);
             "popen" re-runs the command per process (the CLI). Under torchrun or SLURM the cluster
             environment has created the processes and no launcher is used.
@@ -90,7 +95,9 @@ class SmartMoEStrategy(ParallelStrategy):
         ep: int = 1,
         microbatches: int = 1,
         pp_schedule: str = "1f1b",
+        virtual_stages: int = 1,
         sequence_parallel: bool = False,
+        expert_tp: bool = False,
         start_method: Literal["spawn", "popen"] = "spawn",
         bucket_mb: float = 25.0,
         extra_slots: int = 0,
@@ -109,18 +116,26 @@ class SmartMoEStrategy(ParallelStrategy):
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
         )
-        self._requested = dict(dp=dp, tp=tp, pp=pp, ep=ep)
+        self._requested = dict(dp=dp, tp=tp, pp=pp, ep=ep, expert_tp=expert_tp)
         if dp is not None:
-            ParallelSizes(dp=dp, tp=tp, pp=pp, ep=ep)  # refuse bad sizes at construction
+            ParallelSizes(**self._requested)  # refuse bad sizes at construction
         if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
             raise ConfigError(f"parallel.microbatches={microbatches!r} must be an integer >= 1")
         if pp_schedule not in SCHEDULES:
             raise ConfigError(f"parallel.pp_schedule={pp_schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}")
+        if isinstance(virtual_stages, bool) or not isinstance(virtual_stages, int) or virtual_stages < 1:
+            raise ConfigError(f"parallel.virtual_stages={virtual_stages!r} must be an integer >= 1")
+        if (pp_schedule == "interleaved_1f1b") != (virtual_stages > 1):
+            raise ConfigError(
+                f"parallel.virtual_stages={virtual_stages} does not fit parallel.pp_schedule={pp_schedule}: "
+                "interleaved_1f1b needs parallel.virtual_stages >= 2, the other schedules 1"
+            )
         if pp == 1 and microbatches > 1:
             raise ConfigError(
                 "parallel.microbatches > 1 needs parallel.pp > 1; without a pipeline use trainer.accumulate_grad_batches"
             )
         self.microbatches, self._pp_schedule, self._sequence_parallel = microbatches, pp_schedule, sequence_parallel
+        self._virtual_stages = virtual_stages
         self._start_method = start_method
         self._bucket_bytes = int(bucket_mb * 2**20)
         if extra_slots < 0:
@@ -194,16 +209,16 @@ class SmartMoEStrategy(ParallelStrategy):
             if isinstance(layer, MoELayer):
                 self.sizes.check_experts(layer.cfg.num_experts)
         if self.sizes.tp > 1 or self.sizes.pp > 1:
-            self._parallel_model(model).check_parallel(self.sizes.tp, self.sizes.pp)
+            self._parallel_model(model).check_parallel(self.sizes.tp, self.sizes.pp, self.sizes.expert_tp, self._virtual_stages)
 
     @staticmethod
     def _parallel_model(module: nn.Module) -> nn.Module:
         """The submodule that shards and cuts itself (see the class docstring)."""
         for m in module.modules():
-            if all(hasattr(m, f) for f in ("check_parallel", "shard_tensor_parallel", "keep_stage", "stage_io", "loss")):
+            if all(hasattr(m, f) for f in ("check_parallel", "shard_tensor_parallel", "keep_stages", "stage_io", "loss")):
                 return m
         raise ConfigError(
-            "parallel.tp > 1 or parallel.pp > 1 need a model with check_parallel, shard_tensor_parallel, keep_stage, "
+            "parallel.tp > 1 or parallel.pp > 1 need a model with check_parallel, shard_tensor_parallel, keep_stages, "
             "stage_io and loss methods (such as lightning_smartmoe.models.GPTMoE)"
         )
 
@@ -242,8 +257,8 @@ class SmartMoEStrategy(ParallelStrategy):
             self._grad_sync = self._build_grad_sync(self.model)
         if self.sizes.pp > 1 and self.pipeline is None:
             self.pipeline = PipelineRunner(
-                self._parallel_model(self.lightning_module), self.layout, self._pp_schedule, self.microbatches,
-                self.root_device,
+                self._parallel_model(self.lightning_module), self.layout, self._pipeline_stages, self._pp_schedule,
+                self.microbatches, self.root_device,
             )
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
@@ -267,10 +282,18 @@ class SmartMoEStrategy(ParallelStrategy):
             if sizes.tp > 1:
                 model.shard_tensor_parallel(layout.tp_group, self._sequence_parallel)
             if sizes.pp > 1:
-                model.keep_stage(layout.stage, sizes.pp)
+                model.keep_stages(self._pipeline_stages, sizes.pp * self._virtual_stages)
         if layout.mesh is not None:
             for layer in self.moe_layers:
-                layer.distribute(layout.ep_group, layout.plane_group, self._extra_slots, layout.tp_group, self._sequence_parallel)
+                layer.distribute(
+                    layout.ep_group, layout.plane_group, self._extra_slots, layout.tp_group, self._sequence_parallel,
+                    sizes.expert_tp,
+                )
+
+    @property
+    def _pipeline_stages(self) -> list[int]:
+        """The pipeline stages this rank holds, of pp * virtual_stages."""
+        return [self.layout.stage + i * self.sizes.pp for i in range(self._virtual_stages)]
 
     @property
     def moe_layers(self) -> list[MoELayer]:

@@ -23,13 +23,13 @@ def build(cfg: DictConfig, output_dir: Path) -> tuple[pl.Trainer, GPTMoEModule, 
     optim_cfg = config.optim_config(cfg)
     sizes = config.parallel_sizes(cfg)
     sizes.check_experts(model_cfg.moe.num_experts)
-    model_cfg.check_parallel(sizes.tp, sizes.pp)
+    model_cfg.check_parallel(sizes.tp, sizes.pp, sizes.expert_tp, cfg.parallel.virtual_stages)
     dm = config.datamodule(cfg, model_cfg, sizes)
     pl.seed_everything(cfg.seed, workers=True)
     module = GPTMoEModule(model_cfg, optim_cfg)
     strategy = SmartMoEStrategy(
         dp=sizes.dp, tp=sizes.tp, pp=sizes.pp, ep=sizes.ep, microbatches=cfg.parallel.microbatches,
-        pp_schedule=cfg.parallel.pp_schedule, sequence_parallel=cfg.parallel.sequence_parallel,
+        pp_schedule=cfg.parallel.pp_schedule, virtual_stages=cfg.parallel.virtual_stages, sequence_parallel=cfg.parallel.sequence_parallel, expert_tp=sizes.expert_tp,
         start_method=cfg.parallel.start_method, bucket_mb=cfg.parallel.bucket_mb, extra_slots=cfg.placement.extra_slots,
     )
     placement = config.placement_callback(cfg)

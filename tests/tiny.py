@@ -24,15 +24,14 @@ def write_corpus(path: Path) -> Path:
     return path
 
 
-def model_config(gate: str = "naive", capacity_factor: float | None = None, num_experts: int = 8) -> GPTMoEConfig:
+def model_config(gate: str = "naive", capacity_factor: float | None = None, num_experts: int = 8, n_layers: int = 2) -> GPTMoEConfig:
     moe = MoEConfig(num_experts=num_experts, top_k=2, gate=gate, capacity_factor=capacity_factor,
                     aux_loss_coeff=0.01, z_loss_coeff=0.001)
-    return GPTMoEConfig(vocab_size=VOCAB, seq_len=16, n_layers=2, d_model=32, n_heads=4, moe=moe)
+    return GPTMoEConfig(vocab_size=VOCAB, seq_len=16, n_layers=n_layers, d_model=32, n_heads=4, moe=moe)
 
 
-def _whole(t: torch.Tensor, like: torch.Tensor, tp_mesh) -> torch.Tensor:
-    """The whole tensor of a tensor-parallel shard `t` of parameter `like` (collective over tp), else `t`."""
-    dim = getattr(like, "tp_shard_dim", None)
+def _whole(t: torch.Tensor, dim: int | None, tp_mesh) -> torch.Tensor:
+    """The whole tensor of `t`, a tensor-parallel shard along `dim` (collective over tp), else a copy of `t`."""
     if tp_mesh is None or dim is None:
         return t.clone()
     return DTensor.from_local(t, tp_mesh, [Shard(dim)], run_check=False).full_tensor()
@@ -46,11 +45,12 @@ def logical_grads(module: torch.nn.Module, tp_mesh=None) -> dict[str, torch.Tens
     for name, p in module.named_parameters():
         if p.grad is None:
             continue
+        dim = getattr(p, "tp_shard_dim", None)
         if id(p) not in ids:
-            out[f"grad/{name}"] = _whole(p.grad, p, tp_mesh)
+            out[f"grad/{name}"] = _whole(p.grad, dim, tp_mesh)
         for i, e in enumerate(ids.get(id(p), [])):
             if e >= 0:
-                out[f"grad/{name}:{e}"] = p.grad[i].clone()
+                out[f"grad/{name}:{e}"] = _whole(p.grad[i], None if dim is None else dim - 1, tp_mesh)
     return out
 
 
@@ -78,7 +78,9 @@ def fit(
     pp: int = 1,
     microbatches: int = 1,
     schedule: str = "1f1b",
+    virtual_stages: int = 1,
     sequence_parallel: bool = False,
+    expert_tp: bool = False,
     steps: int = 5,
     accumulate: int = 1,
     save_dir: Path | None = None,
@@ -101,8 +103,8 @@ def fit(
         callbacks.append(ModelCheckpoint(dirpath=save_dir, save_top_k=-1, every_n_train_steps=2))
     trainer = pl.Trainer(
         accelerator="cpu", devices=world, max_steps=steps,
-        strategy=SmartMoEStrategy(tp=tp, pp=pp, ep=ep, microbatches=microbatches, pp_schedule=schedule,
-                                  sequence_parallel=sequence_parallel, extra_slots=extra_slots),
+        strategy=SmartMoEStrategy(tp=tp, pp=pp, ep=ep, microbatches=microbatches, pp_schedule=schedule, virtual_stages=virtual_stages,
+                                  sequence_parallel=sequence_parallel, expert_tp=expert_tp, extra_slots=extra_slots),
         accumulate_grad_batches=accumulate, gradient_clip_val=clip,
         limit_val_batches=val_windows // (GLOBAL_BATCH // accumulate), num_sanity_val_steps=0, logger=False, enable_checkpointing=save_dir is not None,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,

@@ -49,16 +49,22 @@ class GPTMoEConfig:
         """Layers every-1, 2*every-1, ... carry an MoE FFN (all layers when every = 1)."""
         return i % self.moe.every == self.moe.every - 1
 
-    def check_parallel(self, tp: int, pp: int) -> None:
-        """Raise ConfigError unless the model can be sharded over tp ranks and cut into pp stages."""
+    def check_parallel(self, tp: int, pp: int, expert_tp: bool = False, virtual_stages: int = 1) -> None:
+        """Raise ConfigError unless the model can be sharded over tp ranks (each expert too, with expert_tp)
+        and cut into pp * virtual_stages stages."""
         need = {"model.n_heads": self.n_heads, "model.vocab_size": self.vocab_size, "model.seq_len": self.seq_len}
         if any(not self.is_moe_layer(i) for i in range(self.n_layers)):
             need["model.ffn_hidden (default 4 x d_model)"] = self.hidden
+        if expert_tp:
+            need["moe.expert_hidden (default model.ffn_hidden)"] = self.moe.expert_hidden or self.hidden
         for key, value in need.items():
             if value % tp:
                 raise ConfigError(f"{key}={value} must be divisible by parallel.tp={tp}")
-        if self.n_layers % pp:
-            raise ConfigError(f"model.n_layers={self.n_layers} must be divisible by parallel.pp={pp}")
+        if self.n_layers % (pp * virtual_stages):
+            raise ConfigError(
+                f"model.n_layers={self.n_layers} must be divisible by parallel.pp x parallel.virtual_stages = "
+                f"{pp} x {virtual_stages}"
+            )
 
 
 class CausalSelfAttention(nn.Module):
@@ -125,7 +131,7 @@ class Block(nn.Module):
 class GPTMoE(nn.Module):
     """forward(idx [B, S] int64) -> (logits [B, S, vocab], summed MoE aux loss []).
 
-    `shard_tensor_parallel` and `keep_stage` turn the whole model into one rank's part. A pipeline stage
+    `shard_tensor_parallel` and `keep_stages` turn the whole model into one rank's part. A pipeline stage
     after the first takes the hidden states [B, S, d] instead of token ids, and one before the last
     returns hidden states instead of logits. Under tensor parallelism the logits are this rank's vocab
     shard [B, S, vocab / tp]; `loss` computes the cross-entropy from the shards. Parameter names do not
@@ -143,6 +149,7 @@ class GPTMoE(nn.Module):
         self.lm_head: ColumnParallelLinear | None = ColumnParallelLinear(cfg.d_model, cfg.vocab_size, bias=False)
         self.tp_group: dist.ProcessGroup | None = None
         self.sequence_parallel = False
+        self.num_stages = 1
         self.apply(self._init_dense)
         for name, p in self.named_parameters():
             if name.endswith("attn.proj.weight") or name.endswith("ffn.proj.weight"):
@@ -158,8 +165,8 @@ class GPTMoE(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
 
-    def check_parallel(self, tp: int, pp: int) -> None:
-        self.cfg.check_parallel(tp, pp)
+    def check_parallel(self, tp: int, pp: int, expert_tp: bool = False, virtual_stages: int = 1) -> None:
+        self.cfg.check_parallel(tp, pp, expert_tp, virtual_stages)
 
     def shard_tensor_parallel(self, tp_group: dist.ProcessGroup, sequence_parallel: bool = False) -> None:
         """Keep this rank's tensor-parallel shard: attention heads, dense FFN columns, vocab rows.
@@ -182,30 +189,40 @@ class GPTMoE(nn.Module):
                 if isinstance(module, nn.LayerNorm):
                     module.weight.tp_partial = module.bias.tp_partial = True
 
-    def keep_stage(self, stage: int, num_stages: int) -> None:
-        """Drop everything outside pipeline stage `stage` of `num_stages` (equal numbers of layers each)."""
-        per = self.cfg.n_layers // num_stages
+    def keep_stages(self, stages: list[int], num_stages: int) -> None:
+        """Drop everything outside the pipeline stages `stages` of `num_stages` (equal numbers of layers each;
+        several stages per rank for an interleaved schedule)."""
+        self.num_stages = num_stages
+        kept = {i for stage in stages for i in self.stage_layers(stage)}
         for i in range(self.cfg.n_layers):
-            if not stage * per <= i < (stage + 1) * per and str(i) in self.blocks:
+            if i not in kept and str(i) in self.blocks:
                 del self.blocks[str(i)]
-        if stage > 0:
+        if 0 not in stages:
             self.tok_emb = self.pos_emb = None
-        if stage < num_stages - 1:
+        if num_stages - 1 not in stages:
             self.ln_f = self.lm_head = None
 
-    def stage_io(self, batch: int, seq_len: int) -> tuple[Tensor, Tensor]:
-        """Meta tensors shaped like this pipeline stage's input and output for [batch, seq_len] token windows
-        (under the current autocast setting; hidden states require grad), so the schedule needs no
-        shape-inference forward."""
+    def stage_layers(self, stage: int) -> range:
+        per = self.cfg.n_layers // self.num_stages
+        return range(stage * per, (stage + 1) * per)
+
+    def _is_first(self, stage: int | None) -> bool:
+        return self.tok_emb is not None if stage is None else stage == 0
+
+    def _is_last(self, stage: int | None) -> bool:
+        return self.lm_head is not None if stage is None else stage == self.num_stages - 1
+
+    def stage_io(self, batch: int, seq_len: int, stage: int | None = None) -> tuple[Tensor, Tensor]:
+        """Meta tensors shaped like pipeline stage `stage`'s input and output (None: of everything kept) for
+        [batch, seq_len] token windows, under the current autocast setting; hidden states require grad. The
+        schedule then needs no shape-inference forward."""
         tp = dist.get_world_size(self.tp_group) if self.tp_group is not None else 1
         seq = seq_len // tp if self.sequence_parallel else seq_len
         dtype = next(self.parameters()).dtype
-        if self.tok_emb is not None:
-            inp = torch.empty(batch, seq_len, dtype=torch.long, device="meta")
-        else:
-            inp = torch.empty(batch, seq, self.cfg.d_model, dtype=dtype, device="meta", requires_grad=True)
-        if self.lm_head is None:
-            return inp, torch.empty(batch, seq, self.cfg.d_model, dtype=dtype, device="meta", requires_grad=True)
+        hidden = torch.empty(batch, seq, self.cfg.d_model, dtype=dtype, device="meta", requires_grad=True)
+        inp = torch.empty(batch, seq_len, dtype=torch.long, device="meta") if self._is_first(stage) else hidden
+        if not self._is_last(stage):
+            return inp, hidden
         device = self.lm_head.weight.device.type
         logits_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
         logits = torch.empty(batch, seq_len, self.lm_head.out_features, dtype=logits_dtype, device="meta", requires_grad=True)
@@ -219,14 +236,16 @@ class GPTMoE(nn.Module):
         x = self.drop(self.tok_emb(idx) + self.pos_emb(torch.arange(s, device=idx.device)))
         return scatter_to_sequence(x, self.tp_group) if self.sequence_parallel else x
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.tok_emb is not None:
+    def forward(self, x: Tensor, stage: int | None = None) -> tuple[Tensor, Tensor]:
+        """Run pipeline stage `stage` (None: everything this rank keeps)."""
+        if self._is_first(stage):
             x = self.embed(x)
+        blocks = self.blocks.values() if stage is None else [self.blocks[str(i)] for i in self.stage_layers(stage)]
         aux = x.new_zeros(())
-        for block in self.blocks.values():
+        for block in blocks:
             x, block_aux = block(x)
             aux = aux + block_aux
-        if self.lm_head is None:
+        if not self._is_last(stage):
             return x, aux
         return self.lm_head(self.ln_f(x)), aux
 

@@ -3,6 +3,7 @@
 import math
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from triton_ops import grouped_mm
@@ -13,7 +14,8 @@ class GroupedExperts(nn.Module):
 
     w1: [num_slots, d_model, hidden], w2: [num_slots, hidden, d_model]. Slot i holds logical expert
     `logical_ids[i]`, or nothing if -1 (checkpoints key expert weights by it, so they do not depend on the
-    layout or placement).
+    layout or placement). After `shard_hidden` each rank of a tensor-parallel group holds a slice of every
+    expert's hidden units, and its output is that slice's partial sum.
     """
 
     def __init__(self, num_slots: int, d_model: int, hidden: int, out_std: float = 0.02) -> None:
@@ -44,6 +46,19 @@ class GroupedExperts(nn.Module):
         with torch.autocast(device, enabled=False):  # mixed precision: compute in the autocast dtype
             hidden = nn.functional.gelu(grouped_mm(rows.to(dtype), self.w1.to(dtype), counts))
             return grouped_mm(hidden, self.w2.to(dtype), counts)
+
+    @torch.no_grad()
+    def shard_hidden(self, tp_group: dist.ProcessGroup) -> None:
+        """Keep this rank's contiguous slice of the hidden units: w1 [slots, d, hidden / tp] (`tp_shard_dim`
+        2), w2 [slots, hidden / tp, d] (`tp_shard_dim` 1)."""
+        tp, rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+        hidden = self.w1.shape[2]
+        if hidden % tp:
+            raise ValueError(f"expert hidden size {hidden} is not divisible by the tensor-parallel size {tp}")
+        part = slice(rank * hidden // tp, (rank + 1) * hidden // tp)
+        self.w1 = nn.Parameter(self.w1[:, :, part].contiguous())
+        self.w2 = nn.Parameter(self.w2[:, part, :].contiguous())
+        self.w1.tp_shard_dim, self.w2.tp_shard_dim = 2, 1
 
     @torch.no_grad()
     def select(self, experts: list[int]) -> None:

@@ -12,7 +12,14 @@ from lightning_smartmoe.moe.experts import GroupedExperts
 from lightning_smartmoe.moe.losses import load_balancing_loss, router_z_loss
 from lightning_smartmoe.moe.router import Router
 from lightning_smartmoe.placement import Placement
-from lightning_smartmoe.tensor_parallel import gather_from_sequence, scatter_to_sequence
+from lightning_smartmoe.tensor_parallel import (
+    all_gather_sequence,
+    copy_to_tp,
+    gather_from_sequence,
+    reduce_from_tp,
+    reduce_scatter_sequence,
+    scatter_to_sequence,
+)
 from triton_ops import expert_histogram
 
 
@@ -28,6 +35,11 @@ class MoEStats:
     # when its coefficient is 0)
     z_loss: Tensor  # [] router z-loss of this rank's tokens (unscaled)
     forwards: int = 1
+
+    def nothing(self) -> "MoEStats":
+        """Zero figures of the same shapes (a rank whose tokens another rank already counts)."""
+        zero = self.dropped.new_zeros(())
+        return MoEStats(torch.zeros_like(self.expert_load), zero, 0, zero.double(), zero.double(), 0)
 
     def __add__(self, other: "MoEStats") -> "MoEStats":
         return MoEStats(
@@ -46,8 +58,10 @@ class MoELayer(nn.Module):
 
     Under tensor parallelism the ranks of the TP group hold the same tokens; each routes and dispatches
     its own contiguous slice of every sequence, so no token is computed twice, and the outputs are
-    gathered back (with sequence parallelism the input and output stay sliced). Each rank's aux loss
-    is its slice's share, so the TP ranks' losses add up to the whole batch's.
+    gathered back (with sequence parallelism the input and output stay sliced). With `expert_tp` instead,
+    every TP rank routes all the tokens and computes its slice of each expert's hidden units, and the
+    partial outputs are summed over the group. Either way each rank's aux loss is a 1 / tp share, so the
+    TP ranks' losses add up to the whole batch's; with `expert_tp` only TP rank 0 reports `stats`.
     """
 
     def __init__(self, d_model: int, ffn_hidden: int, cfg: MoEConfig, out_std: float = 0.02) -> None:
@@ -62,6 +76,7 @@ class MoELayer(nn.Module):
         self.token_group: dist.ProcessGroup | None = None
         self.tp_group: dist.ProcessGroup | None = None
         self.sequence_parallel = False
+        self.expert_tp = False
         self.index: int | None = None  # position among the whole model's MoE layers (set by the strategy)
         self.stats: MoEStats | None = None
         self.sum_stats = False
@@ -73,6 +88,7 @@ class MoELayer(nn.Module):
         extra_slots: int = 0,
         tp_group: dist.ProcessGroup | None = None,
         sequence_parallel: bool = False,
+        expert_tp: bool = False,
     ) -> None:
         """Shard the experts contiguously over `ep_group`, with `extra_slots` empty slots per rank for replicas.
 
@@ -81,6 +97,7 @@ class MoELayer(nn.Module):
             token_group: ranks whose tokens together form the global batch (for the aux-loss statistics).
             tp_group: tensor-parallel ranks, which hold the same tokens (None or a group of one: none).
             sequence_parallel: the input and output are already this rank's slice of every sequence.
+            expert_tp: shard each expert's hidden units over `tp_group` instead of slicing the tokens.
         Calling it again with the same group (a second fit, validate after fit) keeps the current shard.
         """
         if self.ep_group is ep_group:
@@ -93,9 +110,13 @@ class MoELayer(nn.Module):
         self.dispatcher = TokenDispatcher(self.placement.slots_per_rank, ep_group)
         self.token_group = token_group
         if tp_group is not None and dist.get_world_size(tp_group) > 1:
-            self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
-            self.router.seq_group = tp_group
-            self.router.weight.tp_partial = True  # each TP rank routes a different slice
+            self.tp_group, self.sequence_parallel, self.expert_tp = tp_group, sequence_parallel, expert_tp
+            if expert_tp:
+                self.experts.shard_hidden(tp_group)
+            else:
+                self.router.seq_group = tp_group  # capacity is decided over whole sequences
+            # each TP rank's router gradient is partial: its token slice's, or (expert_tp) its hidden slice's
+            self.router.weight.tp_partial = True
 
     def local_experts(self, placement: Placement) -> list[int]:
         """Logical expert of each of this rank's slots under `placement` (-1 = empty)."""
@@ -115,8 +136,7 @@ class MoELayer(nn.Module):
         self.experts.logical_ids = self.local_experts(placement)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.tp_group is not None and not self.sequence_parallel:
-            x = scatter_to_sequence(x, self.tp_group)
+        x = self._enter_tp(x)
         b, s, d = x.shape
         routing = self.router(x)
         routed = routing.routed
@@ -135,11 +155,27 @@ class MoELayer(nn.Module):
             aux_loss=balance.detach(),
             z_loss=z.detach(),
         )
+        if self.expert_tp and dist.get_rank(self.tp_group) > 0:
+            stats = stats.nothing()  # the same tokens as TP rank 0: count them once
         self.stats = stats if self.stats is None or not self.sum_stats else self.stats + stats
         aux = self.cfg.aux_loss_coeff * balance + self.cfg.z_loss_coeff * z
-        y = y.reshape(b, s, d)
         if self.tp_group is not None:
-            aux = aux / dist.get_world_size(self.tp_group)  # this slice's share of the batch's loss
-            if not self.sequence_parallel:
-                y = gather_from_sequence(y, self.tp_group)
-        return y, aux
+            aux = aux / dist.get_world_size(self.tp_group)  # this rank's share of the batch's loss
+        return self._exit_tp(y.reshape(b, s, d)), aux
+
+    def _enter_tp(self, x: Tensor) -> Tensor:
+        """The layer input as this rank computes on it: its slice of every sequence, or (expert_tp) all
+        tokens, entering a region whose input gradient is partial over TP."""
+        if self.tp_group is None:
+            return x
+        if self.expert_tp:
+            return all_gather_sequence(x, self.tp_group) if self.sequence_parallel else copy_to_tp(x, self.tp_group)
+        return x if self.sequence_parallel else scatter_to_sequence(x, self.tp_group)
+
+    def _exit_tp(self, y: Tensor) -> Tensor:
+        """Undo `_enter_tp` on the output (expert_tp: sum the hidden slices' partial outputs)."""
+        if self.tp_group is None:
+            return y
+        if self.expert_tp:
+            return reduce_scatter_sequence(y, self.tp_group) if self.sequence_parallel else reduce_from_tp(y, self.tp_group)
+        return y if self.sequence_parallel else gather_from_sequence(y, self.tp_group)
