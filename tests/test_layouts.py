@@ -19,7 +19,9 @@ import torch
 
 import tiny
 from distributed import run_distributed
+from lightning_smartmoe.callbacks import ExpertPlacementCallback
 from test_expert_parallel import assert_same_run
+from test_placement_switching import RandomSwitches
 
 STEPS = 4
 EXPERT_TP_RTOL = 3e-5
@@ -75,9 +77,18 @@ TWO = [
 TWO_KW = {name: kw for name, kw, _ in TWO}
 
 
+def _two_ranks(corpus: str, save: str):
+    """The TWO layouts, then expert tensor parallelism with sequence parallelism saving a checkpoint after step 2
+    (tensor-parallel shards of dense and expert weights, and their Adam state)."""
+    results = _layouts(corpus, [(name, kw) for name, kw, _ in TWO])
+    results["saved_tp2_expert_tp"] = _fit(corpus, tp=2, expert_tp=True, sequence_parallel=True, save_dir=Path(save))
+    return results
+
+
 @pytest.fixture(scope="module")
-def two_ranks(corpus):
-    return run_distributed(2, _layouts, str(corpus), [(name, kw) for name, kw, _ in TWO], timeout=240)[0]
+def two_ranks(corpus, tmp_path_factory):
+    save = tmp_path_factory.mktemp("ckpt_tp")
+    return run_distributed(2, _two_ranks, str(corpus), str(save), timeout=300)[0], save
 
 
 @pytest.mark.timeout(300)
@@ -85,13 +96,32 @@ def two_ranks(corpus):
 def test_two_ranks_match_single_process(two_ranks, reference, name, microbatches):
     kw = TWO_KW[name]
     want = reference(microbatches, kw.get("val_windows", 0), kw.get("n_layers", 2))
-    assert_same_run(two_ranks[name], want, kw.get("expert_tp") and EXPERT_TP_RTOL)
+    assert_same_run(two_ranks[0][name], want, kw.get("expert_tp") and EXPERT_TP_RTOL)
+
+
+@pytest.mark.timeout(300)
+def test_tensor_parallel_checkpoint_resumes_in_one_process(two_ranks, corpus):
+    results, save = two_ranks
+    saved_losses, saved_params = results["saved_tp2_expert_tp"]
+    single = _fit(corpus, resume=save / "epoch=0-step=2.ckpt")
+    assert_same_run(single, (saved_losses[2:], tiny.weights(saved_params)), EXPERT_TP_RTOL)
 
 
 def _four_ranks(corpus: str, save: str):
-    """tp x dp x ep, then pp x dp x ep saving a checkpoint after step 2, then a resume of it at dp 4, ep 4
-    (gradient accumulation over the saved run's 2 micro-batches)."""
-    results = _layouts(corpus, [("tp2_dp2_ep4", dict(tp=2, ep=4)), ("tp2_dp2_ep2_expert_tp", dict(tp=2, ep=2, expert_tp=True))])
+    """tp x dp x ep; pp x dp x ep switching placements per stage, randomly and by the balanced policy; then
+    pp x dp x ep saving a checkpoint after step 2, and a resume of it at dp 4, ep 4 (gradient accumulation
+    over the saved run's 2 micro-batches)."""
+    pipelined = dict(pp=2, ep=2, microbatches=2, extra_slots=1)
+    random_switches = RandomSwitches(extra=1)
+    balanced = ExpertPlacementCallback(policy="balanced", interval=1, window=1, min_gain=float("-inf"), heatmap_every=0)
+    results = _layouts(corpus, [
+        ("tp2_dp2_ep4", dict(tp=2, ep=4)),
+        ("tp2_dp2_ep2_expert_tp", dict(tp=2, ep=2, expert_tp=True)),
+        ("pp2_dp2_ep2_random_switches", dict(pipelined, callbacks=[random_switches])),
+        ("pp2_dp2_ep2_balanced_policy", dict(pipelined, callbacks=[balanced])),
+    ])
+    results["switches"] = {"pp2_dp2_ep2_random_switches": len(random_switches.done),
+                           "pp2_dp2_ep2_balanced_policy": balanced.switches}
     results["pp2_dp2_ep2_mb2"] = _fit(corpus, pp=2, ep=2, microbatches=2, save_dir=Path(save))
     results["resumed_dp4_ep4"] = _fit(corpus, ep=4, accumulate=2, resume=Path(save) / "epoch=0-step=2.ckpt")
     return results
@@ -107,6 +137,14 @@ def four_ranks(corpus, tmp_path_factory):
 def test_tp_dp_ep_matches_single_process(four_ranks, reference):
     assert_same_run(four_ranks[0]["tp2_dp2_ep4"], reference(1))
     assert_same_run(four_ranks[0]["tp2_dp2_ep2_expert_tp"], reference(1), EXPERT_TP_RTOL)
+
+
+@pytest.mark.timeout(360)
+@pytest.mark.parametrize("name", ["pp2_dp2_ep2_random_switches", "pp2_dp2_ep2_balanced_policy"])
+def test_placement_switching_per_pipeline_stage(four_ranks, reference, name):
+    """Each stage migrates its own layers (replicas included) between steps; the math does not change."""
+    assert four_ranks[0]["switches"][name] >= 1
+    assert_same_run(four_ranks[0][name], reference(2))
 
 
 @pytest.mark.timeout(360)
