@@ -30,12 +30,21 @@ def test_fifty_steps_of_tiny_lower_validation_loss(tmp_path):
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("launch", ["popen", "torchrun"])
-def test_cli_trains_on_two_expert_parallel_processes(tmp_path, launch):
-    """The CLI's own launcher (re-running the command per rank) and torchrun's processes both work."""
+@pytest.mark.parametrize(
+    "launch,layout",
+    [
+        ("popen", ["parallel.ep=2"]),
+        ("torchrun", ["parallel.ep=2"]),
+        ("popen", ["parallel.pp=2", "parallel.microbatches=2"]),
+        ("torchrun", ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+    ],
+)
+def test_cli_trains_on_two_processes(tmp_path, launch, layout):
+    """The CLI's own launcher (re-running the command per rank) and torchrun's processes both work, with expert,
+    pipeline and tensor parallelism; the loss reaches rank 0's logger from the last pipeline stage."""
     prefix = [sys.executable, "-m"] if launch == "popen" else [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m"]
     result = subprocess.run(
-        [*prefix, "lightning_smartmoe.train", "recipe=gpt_moe_tiny", "trainer.devices=2", "parallel.ep=2",
+        [*prefix, "lightning_smartmoe.train", "recipe=gpt_moe_tiny", "trainer.devices=2", *layout,
          "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
          "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}"],
         capture_output=True, text=True, timeout=180, cwd=tmp_path,
@@ -44,4 +53,5 @@ def test_cli_trains_on_two_expert_parallel_processes(tmp_path, launch):
     rows = list(csv.DictReader(open(tmp_path / "logs" / "version_0" / "metrics.csv")))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    assert all(math.isfinite(float(r["val/loss"])) for r in rows if r.get("val/loss"))
     assert (tmp_path / "checkpoints" / "last.ckpt" / "meta.pt").is_file()
