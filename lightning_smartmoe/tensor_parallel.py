@@ -9,6 +9,8 @@ parameters carry `tp_shard_dim`, the dim they are split along. `group=None` mean
 communication.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -65,99 +67,51 @@ def _split(x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
     return x.narrow(dim, _tp_rank(group) * size, size).contiguous()
 
 
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:
-        ctx.group = group
-        return x.view_as(x)
+class _Communicate(torch.autograd.Function):
+    """y = forward(x); in backward, grad_x = backward(grad_y) (one collective each way, or none)."""
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return _all_reduce(grad, ctx.group), None
-
-
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:
-        return _all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return grad, None
-
-
-class _ScatterToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
-        ctx.group, ctx.dim = group, dim
-        return _split(x, group, dim)
+    def forward(ctx, x: Tensor, forward: Callable[[Tensor], Tensor], backward: Callable[[Tensor], Tensor]) -> Tensor:
+        ctx.backward_fn = backward
+        return forward(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        return _all_gather(grad, ctx.group, ctx.dim), None, None
+        return ctx.backward_fn(grad), None, None
 
 
-class _GatherFromSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
-        ctx.group, ctx.dim = group, dim
-        return _all_gather(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        return _split(grad, ctx.group, ctx.dim), None, None
-
-
-class _AllGatherSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
-        ctx.group, ctx.dim = group, dim
-        return _all_gather(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        return _reduce_scatter(grad, ctx.group, ctx.dim), None, None
-
-
-class _ReduceScatterSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
-        ctx.group, ctx.dim = group, dim
-        return _reduce_scatter(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        return _all_gather(grad, ctx.group, ctx.dim), None, None
+def _communicate(x: Tensor, group: dist.ProcessGroup | None, forward: Callable, backward: Callable) -> Tensor:
+    return x if _tp_size(group) == 1 else _Communicate.apply(x, forward, backward)
 
 
 def copy_to_tp(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     """Enter a TP region with a replicated x: forward identity, backward all-reduce(sum)."""
-    return x if _tp_size(group) == 1 else _CopyToTP.apply(x, group)
+    return _communicate(x, group, lambda t: t.view_as(t), lambda g: _all_reduce(g, group))
 
 
 def reduce_from_tp(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     """Leave a TP region by summing partial results: forward all-reduce(sum), backward identity."""
-    return x if _tp_size(group) == 1 else _ReduceFromTP.apply(x, group)
+    return _communicate(x, group, lambda t: _all_reduce(t, group), lambda g: g)
 
 
 def scatter_to_sequence(x: Tensor, group: dist.ProcessGroup | None, dim: int = 1) -> Tensor:
     """Replicated [.., S, ..] -> this rank's [.., S/tp, ..]; backward all-gathers the gradient."""
-    return x if _tp_size(group) == 1 else _ScatterToSequence.apply(x, group, dim)
+    return _communicate(x, group, lambda t: _split(t, group, dim), lambda g: _all_gather(g, group, dim))
 
 
 def gather_from_sequence(x: Tensor, group: dist.ProcessGroup | None, dim: int = 1) -> Tensor:
     """[.., S/tp, ..] -> replicated [.., S, ..]; backward keeps this rank's chunk of the gradient."""
-    return x if _tp_size(group) == 1 else _GatherFromSequence.apply(x, group, dim)
+    return _communicate(x, group, lambda t: _all_gather(t, group, dim), lambda g: _split(g, group, dim))
 
 
 def all_gather_sequence(x: Tensor, group: dist.ProcessGroup | None, dim: int = 1) -> Tensor:
     """[.., S/tp, ..] -> [.., S, ..] before a column-parallel linear; backward reduce-scatter(sum)."""
-    return x if _tp_size(group) == 1 else _AllGatherSequence.apply(x, group, dim)
+    return _communicate(x, group, lambda t: _all_gather(t, group, dim), lambda g: _reduce_scatter(g, group, dim))
 
 
 def reduce_scatter_sequence(x: Tensor, group: dist.ProcessGroup | None, dim: int = 1) -> Tensor:
     """Partial [.., S, ..] -> summed [.., S/tp, ..] after a row-parallel linear; backward all-gather."""
-    return x if _tp_size(group) == 1 else _ReduceScatterSequence.apply(x, group, dim)
+    return _communicate(x, group, lambda t: _reduce_scatter(t, group, dim), lambda g: _all_gather(g, group, dim))
 
 
 def _shard_param(param: Tensor, dim: int, group: dist.ProcessGroup) -> nn.Parameter:

@@ -39,11 +39,6 @@ def _layouts(corpus: str, cases: list[tuple[str, dict, int, int]], save: str | N
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return tiny.write_corpus(tmp_path_factory.mktemp("data") / "tokens.bin")
-
-
-@pytest.fixture(scope="module")
 def reference(corpus):
     """Single-process runs, keyed by (gate kwargs, accumulate)."""
     cache = {}

@@ -44,11 +44,6 @@ def _layouts(corpus: str, cases: list[tuple[str, dict]]):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return tiny.write_corpus(tmp_path_factory.mktemp("data") / "tokens.bin")
-
-
-@pytest.fixture(scope="module")
 def reference(corpus):
     """Single-process runs by accumulate_grad_batches, as per-step losses."""
     cache = {}

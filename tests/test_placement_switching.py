@@ -87,11 +87,6 @@ def _switching_vs_static(corpus: str, ep: int, extra: int):
     return static, switching, switches.replicated
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return tiny.write_corpus(tmp_path_factory.mktemp("data") / "tokens.bin")
-
-
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("world,ep,extra", [(2, 2, 1), (4, 2, 1), (4, 4, 2)])
 def test_switching_placements_keeps_the_numerics(corpus, world, ep, extra):
