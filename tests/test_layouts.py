@@ -34,8 +34,8 @@ def _per_step(run, microbatches: int):
     return torch.tensor(losses).view(-1, microbatches).mean(1).tolist(), params
 
 
-def _fit(corpus: str | Path, n_layers: int = 2, **kw):
-    return tiny.fit(Path(corpus), tiny.model_config(**MODEL, n_layers=n_layers), steps=STEPS, **kw)
+def _fit(corpus: str | Path, n_layers: int = 2, every: int = 1, **kw):
+    return tiny.fit(Path(corpus), tiny.model_config(**MODEL, n_layers=n_layers, every=every), steps=STEPS, **kw)
 
 
 def _layouts(corpus: str, cases: list[tuple[str, dict]]):
@@ -48,10 +48,10 @@ def reference(corpus):
     """Single-process runs by accumulate_grad_batches, as per-step losses."""
     cache = {}
 
-    def get(microbatches: int = 1, val_windows: int = 0, n_layers: int = 2):
-        key = (microbatches, val_windows, n_layers)
+    def get(microbatches: int = 1, val_windows: int = 0, n_layers: int = 2, every: int = 1):
+        key = (microbatches, val_windows, n_layers, every)
         if key not in cache:
-            run = _fit(corpus, n_layers, accumulate=microbatches, val_windows=val_windows)
+            run = _fit(corpus, n_layers, every, accumulate=microbatches, val_windows=val_windows)
             cache[key] = _per_step(run, microbatches)
         return cache[key]
 
@@ -66,6 +66,7 @@ TWO = [
     ("pp2_1f1b_mb4", dict(pp=2, microbatches=4, schedule="1f1b"), 4),
     ("tp2_expert_tp_sequence_parallel", dict(tp=2, expert_tp=True, sequence_parallel=True), 1),
     ("pp2_interleaved_1f1b_v2_mb4", dict(pp=2, microbatches=4, schedule="interleaved_1f1b", virtual_stages=2, n_layers=4), 4),
+    ("pp2_first_stage_without_moe", dict(pp=2, microbatches=2, every=2), 2),  # layer 0 dense, layer 1 MoE
 ]
 
 
@@ -90,7 +91,7 @@ def two_ranks(corpus, tmp_path_factory):
 @pytest.mark.parametrize("name,microbatches", [(name, mb) for name, _, mb in TWO])
 def test_two_ranks_match_single_process(two_ranks, reference, name, microbatches):
     kw = TWO_KW[name]
-    want = reference(microbatches, kw.get("val_windows", 0), kw.get("n_layers", 2))
+    want = reference(microbatches, kw.get("val_windows", 0), kw.get("n_layers", 2), kw.get("every", 1))
     assert_same_run(two_ranks[0][name], want, kw.get("expert_tp") and EXPERT_TP_RTOL)
 
 

@@ -24,9 +24,11 @@ def write_corpus(path: Path) -> Path:
     return path
 
 
-def model_config(gate: str = "naive", capacity_factor: float | None = None, num_experts: int = 8, n_layers: int = 2) -> GPTMoEConfig:
+def model_config(
+    gate: str = "naive", capacity_factor: float | None = None, num_experts: int = 8, n_layers: int = 2, every: int = 1
+) -> GPTMoEConfig:
     moe = MoEConfig(num_experts=num_experts, top_k=2, gate=gate, capacity_factor=capacity_factor,
-                    aux_loss_coeff=0.01, z_loss_coeff=0.001)
+                    aux_loss_coeff=0.01, z_loss_coeff=0.001, every=every)
     return GPTMoEConfig(vocab_size=VOCAB, seq_len=16, n_layers=n_layers, d_model=32, n_heads=4, moe=moe)
 
 
@@ -91,7 +93,7 @@ def fit(
     val_windows: int = 0,
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Train and return (global per-batch cross-entropies, full logical parameters plus the first step's
-    gradients unless resumed), identical on every rank. With `val_windows`, validate the trained model on
+    gradients unless resumed), identical on every rank; asserts that the ranks' copies of a tensor are equal. With `val_windows`, validate the trained model on
     the first that many validation windows afterwards, and add its loss as "val/loss"."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     pl.seed_everything(0, verbose=False)
@@ -123,7 +125,11 @@ def fit(
         losses /= world
         shards: list[dict] = [None] * world  # type: ignore[list-item]
         dist.all_gather_object(shards, params)
-        params = {k: v for shard in shards for k, v in shard.items()}
+        params = {}
+        for rank, shard in enumerate(shards):
+            for key, value in shard.items():  # copies held by several ranks (replicas) must be bitwise equal
+                assert key not in params or torch.equal(params[key], value), f"{key} differs on rank {rank}"
+                params[key] = value
     return losses.tolist(), params
 
 
