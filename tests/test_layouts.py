@@ -67,7 +67,9 @@ TWO = [
     ("tp2_expert_tp_sequence_parallel", dict(tp=2, expert_tp=True, sequence_parallel=True), 1),
     ("pp2_interleaved_1f1b_v2_mb4", dict(pp=2, microbatches=4, schedule="interleaved_1f1b", virtual_stages=2, n_layers=4), 4),
     ("pp2_first_stage_without_moe", dict(pp=2, microbatches=2, every=2), 2),  # layer 0 dense, layer 1 MoE
+    ("pp2_mb2_accumulate2", dict(pp=2, microbatches=2, accumulate=2), 4),
 ]
+BF16 = [("pp2_bf16", dict(pp=2, microbatches=2)), ("tp2_sequence_parallel_bf16", dict(tp=2, sequence_parallel=True))]
 
 
 TWO_KW = {name: kw for name, kw, _ in TWO}
@@ -77,6 +79,7 @@ def _two_ranks(corpus: str, save: str):
     """The TWO layouts, then expert tensor parallelism with sequence parallelism saving a checkpoint after step 2
     (tensor-parallel shards of dense and expert weights, and their Adam state)."""
     results = _layouts(corpus, [(name, kw) for name, kw, _ in TWO])
+    results.update(_layouts(corpus, [(name, dict(kw, precision="bf16-mixed")) for name, kw in BF16]))
     results["saved_tp2_expert_tp"] = _fit(corpus, tp=2, expert_tp=True, sequence_parallel=True, save_dir=Path(save))
     return results
 
@@ -92,7 +95,17 @@ def two_ranks(corpus, tmp_path_factory):
 def test_two_ranks_match_single_process(two_ranks, reference, name, microbatches):
     kw = TWO_KW[name]
     want = reference(microbatches, kw.get("val_windows", 0), kw.get("n_layers", 2), kw.get("every", 1))
-    assert_same_run(two_ranks[0][name], want, kw.get("expert_tp") and EXPERT_TP_RTOL)
+    got = _per_step(two_ranks[0][name], kw.get("accumulate", 1))
+    assert_same_run(got, want, kw.get("expert_tp") and EXPERT_TP_RTOL)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", [name for name, _ in BF16])
+def test_bf16_mixed_tracks_fp32(two_ranks, reference, name):
+    """bf16 autocast through pipeline stages and tensor-parallel regions: the losses follow the fp32 run's."""
+    microbatches = dict(BF16)[name].get("microbatches", 1)
+    losses, want = torch.tensor(two_ranks[0][name][0]), torch.tensor(reference(microbatches)[0])
+    torch.testing.assert_close(losses, want, rtol=5e-3, atol=0)
 
 
 @pytest.mark.timeout(300)

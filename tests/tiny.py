@@ -91,6 +91,7 @@ def fit(
     extra_slots: int = 0,
     callbacks: list[pl.Callback] = (),
     val_windows: int = 0,
+    precision: str = "32-true",
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Train and return (global per-batch cross-entropies, full logical parameters plus the first step's
     gradients unless resumed), identical on every rank; asserts that the ranks' copies of a tensor are equal. With `val_windows`, validate the trained model on
@@ -104,7 +105,7 @@ def fit(
     if save_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=save_dir, save_top_k=-1, every_n_train_steps=2))
     trainer = pl.Trainer(
-        accelerator="cpu", devices=world, max_steps=steps,
+        accelerator="cpu", devices=world, max_steps=steps, precision=precision,
         strategy=SmartMoEStrategy(tp=tp, pp=pp, ep=ep, microbatches=microbatches, pp_schedule=schedule, virtual_stages=virtual_stages,
                                   sequence_parallel=sequence_parallel, expert_tp=expert_tp, extra_slots=extra_slots),
         accumulate_grad_batches=accumulate, gradient_clip_val=clip,
