@@ -151,10 +151,6 @@ class ParallelLayout:
     def dp_rank(self) -> int:
         return self.sizes.coords(self.rank)[1]
 
-    @property
-    def tp_rank(self) -> int:
-        return self.sizes.coords(self.rank)[2]
-
     def stage_rank(self, stage: int) -> int:
         """Global rank of this rank's peer (same dp and tp coordinates) in pipeline stage `stage`."""
         return stage * self.sizes.plane + self.rank % self.sizes.plane

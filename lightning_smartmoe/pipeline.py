@@ -1,7 +1,8 @@
 """Pipeline parallelism: this rank's stage of the model, run by a torch.distributed.pipelining schedule.
 
-The strategy cuts the model into equal stages of layers; each rank keeps one. A training step is one
-`schedule.step`: every micro-batch's forward and backward, with the stage-to-stage sends, inside it.
+The strategy cuts the model into equal stages of layers; each rank keeps one (several, interleaved, with
+virtual stages). A training step is one `schedule.step`: every micro-batch's forward and backward, with the
+stage-to-stage sends, inside it.
 """
 
 import torch
@@ -116,7 +117,7 @@ class PipelineRunner:
             run(target=y, losses=[])
         else:
             run()
-        loss = torch.stack(self._ce).mean() if self.is_last else torch.zeros((), device=x.device)
+        loss = torch.stack(self._ce).double().mean() if self.is_last else torch.zeros((), dtype=torch.float64, device=x.device)
         dist.broadcast(loss, src=self.layout.stage_rank(self.layout.sizes.pp - 1), group=self.layout.pp_group)
         return loss
 
