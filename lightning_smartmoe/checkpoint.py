@@ -109,6 +109,15 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _any_rank(flag: bool) -> bool:
+    """Whether `flag` is set on any rank (collective)."""
+    if not dist.is_initialized():
+        return flag
+    box = [None] * dist.get_world_size()
+    dist.all_gather_object(box, flag)
+    return any(box)
+
+
 def _broadcast_path(path: Path) -> Path:
     if not dist.is_initialized():
         return path
@@ -170,8 +179,11 @@ def load(
             _init_optimizer_state(module, opt, i, saved)
         tensors = _all_tensors(module, optimizers, tp_mesh)
         missing = sorted(k for k in tensors if k not in saved)
-        if missing:
-            raise ConfigError(f"ckpt_path={str(path)!r} lacks {len(missing)} tensors this model needs, e.g. {missing[:3]}")
+        if _any_rank(bool(missing)):  # every rank raises, so none waits in dcp.load for the others
+            raise ConfigError(
+                f"ckpt_path={str(path)!r} lacks tensors this model needs"
+                + (f": {len(missing)} on this rank, e.g. {missing[:3]}" if missing else " (on another rank)")
+            )
         dcp.load(tensors, checkpoint_id=path)
     except ConfigError:
         raise

@@ -130,9 +130,20 @@ class SmartMoEStrategy(ParallelStrategy):
                 f"parallel.virtual_stages={virtual_stages} does not fit parallel.pp_schedule={pp_schedule}: "
                 "interleaved_1f1b needs parallel.virtual_stages >= 2, the other schedules 1"
             )
-        if pp == 1 and microbatches > 1:
+        if pp == 1 and (microbatches > 1 or virtual_stages > 1):
             raise ConfigError(
-                "parallel.microbatches > 1 needs parallel.pp > 1; without a pipeline use trainer.accumulate_grad_batches"
+                "parallel.microbatches > 1 and parallel.virtual_stages > 1 need parallel.pp > 1; without a pipeline "
+                "use trainer.accumulate_grad_batches"
+            )
+        if pp > 1 and pp_schedule != "gpipe" and microbatches < pp:
+            raise ConfigError(
+                f"parallel.pp_schedule={pp_schedule} needs parallel.microbatches >= parallel.pp={pp} "
+                f"(got {microbatches}); use more micro-batches or parallel.pp_schedule=gpipe"
+            )
+        if pp_schedule == "interleaved_1f1b" and microbatches % max(1, microbatches // pp):
+            raise ConfigError(
+                f"parallel.microbatches={microbatches} must be a multiple of its rounds of parallel.pp={pp} "
+                f"micro-batches ({max(1, microbatches // pp)}) for interleaved_1f1b"
             )
         self.microbatches, self._pp_schedule, self._sequence_parallel = microbatches, pp_schedule, sequence_parallel
         self._virtual_stages = virtual_stages
@@ -190,9 +201,13 @@ class SmartMoEStrategy(ParallelStrategy):
 
     def _configure_launcher(self) -> None:
         _ = self.sizes  # size errors surface here, before any process is started
-        if self.sizes.ep > 1 and getattr(self.precision_plugin, "precision", None) == "16-mixed":
+        sharded = self.sizes.ep > 1 or self.sizes.tp > 1 or self.sizes.pp > 1
+        if sharded and getattr(self.precision_plugin, "precision", None) == "16-mixed":
             # each rank's GradScaler would judge overflow from different expert gradients and skip different steps
-            raise ConfigError("trainer.precision=16-mixed is not supported with parallel.ep > 1; use bf16-mixed")
+            # (and a pipeline's backward runs inside the schedule, without the scaler's loss scale)
+            raise ConfigError(
+                "trainer.precision=16-mixed is not supported with parallel.ep, tp or pp > 1; use bf16-mixed"
+            )
         assert self.cluster_environment is not None
         if self.sizes.world_size == 1 or self.cluster_environment.creates_processes_externally:
             return
@@ -279,6 +294,13 @@ class SmartMoEStrategy(ParallelStrategy):
         layout, sizes = self.layout, self.sizes
         if sizes.tp > 1 or sizes.pp > 1:
             model = self._parallel_model(self.lightning_module)
+            split_by = getattr(model, "_smartmoe_layout", layout)
+            if split_by is not layout:
+                raise ConfigError(
+                    "this model was already sharded for another SmartMoEStrategy's tensor/pipeline layout; "
+                    "build a new LightningModule for each Trainer"
+                )
+            model._smartmoe_layout = layout
             if sizes.tp > 1:
                 model.shard_tensor_parallel(layout.tp_group, self._sequence_parallel)
             if sizes.pp > 1:

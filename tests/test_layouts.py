@@ -14,12 +14,16 @@ still match within 1e-5).
 
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
 import tiny
 from distributed import run_distributed
+from lightning_smartmoe import ConfigError, SmartMoEStrategy
 from lightning_smartmoe.callbacks import ExpertPlacementCallback
+from lightning_smartmoe.data import TokenDataModule
+from lightning_smartmoe.models import GPTMoEModule, OptimConfig
 from test_expert_parallel import assert_same_run
 from test_placement_switching import RandomSwitches
 
@@ -81,7 +85,25 @@ def _two_ranks(corpus: str, save: str):
     results = _layouts(corpus, [(name, kw) for name, kw, _ in TWO])
     results.update(_layouts(corpus, [(name, dict(kw, precision="bf16-mixed")) for name, kw in BF16]))
     results["saved_tp2_expert_tp"] = _fit(corpus, tp=2, expert_tp=True, sequence_parallel=True, save_dir=Path(save))
+    results["second_trainer"] = _second_trainer_error(corpus)
     return results
+
+
+def _second_trainer_error(corpus: str) -> str:
+    """Fit a module at tp=2, then hand the (sharded) module to a new Trainer: the new strategy must refuse it."""
+    module = GPTMoEModule(tiny.model_config(**MODEL), OptimConfig(warmup_steps=1))
+    dm = TokenDataModule(corpus, seq_len=16, global_batch_size=tiny.GLOBAL_BATCH, vocab_size=tiny.VOCAB)
+
+    def trainer() -> pl.Trainer:
+        return pl.Trainer(accelerator="cpu", devices=2, strategy=SmartMoEStrategy(tp=2), max_steps=1, logger=False,
+                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+
+    trainer().fit(module, dm)
+    try:
+        trainer().fit(module, dm)
+    except ConfigError as err:
+        return str(err)
+    return "no error"
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +128,11 @@ def test_bf16_mixed_tracks_fp32(two_ranks, reference, name):
     microbatches = dict(BF16)[name].get("microbatches", 1)
     losses, want = torch.tensor(two_ranks[0][name][0]), torch.tensor(reference(microbatches)[0])
     torch.testing.assert_close(losses, want, rtol=5e-3, atol=0)
+
+
+@pytest.mark.timeout(300)
+def test_a_sharded_module_is_refused_by_a_new_strategy(two_ranks):
+    assert "already sharded for another SmartMoEStrategy" in two_ranks[0]["second_trainer"]
 
 
 @pytest.mark.timeout(300)

@@ -1,5 +1,6 @@
 """Routing primitives against direct definitions."""
 
+import pytest
 import torch
 
 from triton_ops import grouped_mm, permute, unpermute
@@ -13,6 +14,8 @@ def test_grouped_mm_matches_per_group_matmul_and_its_gradients():
     assert torch.autograd.gradcheck(lambda a, b: grouped_mm(a, b, counts), (x, w))
     want = torch.cat([a @ b for a, b in zip(x.split(counts), w)])
     torch.testing.assert_close(grouped_mm(x, w, counts), want)
+    with pytest.raises(ValueError, match="3 group counts for 4 weight groups"):
+        grouped_mm(x[:8], w, counts[:3])  # a group's weight gradient would be left unwritten
 
 
 def test_permute_unpermute_roundtrip_with_drops():

@@ -92,6 +92,7 @@ def fit(
     callbacks: list[pl.Callback] = (),
     val_windows: int = 0,
     precision: str = "32-true",
+    global_batch: int = GLOBAL_BATCH,
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Train and return (global per-batch cross-entropies, full logical parameters plus the first step's
     gradients unless resumed), identical on every rank; asserts that the ranks' copies of a tensor are equal. With `val_windows`, validate the trained model on
@@ -99,7 +100,7 @@ def fit(
     world = dist.get_world_size() if dist.is_initialized() else 1
     pl.seed_everything(0, verbose=False)
     module = GPTMoEModule(model, OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2))
-    dm = TokenDataModule(str(corpus), seq_len=model.seq_len, global_batch_size=GLOBAL_BATCH, vocab_size=VOCAB)
+    dm = TokenDataModule(str(corpus), seq_len=model.seq_len, global_batch_size=global_batch, vocab_size=VOCAB)
     recorder = LossRecorder()
     callbacks = [recorder, *callbacks]
     if save_dir is not None:
@@ -109,7 +110,7 @@ def fit(
         strategy=SmartMoEStrategy(tp=tp, pp=pp, ep=ep, microbatches=microbatches, pp_schedule=schedule, virtual_stages=virtual_stages,
                                   sequence_parallel=sequence_parallel, expert_tp=expert_tp, extra_slots=extra_slots),
         accumulate_grad_batches=accumulate, gradient_clip_val=clip,
-        limit_val_batches=val_windows // (GLOBAL_BATCH // accumulate), num_sanity_val_steps=0, logger=False, enable_checkpointing=save_dir is not None,
+        limit_val_batches=val_windows // (global_batch // accumulate), num_sanity_val_steps=0, logger=False, enable_checkpointing=save_dir is not None,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
     )
     trainer.fit(module, dm, ckpt_path=str(resume) if resume else None)

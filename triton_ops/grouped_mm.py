@@ -51,4 +51,6 @@ def grouped_mm(x: Tensor, w: Tensor, counts: list[int]) -> Tensor:
     Returns:
         [N, h] (differentiable w.r.t. x and w; a group with no rows gets a zero weight gradient).
     """
+    if len(counts) != w.shape[0]:
+        raise ValueError(f"grouped_mm: {len(counts)} group counts for {w.shape[0]} weight groups")
     return _GroupedMM.apply(x.contiguous(), w, tuple(counts))

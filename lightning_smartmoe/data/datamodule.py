@@ -110,6 +110,7 @@ class TokenDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """In-order batches (Lightning's own sampler would shuffle), resuming mid-epoch where a checkpoint left off."""
+        self._convert_resumed_position()
         kwargs = self.trainer.strategy.distributed_sampler_kwargs or {"num_replicas": 1, "rank": 0}
         sampler = ResumableSampler(self.train, self.micro_batch_size, self._batches_done_this_epoch, **kwargs)
         return DataLoader(
@@ -128,20 +129,33 @@ class TokenDataModule(pl.LightningDataModule):
         self._resumed_windows_per_batch = state_dict["windows_per_batch"]
 
     def _batches_done_this_epoch(self) -> int:
-        """Batches of the current epoch already trained when resuming from a checkpoint, else 0. The
-        checkpoint may come from a layout that split the global batch differently (other dp or
-        accumulation): what counts is the windows it consumed."""
+        """Batches of the current epoch already trained when resuming from a checkpoint, else 0."""
         loop = self.trainer.fit_loop
-        if not loop.restarting:
-            return 0
-        done = loop.epoch_loop.batch_progress.current.ready
-        windows = done * (self._resumed_windows_per_batch or self.windows_per_batch)
-        if windows % self.windows_per_batch:
+        return loop.epoch_loop.batch_progress.current.ready if loop.restarting else 0
+
+    def _convert_resumed_position(self) -> None:
+        """When resuming mid-epoch from a run that split the global batch differently (other dp or accumulation),
+        count its progress in this run's batches: what counts is the windows it consumed. Lightning's batch
+        counters of the epoch are rewritten once, before the epoch loop starts, so that accumulation cycles and
+        the epoch end line up."""
+        loop = self.trainer.fit_loop
+        saved, now = self._resumed_windows_per_batch, self.windows_per_batch
+        self._resumed_windows_per_batch = None
+        if not loop.restarting or saved is None or saved == now:
+            return
+        progress = loop.epoch_loop.batch_progress
+        windows = progress.current.ready * saved
+        if windows % now or windows // now % self.trainer.accumulate_grad_batches:
             raise ConfigError(
-                f"cannot resume mid-epoch: the checkpoint's run consumed {windows} windows this epoch, not a multiple "
-                f"of this run's {self.windows_per_batch} per batch (data-parallel size x micro-batch size)"
+                f"cannot resume mid-epoch: the checkpoint's run consumed {windows} windows this epoch, not a whole "
+                f"number of this run's optimizer steps ({now} windows per batch x "
+                f"trainer.accumulate_grad_batches={self.trainer.accumulate_grad_batches}); was "
+                "data.global_batch_size changed?"
             )
-        return windows // self.windows_per_batch
+        shift = windows // now - progress.current.ready  # the other counters keep their distance to ready
+        for tracker in (progress.current, progress.total):
+            for field in ("ready", "started", "processed", "completed"):
+                setattr(tracker, field, getattr(tracker, field) + shift)
 
     def val_dataloader(self) -> DataLoader:
         """Full batches only: a pipeline schedule needs every batch to have the training batch's shape."""
