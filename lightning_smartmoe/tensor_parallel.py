@@ -9,7 +9,8 @@ parameters carry `tp_shard_dim`, the dim they are split along. `group=None` mean
 communication.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -112,6 +113,43 @@ def all_gather_sequence(x: Tensor, group: dist.ProcessGroup | None, dim: int = 1
 def reduce_scatter_sequence(x: Tensor, group: dist.ProcessGroup | None, dim: int = 1) -> Tensor:
     """Partial [.., S, ..] -> summed [.., S/tp, ..] after a row-parallel linear; backward all-gather."""
     return _communicate(x, group, lambda t: _reduce_scatter(t, group, dim), lambda g: _all_gather(g, group, dim))
+
+
+_RANK_RANDOM: dict[tuple[dist.ProcessGroup, torch.device], Tensor] = {}  # each rank's own generator state
+
+
+def _rng_state(device: torch.device) -> Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(state: Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+@contextmanager
+def rank_random(group: dist.ProcessGroup | None, device: torch.device) -> Generator[None, None, None]:
+    """Inside, random numbers on `device` come from a stream of this rank's own (seeded with the initial seed
+    + 2718 + its rank in `group`), for tensors that differ across the TP ranks (attention heads, sequence or
+    token slices); outside, the default stream, which replicated regions use, advances as if nothing was drawn,
+    so it stays the same on every rank. A no-op for one TP rank."""
+    if _tp_size(group) == 1:
+        yield
+        return
+    key = (group, device)
+    if key not in _RANK_RANDOM:
+        own = torch.Generator(device=device)
+        own.manual_seed(torch.initial_seed() + 2718 + _tp_rank(group))
+        _RANK_RANDOM[key] = own.get_state()
+    saved = _rng_state(device)
+    _set_rng_state(_RANK_RANDOM[key], device)
+    try:
+        yield
+    finally:
+        _RANK_RANDOM[key] = _rng_state(device)
+        _set_rng_state(saved, device)
 
 
 def _shard_param(param: Tensor, dim: int, group: dist.ProcessGroup) -> nn.Parameter:

@@ -86,6 +86,9 @@ def _two_ranks(corpus: str, save: str):
     results.update(_layouts(corpus, [(name, dict(kw, precision="bf16-mixed")) for name, kw in BF16]))
     results["saved_tp2_expert_tp"] = _fit(corpus, tp=2, expert_tp=True, sequence_parallel=True, save_dir=Path(save))
     results["second_trainer"] = _second_trainer_error(corpus)
+    for name, sequence_parallel in (("tp2_dropout_random_routing", False), ("tp2_sequence_parallel_dropout_random_routing", True)):
+        random = tiny.model_config(gate="gshard", capacity_factor=1.0, dropout=0.1)
+        results[name] = tiny.fit(Path(corpus), random, tp=2, sequence_parallel=sequence_parallel, steps=STEPS)
     return results
 
 
@@ -128,6 +131,16 @@ def test_bf16_mixed_tracks_fp32(two_ranks, reference, name):
     microbatches = dict(BF16)[name].get("microbatches", 1)
     losses, want = torch.tensor(two_ranks[0][name][0]), torch.tensor(reference(microbatches)[0])
     torch.testing.assert_close(losses, want, rtol=5e-3, atol=0)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", ["tp2_dropout_random_routing", "tp2_sequence_parallel_dropout_random_routing"])
+def test_random_regions_keep_tensor_parallel_replicas_identical(two_ranks, name):
+    """With dropout and gshard's random second expert, each TP rank draws its own numbers for its heads and slices
+    but the same ones for replicated activations: the replicated parameters stay bitwise equal (tiny.fit
+    asserts it on every rank) and training stays finite."""
+    losses, _ = two_ranks[0][name]
+    assert len(losses) == STEPS and all(torch.isfinite(torch.tensor(losses)))
 
 
 @pytest.mark.timeout(300)

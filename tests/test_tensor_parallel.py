@@ -14,6 +14,7 @@ from lightning_smartmoe.tensor_parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
     gather_from_sequence,
+    rank_random,
     scatter_to_sequence,
     vocab_parallel_cross_entropy,
 )
@@ -109,6 +110,21 @@ def _check_sequence_round_trip() -> dict:
     }
 
 
+def _draw_rank_random() -> dict:
+    """Draws inside `rank_random` (twice, so its stream advances) and around it, on the default stream."""
+    torch.manual_seed(0)
+    before = torch.rand(3)
+    with rank_random(dist.group.WORLD, torch.device("cpu")):
+        own = torch.rand(3)
+    between = torch.rand(3)
+    with rank_random(dist.group.WORLD, torch.device("cpu")):
+        own_again = torch.rand(3)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    return {"own": own, "own again": own_again, "default": torch.cat([before, between, after]),
+            "default without the regions": torch.rand(9)}
+
+
 def _all_cases() -> dict:
     return {
         "mlp": _check_mlp(False),
@@ -116,6 +132,7 @@ def _all_cases() -> dict:
         "embedding": _check_embedding(),
         "cross entropy": _check_cross_entropy(),
         "sequence round trip": _check_sequence_round_trip(),
+        "rank random": _draw_rank_random(),
     }
 
 
@@ -125,6 +142,18 @@ def results() -> list[dict]:
 
 
 CASES = ["mlp", "mlp sequence parallel", "embedding", "cross entropy", "sequence round trip"]
+
+
+@pytest.mark.timeout(90)
+def test_rank_random_differs_per_rank_and_leaves_the_default_stream_alone(results):
+    """Inside the region each TP rank draws its own numbers, which continue from call to call; the default
+    stream, used by replicated regions, goes on exactly as if the regions drew nothing."""
+    ranks = [r["rank random"] for r in results]
+    assert not torch.equal(ranks[0]["own"], ranks[1]["own"])
+    for r in ranks:
+        assert not torch.equal(r["own"], r["own again"])
+        assert torch.equal(r["default"], r["default without the regions"])
+    assert torch.equal(ranks[0]["default"], ranks[1]["default"])
 
 
 @pytest.mark.timeout(90)

@@ -14,6 +14,7 @@ from lightning_smartmoe.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    rank_random,
     scatter_to_sequence,
     vocab_parallel_cross_entropy,
 )
@@ -88,9 +89,9 @@ class CausalSelfAttention(nn.Module):
         h = self.qkv(x)  # [B, S, 3 * local heads * head_dim]
         b, s, _ = h.shape
         q, k, v = h.view(b, s, self.n_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
-        y = nn.functional.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
+        dropout = self.dropout if self.training else 0.0
+        with rank_random(self.qkv.tp_group if dropout else None, h.device):  # each rank's own heads
+            y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         return self.proj(y.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
 
 
@@ -121,11 +122,18 @@ class Block(nn.Module):
         out_std = default_out_std(cfg.n_layers)
         self.ffn = MoELayer(cfg.d_model, cfg.hidden, cfg.moe, out_std) if moe else DenseFFN(cfg.d_model, cfg.hidden)
         self.drop = nn.Dropout(cfg.dropout)
+        self.seq_group: dist.ProcessGroup | None = None  # under sequence parallelism: x is this rank's slice
+
+    def _dropout(self, x: Tensor) -> Tensor:
+        if not self.training or not self.drop.p:
+            return x
+        with rank_random(self.seq_group, x.device):
+            return self.drop(x)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        x = x + self.drop(self.attn(self.ln1(x)))
+        x = x + self._dropout(self.attn(self.ln1(x)))
         y, aux = self.ffn(self.ln2(x))
-        return x + self.drop(y), aux
+        return x + self._dropout(y), aux
 
 
 class GPTMoE(nn.Module):
@@ -188,6 +196,8 @@ class GPTMoE(nn.Module):
             for module in self.modules():
                 if isinstance(module, nn.LayerNorm):
                     module.weight.tp_partial = module.bias.tp_partial = True
+                elif isinstance(module, Block):
+                    module.seq_group = tp_group
 
     def keep_stages(self, stages: list[int], num_stages: int) -> None:
         """Drop everything outside the pipeline stages `stages` of `num_stages` (equal numbers of layers each;

@@ -8,6 +8,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_smartmoe.moe.config import MoEConfig
+from lightning_smartmoe.tensor_parallel import rank_random
 from triton_ops import expert_histogram, topk_softmax
 
 
@@ -65,7 +66,8 @@ class Router(nn.Module):
     Every gate honours `capacity_factor` (per-sequence capacity ceil(cf * S * k / E)) when it is set.
 
     With `seq_group` set, each rank of that group routes a contiguous slice of every sequence (tensor
-    parallelism); capacity is still decided over whole sequences, from the gathered expert choices.
+    parallelism); capacity is still decided over whole sequences, from the gathered expert choices, and the
+    random draws come from each rank's own stream.
     """
 
     def __init__(self, d_model: int, cfg: MoEConfig) -> None:
@@ -85,13 +87,15 @@ class Router(nn.Module):
         cfg = self.cfg
         b, s, _ = x.shape
         if cfg.gate == "switch" and self.training and cfg.jitter_eps > 0:
-            x = x * torch.empty_like(x).uniform_(1 - cfg.jitter_eps, 1 + cfg.jitter_eps)
+            with rank_random(self.seq_group, x.device):  # each rank's own token slice
+                x = x * torch.empty_like(x).uniform_(1 - cfg.jitter_eps, 1 + cfg.jitter_eps)
         dtype = torch.promote_types(x.dtype, torch.float32)
         logits = nn.functional.linear(x.reshape(b * s, -1).to(dtype), self.weight.to(dtype))
         probs, weights, expert_ids = topk_softmax(logits, cfg.top_k, renormalize=cfg.gate != "switch")
         routed = expert_histogram(expert_ids, cfg.num_experts)
         if cfg.gate == "gshard" and self.training and cfg.random_routing:
-            keep_second = torch.rand(b * s, device=x.device) < 2 * weights[:, 1].detach()
+            with rank_random(self.seq_group, x.device):
+                keep_second = torch.rand(b * s, device=x.device) < 2 * weights[:, 1].detach()
             expert_ids = torch.stack([expert_ids[:, 0], expert_ids[:, 1].where(keep_second, -1)], dim=1)
         dropped = torch.zeros((), dtype=torch.long, device=x.device)
         if cfg.capacity_factor is not None:
