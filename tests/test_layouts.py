@@ -161,16 +161,19 @@ def _four_ranks(corpus: str, save: str):
     pp x dp x ep saving a checkpoint after step 2, and a resume of it at dp 4, ep 4 (gradient accumulation
     over the saved run's 2 micro-batches)."""
     pipelined = dict(pp=2, ep=2, microbatches=2, extra_slots=1)
-    random_switches = RandomSwitches(extra=1)
+    random_switches, expert_tp_switches = RandomSwitches(extra=1), RandomSwitches(extra=1)
     balanced = ExpertPlacementCallback(policy="balanced", interval=1, window=1, min_gain=float("-inf"), heatmap_every=0)
     results = _layouts(corpus, [
         ("tp2_dp2_ep4", dict(tp=2, ep=4)),
         ("tp2_dp2_ep2_expert_tp", dict(tp=2, ep=2, expert_tp=True)),
         ("pp2_dp2_ep2_random_switches", dict(pipelined, callbacks=[random_switches])),
         ("pp2_dp2_ep2_balanced_policy", dict(pipelined, callbacks=[balanced])),
+        ("tp2_dp2_ep2_expert_tp_random_switches",
+         dict(tp=2, ep=2, expert_tp=True, extra_slots=1, callbacks=[expert_tp_switches])),
     ])
     results["switches"] = {"pp2_dp2_ep2_random_switches": len(random_switches.done),
-                           "pp2_dp2_ep2_balanced_policy": balanced.switches}
+                           "pp2_dp2_ep2_balanced_policy": balanced.switches,
+                           "tp2_dp2_ep2_expert_tp_random_switches": len(expert_tp_switches.done)}
     results["pp2_dp2_ep2_mb2"] = _fit(corpus, pp=2, ep=2, microbatches=2, save_dir=Path(save))
     results["resumed_dp4_ep4"] = _fit(corpus, ep=4, accumulate=2, resume=Path(save) / "epoch=0-step=2.ckpt")
     return results
@@ -194,6 +197,15 @@ def test_placement_switching_per_pipeline_stage(four_ranks, reference, name):
     """Each stage migrates its own layers (replicas included) between steps; the math does not change."""
     assert four_ranks[0]["switches"][name] >= 1
     assert_same_run(four_ranks[0][name], reference(2))
+
+
+@pytest.mark.timeout(360)
+def test_placement_switching_moves_expert_tensor_parallel_shards(four_ranks, reference):
+    """Under expert-TP each tp rank migrates its shard of the moved experts, with its Adam state, and
+    replicated experts' sharded gradients are summed among the replicas."""
+    name = "tp2_dp2_ep2_expert_tp_random_switches"
+    assert four_ranks[0]["switches"][name] >= 1
+    assert_same_run(four_ranks[0][name], reference(1), EXPERT_TP_RTOL)
 
 
 @pytest.mark.timeout(360)
