@@ -30,14 +30,14 @@ class GradientSynchronizer:
     backward runs (the all-to-all of the MoE dispatch must not interleave with these all-reduces in
     different orders on different ranks). A parameter without a gradient on every rank keeps none, as in a
     single process. Several backwards per step (manual optimization) are fine: gradients keep
-    accumulating in .grad and the last backward's all-reduce carries their sum. With `overlap=False` no
-    bucket starts during backward; `end_backward` starts them all (for a pipeline schedule, which runs a
-    backward per micro-batch).
+    accumulating in .grad and the last backward's all-reduce carries their sum. A pipeline schedule runs
+    `backwards_per_step` backwards (one per micro-batch) between `reset` and `end_backward`: a bucket starts
+    once each of its parameters has accumulated that many gradients.
     """
 
     divisor: int
     bucket_bytes: int = 25 * 2**20
-    overlap: bool = True
+    backwards_per_step: int = 1
     enabled: bool = True
     buckets: list[_Bucket] = field(default_factory=list)
     _next: int = 0
@@ -58,8 +58,6 @@ class GradientSynchronizer:
             size += p.numel() * p.element_size()
         if bucket:
             self.buckets.append(_Bucket(bucket, group))
-        if not self.overlap:
-            return
         for index in range(first, len(self.buckets)):
             for p in self.buckets[index].params:
                 self._hooks.append(p.register_post_accumulate_grad_hook(lambda _p, i=index: self._on_grad_ready(i)))
@@ -69,7 +67,8 @@ class GradientSynchronizer:
             return
         bucket = self.buckets[index]
         bucket.ready += 1
-        while self._next < len(self.buckets) and self.buckets[self._next].ready == len(self.buckets[self._next].params):
+        full = self.backwards_per_step
+        while self._next < len(self.buckets) and self.buckets[self._next].ready == full * len(self.buckets[self._next].params):
             self._launch(self.buckets[self._next])
             self._next += 1
 

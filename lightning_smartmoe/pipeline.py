@@ -5,10 +5,17 @@ virtual stages). A training step is one `schedule.step`: every micro-batch's for
 stage-to-stage sends, inside it.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+)
 
 from lightning_smartmoe.layout import ParallelLayout
 from lightning_smartmoe.moe import MoELayer
@@ -59,12 +66,13 @@ class PipelineRunner:
     Lightning zeroes gradients between the training step and backward (on the first batch of each
     accumulation cycle), but here backward runs inside the training step: `train_step` therefore
     zeroes the gradients itself at the start of a cycle and holds the schedule's gradients aside until
-    the strategy's backward calls `restore_grads`.
+    the strategy's backward calls `restore_grads`. `before_backward` runs before each training schedule
+    (the strategy resets its gradient buckets there, which the schedule's backwards then start).
     """
 
     def __init__(
         self, model: nn.Module, layout: ParallelLayout, stages: list[int], schedule: str, microbatches: int,
-        device: torch.device,
+        device: torch.device, before_backward: Callable[[], None] | None = None,
     ) -> None:
         self.model, self.layout, self.microbatches, self.device = model, layout, microbatches, device
         self.schedule_name = schedule
@@ -77,6 +85,7 @@ class PipelineRunner:
         self._ce: list[Tensor] = []
         self._moe_layers = [m for m in model.modules() if isinstance(m, MoELayer)]
         self._held: list[Tensor | None] | None = None
+        self._before_backward = before_backward
 
     def _build(self, shape: torch.Size) -> None:
         """Create the stage and schedule for batches of `shape` [B, S] (on the first step)."""
@@ -132,6 +141,8 @@ class PipelineRunner:
         self._weight = 1.0 / (self.microbatches * accumulate)
         for module in self._stage_modules:
             module.aux_weight = self._weight
+        if self._before_backward is not None:
+            self._before_backward()
         loss = self._run(batch, train=True)
         self._held = [p.grad for p in params]
         for p in params:

@@ -273,7 +273,7 @@ class SmartMoEStrategy(ParallelStrategy):
         if self.sizes.pp > 1 and self.pipeline is None:
             self.pipeline = PipelineRunner(
                 self._parallel_model(self.lightning_module), self.layout, self._pipeline_stages, self._pp_schedule,
-                self.microbatches, self.root_device,
+                self.microbatches, self.root_device, before_backward=self._reset_grad_sync,
             )
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
@@ -329,12 +329,12 @@ class SmartMoEStrategy(ParallelStrategy):
     def _build_grad_sync(self, model: nn.Module) -> GradientSynchronizer:
         """Every gradient is summed over a group and divided by dp: dense parameters over the dp ranks of
         their stage and tp rank; parameters whose gradient is partial over tp (`tp_partial`) over the whole
-        stage; expert parameters over their expert-data-parallel group. Under pipeline parallelism the
-        schedule runs many backwards per step, so buckets start only after it (`overlap=False`)."""
+        stage; expert parameters over their expert-data-parallel group. Under pipeline parallelism a bucket
+        starts in the schedule's backward of the last micro-batch that touches it."""
         expert = {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
         params = list(model.parameters())
         dense = [p for p in params if id(p) not in expert]
-        sync = GradientSynchronizer(divisor=self.sizes.dp, bucket_bytes=self._bucket_bytes, overlap=self.sizes.pp == 1)
+        sync = GradientSynchronizer(divisor=self.sizes.dp, bucket_bytes=self._bucket_bytes, backwards_per_step=self.microbatches)
         sync.add([p for p in dense if not getattr(p, "tp_partial", False)], self.layout.grad_dp_group)
         sync.add([p for p in dense if getattr(p, "tp_partial", False)], self.layout.grad_plane_group)
         sync.add([p for p in params if id(p) in expert], self.layout.grad_edp_group)
@@ -354,8 +354,13 @@ class SmartMoEStrategy(ParallelStrategy):
 
     def pre_backward(self, closure_loss: Tensor) -> None:
         super().pre_backward(closure_loss)
+        if self.pipeline is None:
+            self._reset_grad_sync()  # several backwards per optimizer step (manual optimization)
+
+    def _reset_grad_sync(self) -> None:
+        """Before a backward (under pipelining: before the schedule, whose backwards start the buckets)."""
         if self._grad_sync is not None and self._grad_sync.enabled:
-            self._grad_sync.reset()  # several backwards per optimizer step (manual optimization)
+            self._grad_sync.reset()
 
     def post_backward(self, closure_loss: Tensor) -> None:
         super().post_backward(closure_loss)
