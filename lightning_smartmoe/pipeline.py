@@ -84,6 +84,7 @@ class PipelineRunner:
         self._weight = 1.0
         self._ce: list[Tensor] = []
         self._moe_layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+        self._params = [p for p in model.parameters() if p.requires_grad]
         self._held: list[Tensor | None] | None = None
         self._before_backward = before_backward
 
@@ -134,9 +135,8 @@ class PipelineRunner:
         """Forward and backward of every micro-batch of `batch` ([B, S] inputs and targets), batch `batch_idx`
         of accumulation cycles of `accumulate` batches; returns the mean cross-entropy [] (detached), the
         same on every stage. The gradients wait for `restore_grads`."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
         if batch_idx % accumulate == 0:
-            for p in params:
+            for p in self._params:
                 p.grad = None
         self._weight = 1.0 / (self.microbatches * accumulate)
         for module in self._stage_modules:
@@ -144,15 +144,14 @@ class PipelineRunner:
         if self._before_backward is not None:
             self._before_backward()
         loss = self._run(batch, train=True)
-        self._held = [p.grad for p in params]
-        for p in params:
+        self._held = [p.grad for p in self._params]
+        for p in self._params:
             p.grad = None
         return loss
 
     def restore_grads(self) -> None:
         """Put back the gradients the last `train_step` held aside."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        for p, grad in zip(params, self._held):
+        for p, grad in zip(self._params, self._held):
             p.grad = grad
         self._held = None
 

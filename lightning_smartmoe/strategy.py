@@ -287,7 +287,7 @@ class SmartMoEStrategy(ParallelStrategy):
     def _split_model(self) -> None:
         """Number the MoE layers of the whole model, then keep this rank's part: its tensor-parallel shard,
         its pipeline stage, its experts. Idempotent (a second fit or validate keeps the part)."""
-        if self.pipeline is None and not self.moe_num_experts:
+        if not self.moe_num_experts:
             for index, layer in enumerate(self.moe_layers):
                 layer.index = index
             self.moe_num_experts = [layer.cfg.num_experts for layer in self.moe_layers]
