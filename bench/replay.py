@@ -7,7 +7,8 @@
    weighed, as in SmartMoE's Fig. 13), for static, greedy and balanced.
 2. Migration charged: greedy and balanced with the placement config's own rule (window=2, min_gain=0: switch only
    if the predicted saving over the next sample's 10 steps beats the migration time).
-3. Sensitivity: balanced as in 1 with the replicas' gradient exchange free (grad_bytes_per_param=0).
+3. Sensitivity: balanced as in 1 with the replicas' gradient exchange charged in full (overlap_replica_sync=false:
+   none of it hidden under backward), and with it free (grad_bytes_per_param=0).
 4. Decision time for 64 experts on 64 ranks (extra_slots=2) on seeded log-normal loads.
 Prints a table; the last line is one JSON object with all figures.
 """
@@ -33,12 +34,12 @@ KEPT = ("max_over_perfect", "per_layer", "switches", "moved_experts", "local_cop
         "decision_ms", "decision_ms_max", "step_ms", "migration_ms_per_step")
 
 
-def run_replays(load, iterations, cost: CostModel, cases) -> dict:
+def run_replays(load, iterations, cost: CostModel, cases, overlap: bool = True) -> dict:
     """cases: (ranks, policy, window, min_gain, cost) -> {ranks: {policy: figures}}."""
     out: dict = {}
     for ranks, policy, window, min_gain, case_cost in cases:
         settings = ReplaySettings(ranks, policy, interval=1, window=window, min_gain=min_gain, extra_slots=2,
-                                  cost=case_cost or cost)
+                                  cost=case_cost or cost, overlap_replica_sync=overlap)
         figures = replay(load, iterations, settings)
         out.setdefault(str(ranks), {})[policy] = {key: figures[key] for key in KEPT}
         print(f"  {ranks:>5}  {policy:<9} {window:>6}  {min_gain:>8}  {figures['max_over_perfect']:>11.4f}"
@@ -88,7 +89,9 @@ def main() -> None:
     print("\n2. migration charged: interval=1, window=2, min_gain=0\n" + header)
     charged = run_replays(load, iterations, cost,
                           [(r, p, 2, 0.0, None) for r in (8, 16) for p in ("greedy", "balanced")])
-    print("\n3. balanced with the replicas' gradient exchange free (grad_bytes_per_param=0)\n" + header)
+    print("\n3a. balanced with the replicas' gradient exchange charged in full (overlap_replica_sync=false)\n" + header)
+    exposed = run_replays(load, iterations, cost, [(r, "balanced", 1, inf, None) for r in (8, 16)], overlap=False)
+    print("\n3b. balanced with the replicas' gradient exchange free (grad_bytes_per_param=0)\n" + header)
     free = dataclasses.replace(cost, grad_bytes_per_param=0)
     sync_free = run_replays(load, iterations, cost, [(r, "balanced", 1, inf, free) for r in (8, 16)])
     decision = time_decisions(64, 64, 2, 200, cost)
@@ -108,6 +111,7 @@ def main() -> None:
         "cost_model": dataclasses.asdict(cost),
         "headline": headline,
         "migration_charged": charged,
+        "balanced_sync_not_overlapped": exposed,
         "balanced_sync_free": sync_free,
         "decision_64x64": decision,
         "readme_anchors": README_ANCHORS,

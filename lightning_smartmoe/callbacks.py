@@ -44,7 +44,9 @@ class ExpertPlacementCallback(pl.Callback):
     A new placement is adopted if the cost model predicts that the time it saves over the next interval
     exceeds its migration time by `min_gain` seconds; every rank computes the same decision. The cost
     model takes the expert size from the layer and its hardware figures from `cost` (CostModel fields:
-    flops_per_s, bandwidth, grad_bytes_per_param, state_bytes_per_param).
+    flops_per_s, bandwidth, grad_bytes_per_param, state_bytes_per_param). When the strategy exchanges replica
+    gradients during backward, a layer's exchange is charged net of the backward of the MoE layers before it on
+    its rank (CostModel.hiding_layers = the layer's position among them).
 
     Logged: `moe/layer<i>/rank_imbalance` (busiest rank's expert tokens over the mean rank's, under the
     current placement; by the ranks of the layer's pipeline stage), `moe/layer<i>/dropped`, `placement/switches`, `placement/moved_experts`. Every
@@ -70,6 +72,8 @@ class ExpertPlacementCallback(pl.Callback):
         self.policy, self.interval, self.window, self.min_gain = policy, interval, window, min_gain
         self.heatmap_every = heatmap_every
         self.cost = dict(cost or {})
+        if "hiding_layers" in self.cost:
+            raise ConfigError("placement.cost.hiding_layers is not a setting: each layer's comes from its position")
         try:
             CostModel(**self.cost)
         except (TypeError, ValueError) as err:
@@ -121,10 +125,12 @@ class ExpertPlacementCallback(pl.Callback):
         if self.policy == "static" or not self.history:
             return
         load = torch.stack(self.history).mean(0)
-        for layer in self._layers(trainer):
+        overlapped = getattr(trainer.strategy, "replica_sync_overlapped", False)
+        for position, layer in enumerate(self._layers(trainer)):
             layer_load = self._load_of(layer, load)
             params = layer.experts.w1[0].numel() + layer.experts.w2[0].numel()
-            cost = CostModel(**{**self.cost, "expert_params": params})
+            hiding = position if overlapped else 0
+            cost = CostModel(**{**self.cost, "expert_params": params, "hiding_layers": hiding})
             new = plan(self.policy, layer_load, layer.placement, cost)
             if should_switch(cost, layer.placement, new, layer_load, steps, self.min_gain):
                 self.moved_experts += sum(not m.local for m in moves(layer.placement, new))

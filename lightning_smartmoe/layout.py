@@ -102,7 +102,8 @@ class ParallelLayout:
     Gradient averaging gets groups of its own, so its asynchronous all-reduces never share a communicator
     with the collectives that run in the same backward: `grad_dp_group` (same stage and tp rank: dense
     parameters), `grad_plane_group` (the stage: parameters whose gradient is partial over tp, such as the
-    router), `grad_edp_group` (expert replicas). `mesh` is the (pp, dp, tp) DeviceMesh; its "tp" dimension
+    router), `grad_edp_group` (copies of an expert slot over data parallelism), `grad_ep_group` (the ep_group's
+    ranks again: replicas of an expert placed on several of them sum their gradients). `mesh` is the (pp, dp, tp) DeviceMesh; its "tp" dimension
     describes tensor-parallel shards to checkpoints.
     """
 
@@ -115,6 +116,7 @@ class ParallelLayout:
     grad_dp_group: dist.ProcessGroup | None = None
     grad_plane_group: dist.ProcessGroup | None = None
     grad_edp_group: dist.ProcessGroup | None = None
+    grad_ep_group: dist.ProcessGroup | None = None
     rank: int = 0
 
     @classmethod
@@ -140,6 +142,7 @@ class ParallelLayout:
             grad_dp_group=_my_group(dp_lists, rank),
             grad_plane_group=_my_group(stages, rank),
             grad_edp_group=_my_group(edp_lists, rank),
+            grad_ep_group=_my_group(ep_lists, rank),
             rank=rank,
         )
 

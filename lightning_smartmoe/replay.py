@@ -6,7 +6,10 @@
 Per layer, the replay starts from the contiguous placement. Before sample s (s >= 1, every placement.interval
 samples) it plans from the mean load of the placement.window samples before s, switches if the min_gain rule
 agrees, then scores sample s: most-loaded rank's expert tokens / (tokens / ranks). Sample 0 is scored under the
-initial placement. The last printed line is one JSON object with all figures.
+initial placement. With overlap_replica_sync (the strategy's way when each expert slot has one copy per
+expert-parallel group), the cost model lets layer l's replica gradient exchange hide under the backward of the
+layers before it (CostModel.hiding_layers = l); without it the exchange is charged in full. The last printed
+line is one JSON object with all figures.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import math
 import sys
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import hydra
@@ -44,6 +47,7 @@ class ReplaySettings:
     min_gain: float  # seconds; -inf switches whenever the planner's answer differs
     extra_slots: int
     cost: CostModel
+    overlap_replica_sync: bool = True  # layer l's replica gradient exchange hides under layers l-1, l-2
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> ReplaySettings:
@@ -72,8 +76,11 @@ class ReplaySettings:
             cost = CostModel(expert_params=cfg.expert_params, **fields)
         except ValueError as err:
             raise ReplayError(f"placement.{err}") from None
+        overlap = cfg.get("overlap_replica_sync", True)
+        if not isinstance(overlap, bool):
+            raise ReplayError(f"overlap_replica_sync={overlap!r} must be true or false")
         return cls(cfg.ranks, placement.policy, placement.interval, placement.window, float(min_gain),
-                   placement.extra_slots, cost)
+                   placement.extra_slots, cost, overlap)
 
 
 def load_trace(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -125,24 +132,25 @@ def replay(load: np.ndarray, iterations: np.ndarray, settings: ReplaySettings) -
     switches = remote = local = 0
     migration_s, decision_s = 0.0, []
     for layer in range(layers):
+        cost = replace(settings.cost, hiding_layers=layer if settings.overlap_replica_sync else 0)
         current = Placement.contiguous(experts, settings.ranks, settings.extra_slots)
         for s in range(samples):
             if s >= 1 and (s - 1) % settings.interval == 0:
                 recent = loads[max(0, s - settings.window) : s, layer].mean(dim=0)
                 start = time.perf_counter()
-                proposal = plan(settings.policy, recent, current, settings.cost)
+                proposal = plan(settings.policy, recent, current, cost)
                 decision_s.append(time.perf_counter() - start)
                 horizon = sum(gaps[s : s + settings.interval])
-                if should_switch(settings.cost, current, proposal, recent, horizon, settings.min_gain):
+                if should_switch(cost, current, proposal, recent, horizon, settings.min_gain):
                     copies = moves(current, proposal)
                     switches += 1
                     remote += sum(not m.local for m in copies)
                     local += sum(m.local for m in copies)
-                    migration_s += settings.cost.migration_time(current, proposal)
+                    migration_s += cost.migration_time(current, proposal)
                     current = proposal
             actual = loads[s, layer]
             ratio[s, layer] = current.rank_load(actual).max() * settings.ranks / actual.sum()
-            step_s[s, layer] = settings.cost.step_time(current, actual)
+            step_s[s, layer] = cost.step_time(current, actual)
     return {
         "policy": settings.policy,
         "ranks": settings.ranks,
@@ -159,6 +167,7 @@ def replay(load: np.ndarray, iterations: np.ndarray, settings: ReplaySettings) -
         "moved_experts": remote,
         "local_copies": local,
         "moved_bytes": remote * settings.cost.expert_bytes,
+        "overlap_replica_sync": settings.overlap_replica_sync,
         "expert_params": settings.cost.expert_params,
         "decision_ms": round(1e3 * float(np.mean(decision_s)), 4) if decision_s else 0.0,
         "decision_ms_max": round(1e3 * max(decision_s), 4) if decision_s else 0.0,

@@ -37,7 +37,7 @@ from lightning_smartmoe.moe import GroupedExperts, MoELayer
 from lightning_smartmoe.pipeline import SCHEDULES, PipelineRunner
 from lightning_smartmoe.placement import Placement
 from lightning_smartmoe.placement.migration import migrate
-from lightning_smartmoe.placement.replica_sync import sync_replica_grads
+from lightning_smartmoe.placement.replica_sync import OverlappedReplicaSync, sync_replica_grads
 
 
 class _SpawnLauncher(_MultiProcessingLauncher):
@@ -157,6 +157,7 @@ class SmartMoEStrategy(ParallelStrategy):
         self._sizes: ParallelSizes | None = None
         self.layout: ParallelLayout | None = None
         self._grad_sync: GradientSynchronizer | None = None
+        self._replica_sync: OverlappedReplicaSync | None = None
         self.pipeline: PipelineRunner | None = None
         self.moe_num_experts: list[int] = []  # experts of each MoE layer of the whole model, by `MoELayer.index`
         self.num_nodes = 1
@@ -270,6 +271,7 @@ class SmartMoEStrategy(ParallelStrategy):
         self.model_to_device()
         if self.layout.mesh is not None and trainer.state.fn == TrainerFn.FITTING:
             self._grad_sync = self._build_grad_sync(self.model)
+            self._replica_sync = self._build_replica_sync()
         if self.sizes.pp > 1 and self.pipeline is None:
             self.pipeline = PipelineRunner(
                 self._parallel_model(self.lightning_module), self.layout, self._pipeline_stages, self._pp_schedule,
@@ -340,6 +342,22 @@ class SmartMoEStrategy(ParallelStrategy):
         sync.add([p for p in params if id(p) in expert], self.layout.grad_edp_group)
         return sync
 
+    @property
+    def replica_sync_overlapped(self) -> bool:
+        """Whether replicas of an expert sum their gradients during backward (see `_build_replica_sync`)."""
+        return self._replica_sync is not None
+
+    def _build_replica_sync(self) -> OverlappedReplicaSync | None:
+        """Replicas of an expert sum their gradients during backward when nothing else reduces expert
+        gradients (one copy of each slot: edp = 1) and each optimizer step has one backward that counts
+        (automatic optimization). Otherwise, and without extra slots for replicas, this is None and
+        `optimizer_step` sums them after the expert-data-parallel average."""
+        if self.sizes.ep == 1 or self.sizes.edp > 1 or not self._extra_slots:
+            return None
+        if not self.lightning_module.automatic_optimization:
+            return None
+        return OverlappedReplicaSync(self.moe_layers, self.layout.grad_ep_group, self.microbatches)
+
     def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
         """Under pipeline parallelism the schedule has already run backward in the training step: here its
         gradients come back and only the hooks around backward run."""
@@ -361,6 +379,8 @@ class SmartMoEStrategy(ParallelStrategy):
         """Before a backward (under pipelining: before the schedule, whose backwards start the buckets)."""
         if self._grad_sync is not None and self._grad_sync.enabled:
             self._grad_sync.reset()
+        if self._replica_sync is not None and self._replica_sync.enabled:
+            self._replica_sync.reset()
 
     def post_backward(self, closure_loss: Tensor) -> None:
         super().post_backward(closure_loss)
@@ -403,18 +423,25 @@ class SmartMoEStrategy(ParallelStrategy):
             yield
             return
         self._grad_sync.enabled = False
+        if self._replica_sync is not None:
+            self._replica_sync.enabled = False
         try:
             yield
         finally:
             self._grad_sync.enabled = True
+            if self._replica_sync is not None:
+                self._replica_sync.enabled = True
 
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
         def closure_then_sync() -> Any:
             result = closure()
+            if self._replica_sync is not None:
+                self._replica_sync.finish()  # before the average below divides the expert gradients in place
             if self._grad_sync is not None:
                 self._grad_sync.finish()
-                for layer in self.moe_layers:
-                    sync_replica_grads(layer)
+                if self._replica_sync is None:
+                    for layer in self.moe_layers:
+                        sync_replica_grads(layer, self.layout.grad_ep_group)
             return result
 
         return super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
@@ -504,3 +531,6 @@ class SmartMoEStrategy(ParallelStrategy):
         if self._grad_sync is not None:
             self._grad_sync.remove()
             self._grad_sync = None
+        if self._replica_sync is not None:
+            self._replica_sync.remove()
+            self._replica_sync = None

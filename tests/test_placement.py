@@ -1,6 +1,7 @@
 """Placement map, moves, cost model and planners, on handcrafted and seeded random cases."""
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -165,6 +166,14 @@ def test_cost_model_by_hand():
     # three replicas: reduce-scatter + all-gather send 2 (r - 1) / r of the gradient per replica
     everywhere = Placement(3, 3, (0, 1, 0, 2, 0, -1))
     assert TOY.step_time(everywhere, torch.tensor([3.0, 1.0, 1.0])) == pytest.approx(2.0 + 4.0 / 3.0)
+    # backward hides each phase (half the traffic) under one more MoE layer's backward, 2/3 of compute at most
+    hidden_once, hidden_twice = replace(TOY, hiding_layers=1), replace(TOY, hiding_layers=2)
+    assert hidden_once.step_time(new, load) == pytest.approx(4.0 + 0.5)
+    assert hidden_twice.step_time(new, load) == pytest.approx(4.0)
+    slow_link = replace(TOY, hiding_layers=2, bandwidth=200)  # each phase takes 2.5 s; 8/3 s of backward hide it
+    assert slow_link.step_time(new, load) == pytest.approx(4.0)
+    slower = replace(TOY, hiding_layers=5, bandwidth=100)  # 5 s per phase, 8/3 s hidden each
+    assert slower.step_time(new, load) == pytest.approx(4.0 + 2 * (5.0 - 8.0 / 3.0))
 
 
 def test_time_bound_is_a_lower_bound():
@@ -174,13 +183,20 @@ def test_time_bound_is_a_lower_bound():
         load = [float(rng.randint(0, 1000)) for _ in range(E)]
         p = plan_balanced(torch.tensor(load), Placement.contiguous(E, ep, 2), CostModel(grad_bytes_per_param=0.5))
         replicas = p.num_replicas.tolist()
-        assert TOY.time_bound(replicas, load, ep) <= TOY.step_time(p, torch.tensor(load)) + 1e-9
+        for cost in (TOY, replace(TOY, hiding_layers=1), replace(TOY, hiding_layers=2, bandwidth=30)):
+            assert cost.time_bound(replicas, load, ep) <= cost.step_time(p, torch.tensor(load)) + 1e-9
 
 
 @pytest.mark.parametrize("field", ["flops_per_s", "bandwidth", "state_bytes_per_param", "expert_params"])
 def test_cost_model_refuses_non_positive(field):
     with pytest.raises(ValueError, match=f"cost.{field}"):
         CostModel(**{field: 0})
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True])
+def test_cost_model_refuses_bad_hiding_layers(value):
+    with pytest.raises(ValueError, match="cost.hiding_layers"):
+        CostModel(hiding_layers=value)
 
 
 # ---------------------------------------------------------------- planners

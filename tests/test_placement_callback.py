@@ -2,6 +2,7 @@
 
 import csv
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -11,9 +12,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import tiny
 from lightning_smartmoe import ConfigError, SmartMoEStrategy
+from lightning_smartmoe import callbacks as callbacks_module
 from lightning_smartmoe.callbacks import ExpertPlacementCallback
 from lightning_smartmoe.data import TokenDataModule
 from lightning_smartmoe.models import GPTMoEModule, OptimConfig
+from lightning_smartmoe.moe import MoEConfig, MoELayer
 
 
 class CountingStrategy(SmartMoEStrategy):
@@ -60,8 +63,38 @@ def test_one_reduction_per_step_window_heatmaps(tmp_path):
         (dict(interval=0), r"placement\.interval=0 must be an integer >= 1 or 'epoch'"),
         (dict(window=0), r"placement\.window=0 must be an integer >= 1"),
         (dict(cost={"bandwidth": -1.0}), r"placement\.cost: .*bandwidth"),
+        (dict(cost={"hiding_layers": 1}), r"placement\.cost\.hiding_layers is not a setting"),
     ],
 )
 def test_bad_placement_settings(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         ExpertPlacementCallback(**kwargs)
+
+
+class _Module(torch.nn.Module):
+    def __init__(self, layers: list) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(layers)
+
+    def log(self, *args, **kwargs) -> None:
+        pass
+
+
+@pytest.mark.parametrize("overlapped,expected", [(True, [0, 1, 2]), (False, [0, 0, 0])])
+def test_replica_exchange_is_charged_net_of_later_backward_when_overlapped(monkeypatch, overlapped, expected):
+    """Layer i's exchange hides under the backward of the i MoE layers before it, if the strategy overlaps."""
+    seen = []
+
+    def record(policy, load, current, cost):
+        seen.append((cost.hiding_layers, cost.expert_params))
+        return current
+
+    monkeypatch.setattr(callbacks_module, "plan", record)
+    layers = [MoELayer(8, 16, MoEConfig(num_experts=4, top_k=1)) for _ in range(3)]
+    for i, layer in enumerate(layers):
+        layer.index = i
+    callback = ExpertPlacementCallback(policy="balanced", interval=1)
+    callback.history = [torch.ones(3, 4)]
+    trainer = SimpleNamespace(strategy=SimpleNamespace(replica_sync_overlapped=overlapped), lightning_module=_Module(layers))
+    callback.replan(trainer, steps=1)
+    assert seen == [(h, 2 * 8 * 16) for h in expected]

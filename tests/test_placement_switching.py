@@ -79,18 +79,22 @@ class RandomSwitches(pl.Callback):
             assert torch.equal(value, after[key]), key
 
 
-def _switching_vs_static(corpus: str, ep: int, extra: int):
+def _switching_vs_static(corpus: str, ep: int, extra: int, accumulate: int):
     model = tiny.model_config(num_experts=8)
-    static = tiny.fit(Path(corpus), model, ep=ep, steps=STEPS, extra_slots=extra)
+    static = tiny.fit(Path(corpus), model, ep=ep, steps=STEPS, extra_slots=extra, accumulate=accumulate)
     switches = RandomSwitches(extra)
-    switching = tiny.fit(Path(corpus), model, ep=ep, steps=STEPS, extra_slots=extra, callbacks=[switches])
+    switching = tiny.fit(Path(corpus), model, ep=ep, steps=STEPS, extra_slots=extra, accumulate=accumulate,
+                         callbacks=[switches])
     return static, switching, switches.replicated
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("world,ep,extra", [(2, 2, 1), (4, 2, 1), (4, 4, 2)])
-def test_switching_placements_keeps_the_numerics(corpus, world, ep, extra):
-    static, switching, replicated = run_distributed(world, _switching_vs_static, str(corpus), ep, extra, timeout=220)[0]
+@pytest.mark.parametrize("world,ep,extra,accumulate", [(2, 2, 1, 1), (2, 2, 1, 2), (4, 2, 1, 1), (4, 4, 2, 1)])
+def test_switching_placements_keeps_the_numerics(corpus, world, ep, extra, accumulate):
+    """ep = dp sums replica gradients during backward (with accumulation: in the last micro-batch's); ep < dp
+    after the expert-data-parallel average."""
+    static, switching, replicated = run_distributed(world, _switching_vs_static, str(corpus), ep, extra, accumulate,
+                                                    timeout=220)[0]
     assert replicated > 0, "the schedule should include replicated experts"
     from test_expert_parallel import assert_same_run
 

@@ -144,6 +144,18 @@ def test_balanced_figures_by_hand(monkeypatch, capsys, tmp_path):
     assert balanced["step_ms"] == pytest.approx(1e3 * (7 + 4 + 4 + 4 * 3) / 6)
 
 
+@pytest.mark.parametrize("overlap,layer1_s", [("true", 4 + 0.5), ("false", 4 + 1)])
+def test_later_layers_hide_replica_exchange_under_backward(monkeypatch, capsys, tmp_path, overlap, layer1_s):
+    """One gradient copy costs 1 s, half in each phase; with overlap, layer 1's reduce-scatter hides under layer
+    0's backward (2/3 of its 4 s of compute), layer 0's exchange is charged in full."""
+    trace = make_trace(tmp_path / "hot2.npz", [[6, 1, 1, 0]] * 3, [[6, 1, 1, 0]] * 3)
+    figures = summary(monkeypatch, capsys, tmp_path, f"trace={trace}", "ranks=2", "placement.interval=1",
+                      "placement.window=1", "placement.min_gain=-inf", "placement.extra_slots=1", *TOY_COST,
+                      "placement.policy=balanced", f"overlap_replica_sync={overlap}")
+    assert figures["overlap_replica_sync"] is (overlap == "true")
+    assert figures["step_ms"] == pytest.approx(1e3 * ((7 + 5 + 5) + (7 + 2 * layer1_s)) / 6)
+
+
 def npz(tmp_path, name, **arrays):
     return write_trace(tmp_path / f"{name}.npz", **arrays)
 
@@ -171,6 +183,8 @@ STEPS = np.array([1, 11, 21])
          "placement.interval='epoch' must be an integer >= 1"),
         (lambda p: npz(p, "ok", counts=GOOD_COUNTS, iterations=STEPS), ["placement.cost.bandwidth=0"],
          "placement.cost.bandwidth=0 must be a number > 0"),
+        (lambda p: npz(p, "ok", counts=GOOD_COUNTS, iterations=STEPS), ["overlap_replica_sync=2"],
+         "overlap_replica_sync=2 must be true or false"),
     ],
 )
 def test_malformed_input_gives_one_clear_error(monkeypatch, capsys, tmp_path, make, extra, message):

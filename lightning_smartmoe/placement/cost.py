@@ -6,8 +6,14 @@ Per step and layer (seconds), for expert load L [E] in tokens:
              replicas of an expert sum their gradients by a reduce-scatter and an all-gather (as
              placement/replica_sync.py does), so each of the r ranks sends and receives
              2 (r - 1) / r * P * grad_bytes_per_param bytes; ranks' links run concurrently, one rank's transfers
-             back to back. Not overlapped with compute (conservative).
-  step     = compute + sync
+             back to back. Half the traffic is in each of the two phases.
+  exposed  = the part of sync that backward does not hide. OverlappedReplicaSync starts a layer's
+             reduce-scatter when its expert gradients are ready and its all-gather when the next MoE layer's
+             (in backward order) are; so with `hiding_layers` = 1 the reduce-scatter runs under the backward of
+             one more MoE layer, with 2 the all-gather too. Each phase is hidden up to that layer's backward
+             time, taken as this layer's (2/3 of compute); the rest, and every phase without a layer to hide
+             under, is exposed. hiding_layers = 0 (the default): nothing hidden.
+  step     = compute + exposed
 A switch costs migration_time = remote copies * P * state_bytes_per_param / bandwidth once (copies counted serially).
 
 Defaults: an expert FFN of d_model 1024, hidden 4096 with biases (P = 2*1024*4096 + 4096 + 1024 = 8,393,728),
@@ -17,7 +23,7 @@ fp32 weights), and 12 bytes moved per parameter (fp32 weight + Adam exp_avg + ex
 Since compute and traffic both scale with P, the balance between them depends only on flops_per_s,
 bandwidth and the byte sizes: sending one expert's gradient once costs as much as computing
 grad_bytes_per_param * flops_per_s / (6 * bandwidth) tokens (about 2,700 with the defaults).
-grad_bytes_per_param = 0 models a replica gradient exchange fully hidden under backward.
+grad_bytes_per_param = 0 models a replica gradient exchange that costs nothing.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ class CostModel:
     bandwidth: float = 1e11  # bytes/s of one rank's link, for replica gradients and migration
     grad_bytes_per_param: float = 4  # bytes per gradient element exchanged among replicas (0: hidden)
     state_bytes_per_param: float = 12  # bytes moved per parameter when an expert migrates
+    hiding_layers: int = 0  # MoE layers whose backward can hide this layer's replica exchange (see above)
 
     def __post_init__(self) -> None:
         for key in ("expert_params", "flops_per_s", "bandwidth", "grad_bytes_per_param", "state_bytes_per_param"):
@@ -45,6 +52,8 @@ class CostModel:
             number = isinstance(value, int | float) and not isinstance(value, bool)
             if not number or value < 0 or (value == 0 and not zero_ok):
                 raise ValueError(f"cost.{key}={value!r} must be a number {'>= 0' if zero_ok else '> 0'}")
+        if isinstance(self.hiding_layers, bool) or not isinstance(self.hiding_layers, int) or self.hiding_layers < 0:
+            raise ValueError(f"cost.hiding_layers={self.hiding_layers!r} must be an integer >= 0")
 
     @property
     def token_time(self) -> float:
@@ -60,14 +69,23 @@ class CostModel:
                 replicas[e] += 1
         busiest = max(sum(load[e] / replicas[e] for e in experts) for experts in rank_experts)
         sync = max(sum(2 * (replicas[e] - 1) / replicas[e] for e in experts) for experts in rank_experts)
-        return self.token_time * busiest + sync * self.expert_params * self.grad_bytes_per_param / self.bandwidth
+        return self._step(busiest, sync)
 
     def time_bound(self, replicas: Sequence[int], load: Sequence[float], ep: int) -> float:
         """A lower bound of layout_time over all layouts on `ep` ranks with replicas[e] replicas of expert e: the
         busiest rank carries at least the mean and the largest replica, and the busiest link at least the mean."""
         busiest = max(sum(load) / ep, max(x / r for x, r in zip(load, replicas)))
         sync = sum(2 * (r - 1) for r in replicas) / ep
-        return self.token_time * busiest + sync * self.expert_params * self.grad_bytes_per_param / self.bandwidth
+        return self._step(busiest, sync)
+
+    def _step(self, busiest: float, sync: float) -> float:
+        """compute + exposed (see the module docstring) for the busiest rank's tokens and the busiest link's
+        gradient copies; non-decreasing in both, so bounds on them bound the step."""
+        compute = self.token_time * busiest
+        phase = sync / 2 * self.expert_params * self.grad_bytes_per_param / self.bandwidth
+        hide = 2 / 3 * compute
+        hidden_phases = min(self.hiding_layers, 2)
+        return compute + sum(max(0.0, phase - hide) if i < hidden_phases else phase for i in range(2))
 
     @property
     def expert_bytes(self) -> int:

@@ -1,79 +1,172 @@
-"""Gradient all-reduce among the replicas of replicated experts: a reduce-scatter, then an all-gather."""
+"""Gradient sum among the replicas of replicated experts: a reduce-scatter, then an all-gather, point to point
+between the replicas, reading and writing the gradients in place; blocking, or started during backward."""
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from lightning_smartmoe.moe.layer import MoELayer
 
+_PIECES_PER_PAIR = 1 << 12  # message tags: (layer, phase) * this + message number between a pair of ranks
 
-@torch.no_grad()
-def sync_replica_grads(layer: MoELayer) -> None:
-    """Give every replica of an expert the sum of all its replicas' gradients (collective over the layer's
-    expert-parallel group; a no-op when the placement has no replicas).
 
-    An expert with P gradient elements and r replicas is cut into r chunks; the j-th replica (in rank
-    order) sums chunk j over all replicas, in rank order, and sends the sum back to the others. Each
-    replica sends 2 (r - 1) / r * P elements, and all replicas end bitwise identical. All replicated
-    experts of the layer travel together in two all_to_all_single calls.
+class ReplicaExchange:
+    """Give every replica of an expert of `layer` the sum of all its replicas' gradients (collective over the
+    ranks of the layer's expert-parallel group; nothing to do when its placement has no replicas).
+
+    Each of the expert's gradient tensors (w1 [d, h] and w2 [h, d] of its slot), P elements in all, is cut into
+    r chunks for its r replicas. Phase 1 (reduce-scatter): the j-th replica (in rank order) receives chunk j from
+    the others. `advance` waits for it, sums chunk j over all replicas in rank order, and starts phase 2
+    (all-gather): the sum goes back to the others, straight into their gradient tensors. `wait` ends it. Each
+    replica sends 2 (r - 1) / r * P elements (`sent`), and all replicas end bitwise identical. The gradients
+    must not change while the exchange runs.
+
+    `group`: the ranks of the layer's `ep_group` (default: that group; a separate communicator lets the
+    exchange run beside the layer's token all-to-alls).
     """
-    placement, rank = layer.placement, layer.ep_rank
-    if layer.ep_group is None or int(placement.num_replicas.max()) == 1:
-        return
-    w1, w2 = layer.experts.w1, layer.experts.w2
-    for p in (w1, w2):
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    width = w1[0].numel() + w2[0].numel()
-    mine = {e: slot for slot, e in enumerate(layer.experts.logical_ids) if e >= 0 and len(placement.replicas_of(e)) > 1}
-    flat = {e: torch.cat([w1.grad[slot].reshape(-1), w2.grad[slot].reshape(-1)]) for e, slot in mine.items()}
 
-    def chunk(e: int, holder: int) -> slice:
-        """The part of expert e's gradient that `holder` reduces."""
-        holders = placement.ranks_of(e)
-        j, r = holders.index(holder), len(holders)
-        return slice(j * width // r, (j + 1) * width // r)
+    def __init__(self, layer: MoELayer, group: dist.ProcessGroup | None = None) -> None:
+        placement, self.rank = layer.placement, layer.ep_rank
+        self.group = group if group is not None else layer.ep_group
+        self.tag = 2 * (layer.index or 0) * _PIECES_PER_PAIR
+        self.pieces: list[tuple[tuple[int, ...], int, list[Tensor]]] = []  # (holders, my index, r chunks)
+        self.sent, self.works = 0, []
+        self.phase = 0 if self.group is None or int(placement.num_replicas.max()) == 1 else 1
+        if not self.phase:
+            return
+        w1, w2 = layer.experts.w1, layer.experts.w2
+        for p in (w1, w2):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        for slot, e in sorted(enumerate(layer.experts.logical_ids), key=lambda se: se[1]):
+            holders = placement.ranks_of(e) if e >= 0 else ()
+            if len(holders) > 1:
+                for grad in (w1.grad[slot].view(-1), w2.grad[slot].view(-1)):
+                    r, n = len(holders), grad.numel()
+                    chunks = [grad[i * n // r : (i + 1) * n // r] for i in range(r)]
+                    self.pieces.append((holders, holders.index(self.rank), chunks))
+        self.received = w1.grad.new_empty(sum(c[j].numel() * (len(h) - 1) for h, j, c in self.pieces))
+        sends, recvs, offset = [], [], 0
+        for holders, j, chunks in self.pieces:
+            for i, h in enumerate(holders):
+                if h != self.rank:
+                    sends.append((h, chunks[i]))
+                    recvs.append((h, self.received[offset : offset + chunks[j].numel()]))
+                    offset += chunks[j].numel()
+        self._start(sends, recvs)
 
-    def size(s: slice) -> int:
-        return s.stop - s.start
+    def _start(self, sends: list[tuple[int, Tensor]], recvs: list[tuple[int, Tensor]]) -> None:
+        """Post the (peer in group, contiguous tensor) messages; the k-th to a peer matches its k-th receive."""
+        ops, count = [], {}
+        for op, pairs in ((dist.isend, sends), (dist.irecv, recvs)):
+            for peer, tensor in pairs:
+                k = count[(op, peer)] = count.get((op, peer), -1) + 1
+                tag = self.tag + (self.phase - 1) * _PIECES_PER_PAIR + k
+                ops.append(dist.P2POp(op, tensor, group=self.group, group_peer=peer, tag=tag))
+        self.sent += sum(t.numel() for _, t in sends)
+        self.works = dist.batch_isend_irecv(ops) if ops else []
 
-    peers = range(placement.ep)
-    shared = [[e for e in sorted(mine) if p != rank and p in placement.ranks_of(e)] for p in peers]
-    mine_sizes = [sum(size(chunk(e, rank)) for e in shared[p]) for p in peers]
-    their_sizes = [sum(size(chunk(e, p)) for e in shared[p]) for p in peers]
+    def _finish_phase(self) -> None:
+        for work in self.works:
+            work.wait()
+        self.works = []
 
-    def exchange(send: list[Tensor], send_sizes: list[int], recv_sizes: list[int]) -> Tensor:
-        out = w1.new_empty(sum(recv_sizes))
-        inp = torch.cat(send) if send else w1.new_empty(0)
-        dist.all_to_all_single(out, inp, recv_sizes, send_sizes, group=layer.ep_group)
-        return out
+    def advance(self) -> None:
+        """End phase 1, sum, start phase 2 (nothing once phase 2 has started)."""
+        if self.phase != 1:
+            return
+        self._finish_phase()
+        offset, sends, recvs = 0, [], []
+        for holders, j, chunks in self.pieces:
+            parts = []
+            for h in holders:
+                if h == self.rank:
+                    parts.append(chunks[j])
+                else:
+                    parts.append(self.received[offset : offset + chunks[j].numel()])
+                    offset += chunks[j].numel()
+            # rank order; a + b == b + a exactly, so our chunk may take the sum of the first two in place
+            total = chunks[j].add_(parts[1 - j]) if j < 2 else parts[0] + parts[1]
+            for part in parts[2:]:
+                total.add_(part)
+            if j >= 2:
+                chunks[j].copy_(total)
+            sends += [(h, chunks[j]) for h in holders if h != self.rank]
+            recvs += [(h, chunks[i]) for i, h in enumerate(holders) if h != self.rank]
+        self.phase = 2
+        self._start(sends, recvs)
 
-    # Reduce-scatter: send each peer its chunk of our copy; sum our chunk over all holders in rank order.
-    received = exchange([flat[e][chunk(e, p)] for p in peers for e in shared[p]], their_sizes, mine_sizes)
-    parts: dict[tuple[int, int], Tensor] = {}
-    offset = 0
-    for p in peers:
-        for e in shared[p]:
-            n = size(chunk(e, rank))
-            parts[(e, p)] = received[offset : offset + n]
-            offset += n
-    reduced = {}
-    for e in mine:
-        total = None
-        for h in placement.ranks_of(e):
-            part = flat[e][chunk(e, rank)] if h == rank else parts[(e, h)]
-            total = part.clone() if total is None else total + part
-        reduced[e] = total
-    # All-gather: send our reduced chunk to each peer; place theirs.
-    gathered = exchange([reduced[e] for p in peers for e in shared[p]], mine_sizes, their_sizes)
-    offset = 0
-    for p in peers:
-        for e in shared[p]:
-            s = chunk(e, p)
-            flat[e][s] = gathered[offset : offset + size(s)]
-            offset += size(s)
-    for e, slot in mine.items():
-        flat[e][chunk(e, rank)] = reduced[e]
-        n1 = w1[0].numel()
-        w1.grad[slot].copy_(flat[e][:n1].view_as(w1.grad[slot]))
-        w2.grad[slot].copy_(flat[e][n1:].view_as(w2.grad[slot]))
+    def wait(self) -> None:
+        """Finish the exchange."""
+        self.advance()
+        self._finish_phase()
+        self.phase = 0
+
+
+def sync_replica_grads(layer: MoELayer, group: dist.ProcessGroup | None = None) -> int:
+    """Sum the replicas' gradients of `layer` now (ReplicaExchange, blocking). Returns the elements sent."""
+    with torch.no_grad():
+        exchange = ReplicaExchange(layer, group)
+        exchange.wait()
+    return exchange.sent
+
+
+class OverlappedReplicaSync:
+    """Starts each layer's ReplicaExchange in backward, as soon as its expert gradients are complete, so that
+    it runs under the backward of the layers before it: when a layer's exchange starts, the exchanges already
+    running move on by one phase (their reduce-scatter has had a layer's backward to finish). `finish` ends
+    them all. Gradients are summed in place, so only the last backward before an optimizer step may start
+    them: `enabled` is off for the others (gradient accumulation), and a step with several backwards (a
+    pipeline schedule's micro-batches) starts a layer once each of its parameters got `backwards_per_step`
+    gradients. Each rank starts the exchanges in the same order, backward's layer order, on `group`.
+    """
+
+    def __init__(self, layers: list[MoELayer], group: dist.ProcessGroup, backwards_per_step: int = 1) -> None:
+        self.layers, self.group, self.backwards_per_step = layers, group, backwards_per_step
+        self.enabled = True
+        self.running: list[ReplicaExchange] = []
+        self._ready = [0] * len(layers)
+        self._hooks: list[RemovableHandle] = []
+        for i, layer in enumerate(layers):
+            for p in (layer.experts.w1, layer.experts.w2):
+                self._hooks.append(p.register_post_accumulate_grad_hook(lambda _p, i=i: self._on_grad_ready(i)))
+
+    def _on_grad_ready(self, index: int) -> None:
+        if not self.enabled:
+            return
+        self._ready[index] += 1
+        if self._ready[index] != 2 * self.backwards_per_step:
+            return
+        with torch.no_grad():
+            for exchange in self.running:
+                exchange.advance()
+            self.running.append(ReplicaExchange(self.layers[index], self.group))
+
+    def finish(self) -> None:
+        """End every exchange; start (and end) those of layers whose gradients did not complete here."""
+        with torch.no_grad():
+            for i, layer in enumerate(self.layers):
+                if self._ready[i] < 2 * self.backwards_per_step:
+                    self.running.append(ReplicaExchange(layer, self.group))
+            for exchange in self.running:
+                exchange.wait()
+        self.running = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the counts of a backward (call before each one that is to start exchanges)."""
+        if self.running:
+            raise RuntimeError("replica gradient exchanges are still running; call finish() first")
+        self._ready = [0] * len(self.layers)
+
+    def remove(self) -> None:
+        """Detach the backward hooks."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    @staticmethod
+    def params(layers: list[MoELayer]) -> list[nn.Parameter]:
+        """The parameters whose gradients it sums."""
+        return [p for layer in layers for p in (layer.experts.w1, layer.experts.w2)]
