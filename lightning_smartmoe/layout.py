@@ -103,8 +103,8 @@ class ParallelLayout:
     with the collectives that run in the same backward: `grad_dp_group` (same stage and tp rank: dense
     parameters), `grad_plane_group` (the stage: parameters whose gradient is partial over tp, such as the
     router), `grad_edp_group` (copies of an expert slot over data parallelism), `grad_ep_group` (the ep_group's
-    ranks again: replicas of an expert placed on several of them sum their gradients). `mesh` is the (pp, dp, tp) DeviceMesh; its "tp" dimension
-    describes tensor-parallel shards to checkpoints.
+    ranks again: replicas of an expert placed on several of them sum their gradients). `mesh` is the
+    (pp, dp, tp) DeviceMesh; its "tp" dimension describes tensor-parallel shards to checkpoints.
     """
 
     sizes: ParallelSizes

@@ -3,7 +3,7 @@ between the replicas, reading and writing the gradients in place; blocking, or s
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from lightning_smartmoe.moe.layer import MoELayer
@@ -165,8 +165,3 @@ class OverlappedReplicaSync:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
-
-    @staticmethod
-    def params(layers: list[MoELayer]) -> list[nn.Parameter]:
-        """The parameters whose gradients it sums."""
-        return [p for layer in layers for p in (layer.experts.w1, layer.experts.w2)]
