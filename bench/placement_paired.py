@@ -1,15 +1,20 @@
 """Dynamic vs static expert placement, paired in time: blocks of steps under each placement alternate in one run.
 
-Same workload as bench/placement_run.py (2 gloo ranks, 1 thread each, pinned; 2 residual MoE layers, d_model 256,
-expert hidden 1024, 8 experts, top-2, frozen skewed router: static rank imbalance about 1.68), but a different
-protocol. This 2-core box's speed drifts by 10-25 % over seconds for reasons outside it (a fixed matmul loop pinned
-to one core swings between about 70 and 90 ms per block of 20), so separate runs of a few seconds per
-configuration cannot resolve a 20-30 % difference reliably. Here each configuration is ONE `Trainer.fit`:
+Same model as bench/placement_run.py (2 gloo ranks, 1 thread each, pinned; 2 residual MoE layers, d_model 256,
+expert hidden 1024, 8 experts, top-2, frozen skewed router: static rank imbalance about 1.68), by default with 4x
+its batch (16 x 128 tokens per rank per step, --batch): at 4 x 128 the cold experts get about 80 rows each, and a
+CPU computes such small GEMMs about 12 % slower per row than the hot expert's, which the token-count ideal below
+does not know about; at 16 x 128 (about 330 rows) it no longer matters.
+
+The protocol differs too. This 2-core box's speed drifts by 10-25 % over seconds for reasons outside it
+(bench/machine.py: a fixed matmul loop pinned to one core swings between about 70 and 90 ms per block of 20),
+so separate runs of a few seconds per configuration cannot resolve a 20-30 % difference reliably. Here each
+configuration is ONE `Trainer.fit`:
   - steps 0..K-1 run the contiguous (static) placement while ExpertPlacementCallback gathers the counts;
   - after step K-1 the callback makes its real decision (all-reduced counts, the policy's planner with this box's
     measured cost figures, the min_gain=0 rule) and migrates;
   - from then on, every K steps, the run swaps between the contiguous placement and that decision (a real
-    migration each time, experts and AdamW state), so static and dynamic blocks alternate about every second.
+    migration each time, experts and AdamW state), so static and dynamic blocks alternate every few seconds.
 A step's time is its slowest rank's (perf_counter between consecutive batch starts). The step with a migration
 and the step after it are left out; so are steps 0 and 1. Each dynamic block's median step is compared with the
 mean of its neighbouring static blocks' medians: realised = median over dynamic blocks of static / dynamic.
@@ -27,8 +32,8 @@ Ideal speedup from the token counts (counts of the static blocks' kept steps, su
 Target (issue 4): at least 80 % of the ideal speedup realised. Verdict: (realised_fair - 1) / (amdahl - 1) >= 0.8;
 realised_fair / ideal (the literal token-count reading) is printed beside it.
 
-Run:  .venv/bin/python bench/placement_paired.py             (about 1.5 min)
-      .venv/bin/python bench/placement_paired.py --pairs 4   (shorter)
+Run:  .venv/bin/python bench/placement_paired.py                       (about 2-3 min)
+      .venv/bin/python bench/placement_paired.py --batch 4 --pairs 10    (placement_run.py's batch, about 1.5 min)
 The last line printed is one JSON object with all figures.
 """
 
@@ -229,16 +234,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     dynamic = [name for name in CONFIGS if name != "static"]
     ap.add_argument("--configs", nargs="+", default=dynamic, choices=dynamic)
-    ap.add_argument("--pairs", type=int, default=8, help="dynamic blocks per run (each between two static ones)")
+    ap.add_argument("--pairs", type=int, default=6, help="dynamic blocks per run (each between two static ones)")
     ap.add_argument("--block", type=int, default=6, help="steps per block")
+    ap.add_argument("--batch", type=int, default=16, help="sequences of 128 tokens per rank per step")
     ap.add_argument("--timeout", type=float, default=900)
     args = ap.parse_args()
     if args.block < 4 or args.pairs < 1:
         ap.error("--block must be >= 4 (2 steps are left out around each switch) and --pairs >= 1")
     steps = args.block * (2 * args.pairs + 1) + 1
-    cfg = dict(d_model=256, hidden=1024, experts=8, top_k=2, layers=2, batch=4, seq=128, samples=WORLD * 4 * steps,
+    cfg = dict(d_model=256, hidden=1024, experts=8, top_k=2, layers=2, batch=args.batch, seq=128,
+               samples=WORLD * args.batch * steps,
                steps=steps, block=args.block, window=2, configs=args.configs, alpha=1.0, beta=4.0, sigma=0.5, lr=1e-4)
-    print(f"Paired placement run: {WORLD} gloo ranks, {THREADS} thread each, pinned; {steps} steps per config, "
+    print(f"Paired placement run: {WORLD} gloo ranks, {THREADS} thread each, pinned; {args.batch}x128 tokens per "
+          f"rank per step; {steps} steps per config, "
           f"blocks of {args.block}, {args.pairs} dynamic blocks each between static ones; load avg "
           f"{os.getloadavg()[0]:.2f}", flush=True)
     t0 = time.perf_counter()
@@ -268,6 +276,7 @@ def main() -> None:
     met = [r["target_met"] for r in results.values() if r["switched"]]
     print(json.dumps({
         "bench": "placement_paired", "world": WORLD, "threads_per_process": THREADS, "block_steps": args.block,
+        "batch_per_rank": args.batch, "seq": 128,
         "pairs": args.pairs, "steps_per_config": steps, "figures": figures,
         "target": "(realised_fair - 1) / (amdahl_ideal - 1) >= 0.8 per configuration",
         "target_met": all(met) if met else None,
