@@ -56,6 +56,10 @@ class RandomSwitches(pl.Callback):
         self.gen = torch.Generator().manual_seed(1)  # same on every rank
         self.replicated = 0
         self.done = set()
+        self.overlapped = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.overlapped = trainer.strategy.replica_sync_overlapped
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -85,7 +89,7 @@ def _switching_vs_static(corpus: str, ep: int, extra: int, accumulate: int):
     switches = RandomSwitches(extra)
     switching = tiny.fit(Path(corpus), model, ep=ep, steps=STEPS, extra_slots=extra, accumulate=accumulate,
                          callbacks=[switches])
-    return static, switching, switches.replicated
+    return static, switching, switches.replicated, switches.overlapped
 
 
 @pytest.mark.timeout(240)
@@ -93,9 +97,11 @@ def _switching_vs_static(corpus: str, ep: int, extra: int, accumulate: int):
 def test_switching_placements_keeps_the_numerics(corpus, world, ep, extra, accumulate):
     """ep = dp sums replica gradients during backward (with accumulation: in the last micro-batch's); ep < dp
     after the expert-data-parallel average."""
-    static, switching, replicated = run_distributed(world, _switching_vs_static, str(corpus), ep, extra, accumulate,
-                                                    timeout=220)[0]
+    static, switching, replicated, overlapped = run_distributed(
+        world, _switching_vs_static, str(corpus), ep, extra, accumulate, timeout=220
+    )[0]
     assert replicated > 0, "the schedule should include replicated experts"
+    assert overlapped == (ep == world)
     from test_expert_parallel import assert_same_run
 
     assert_same_run(switching, static)
