@@ -80,7 +80,8 @@ def main() -> None:
     load, iterations = load_trace(args.trace)
     cost = CostModel()
     print(f"trace {args.trace}: {load.shape[0]} samples, {load.shape[1]} layers, {load.shape[2]} experts")
-    print(f"cost model: {dataclasses.asdict(cost)}")
+    print(f"cost model: {dataclasses.asdict(cost)}; in the replay, hiding_layers = the layer's index "
+          "(overlap_replica_sync) except in 3a")
     header = "  ranks  policy    window  min_gain  max/perfect  switches   moved  step_ms  migr_ms/step  decision_ms"
     inf = float("-inf")
     print("\n1. headline: interval=1, window=1, every proposal taken\n" + header)
