@@ -62,6 +62,8 @@ class ReplicaExchange:
         for op, pairs in ((dist.isend, sends), (dist.irecv, recvs)):
             for peer, tensor in pairs:
                 k = count[(op, peer)] = count.get((op, peer), -1) + 1
+                if k >= _PIECES_PER_PAIR:
+                    raise ValueError(f"replica exchange: more than {_PIECES_PER_PAIR} gradient pieces between two ranks")
                 tag = self.tag + (self.phase - 1) * _PIECES_PER_PAIR + k
                 ops.append(dist.P2POp(op, tensor, group=self.group, group_peer=peer, tag=tag))
         self.sent += sum(t.numel() for _, t in sends)
