@@ -54,9 +54,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import lightning.pytorch as pl  # noqa: E402
 from distributed import run_distributed  # noqa: E402
-from placement_run import CONFIGS, THREADS, WORLD, SkewedMoE, StepTimer, make_data, max_rank_load, measure_figures  # noqa: E402
+from placement_run import (  # noqa: E402
+    CONFIGS,
+    THREADS,
+    WORLD,
+    StepTimer,
+    make_data,
+    max_rank_load,
+    measure_figures,
+    slowest_steps,
+    train,
+)
 
-from lightning_smartmoe import SmartMoEStrategy  # noqa: E402
 from lightning_smartmoe.callbacks import ExpertPlacementCallback  # noqa: E402
 from lightning_smartmoe.placement import Placement  # noqa: E402
 
@@ -104,22 +113,11 @@ class OptimizerTimer(StepTimer):
 
 def fit_paired(name: str, cfg: dict, data: torch.Tensor, figures: dict) -> dict:
     policy, extra = CONFIGS[name]
-    pl.seed_everything(0, verbose=False)
-    module = SkewedMoE(cfg)
     timer = OptimizerTimer()
     placement = AlternatingPlacement(policy=policy, interval=cfg["block"], window=cfg["window"], min_gain=0.0,
                                      heatmap_every=0, cost={k: figures[k] for k in ("flops_per_s", "bandwidth")})
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=cfg["batch"], shuffle=False)
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=WORLD, strategy=SmartMoEStrategy(ep=WORLD, extra_slots=extra),
-        max_steps=cfg["steps"], limit_val_batches=0, num_sanity_val_steps=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[timer, placement],
-    )
-    trainer.fit(module, loader)
-    pairs = list(zip(timer.starts, timer.starts[1:]))
-    steps = torch.tensor([b[0] - a[0] for a, b in pairs], dtype=torch.float64)
-    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+    module, _ = train(cfg, data, extra, [timer, placement])
+    steps = slowest_steps(timer)
     mine = {"expert_s": [e[0] for e in timer.expert_s], "rows": timer.rows, "optimizer_s": timer.optimizer_s,
             "migration_steps": [m["step"] for m in timer.migrations]}
     gathered: list = [None] * WORLD

@@ -314,27 +314,38 @@ def measure_figures(cfg: dict) -> dict:
 # ---- one run -----------------------------------------------------------------------------------------------------
 
 
-def fit_one(name: str, cfg: dict, data: torch.Tensor, figures: dict) -> dict:
-    policy, extra = CONFIGS[name]
+def train(cfg: dict, data: torch.Tensor, extra_slots: int, callbacks: list[pl.Callback]) -> tuple[SkewedMoE, float]:
+    """One real `Trainer.fit` of a freshly seeded SkewedMoE on `data` (cfg["steps"] steps) with
+    SmartMoEStrategy(ep=WORLD, extra_slots). Returns the module and the fit's wall seconds."""
     pl.seed_everything(0, verbose=False)
     module = SkewedMoE(cfg)
-    timer = StepTimer()
-    placement = placement_callback(policy, cfg["interval"], cfg["window"],
-                                   {k: figures[k] for k in ("flops_per_s", "bandwidth")})
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=cfg["batch"], shuffle=False)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=WORLD, strategy=SmartMoEStrategy(ep=WORLD, extra_slots=extra),
+        accelerator="cpu", devices=WORLD, strategy=SmartMoEStrategy(ep=WORLD, extra_slots=extra_slots),
         max_steps=cfg["steps"], limit_val_batches=0, num_sanity_val_steps=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[timer, placement],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
     )
     t0 = time.perf_counter()
     trainer.fit(module, loader)
-    fit_s = time.perf_counter() - t0
-    # per step: interval between consecutive batch starts (the last step has no successor and is dropped)
-    pairs = list(zip(timer.starts, timer.starts[1:]))
-    steps = torch.tensor([b[0] - a[0] for a, b in pairs], dtype=torch.float64)
+    return module, time.perf_counter() - t0
+
+
+def slowest_steps(timer: StepTimer) -> torch.Tensor:
+    """[steps - 1] float64 seconds: each step's slowest rank's interval between consecutive batch starts (the
+    last step has no successor and is dropped). Collective."""
+    steps = torch.tensor([b[0] - a[0] for a, b in zip(timer.starts, timer.starts[1:])], dtype=torch.float64)
     dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+    return steps
+
+
+def fit_one(name: str, cfg: dict, data: torch.Tensor, figures: dict) -> dict:
+    policy, extra = CONFIGS[name]
+    timer = StepTimer()
+    placement = placement_callback(policy, cfg["interval"], cfg["window"],
+                                   {k: figures[k] for k in ("flops_per_s", "bandwidth")})
+    _, fit_s = train(cfg, data, extra, [timer, placement])
+    steps = slowest_steps(timer)
+    pairs = list(zip(timer.starts, timer.starts[1:]))
     # this rank's phases: forward, backward, and the rest (gradient/replica sync, optimizer, callbacks, migration)
     phases = [(f - a[0], bw - f, b[0] - bw) for (a, b), (f, bw) in zip(pairs, timer.phases)]
     mine = {"expert_s": timer.expert_s, "rows": timer.rows, "migrations": timer.migrations, "phases": phases,
