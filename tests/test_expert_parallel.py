@@ -1,29 +1,17 @@
-"""Data + expert parallel training reproduces the single-process run (fp32, same global batch), and
+"""Data + expert parallel training reproduces the single-process run (float64, same global batch), and
 checkpoints move between layouts. Real gloo process groups; each spawn runs several layouts."""
 
 from pathlib import Path
 
 import pytest
-import torch
 
 from distributed import run_distributed
 import tiny
+from tiny import assert_same_run
 
 CAPACITY = dict(gate="naive", capacity_factor=1.0)  # drops tokens
 DROPLESS = dict(gate="naive", capacity_factor=None)
 STEPS = 5
-
-
-def assert_same_run(got, want, param_rtol=None, rtol=1e-5):
-    """Per-step losses elementwise and gradients within rtol; other parameter tensors within param_rtol
-    (default rtol) in norm, ||a - b|| / ||b||."""
-    (losses, params), (ref_losses, ref_params) = got, want
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=rtol, atol=0)
-    assert params.keys() == ref_params.keys()
-    for key, ref in ref_params.items():
-        err = ((params[key] - ref).norm() / ref.norm()).item()
-        limit = rtol if key.startswith("grad/") else param_rtol or rtol
-        assert err <= limit, f"{key}: relative error {err:.2e}"
 
 
 def _layouts(corpus: str, cases: list[tuple[str, dict, int, int]], save: str | None):

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 import tiny
 from distributed import run_distributed
+from tiny import assert_same_run
 from lightning_smartmoe.checkpoint import optimizer_tensors
 from lightning_smartmoe.moe import MoELayer
 from lightning_smartmoe.placement import EMPTY, Placement
@@ -102,8 +103,6 @@ def test_switching_placements_keeps_the_numerics(corpus, world, ep, extra, accum
     )[0]
     assert replicated > 0, "the schedule should include replicated experts"
     assert overlapped == (ep == world)
-    from test_expert_parallel import assert_same_run
-
     assert_same_run(switching, static)
 
 
@@ -147,8 +146,6 @@ def _crash_mid_migration(corpus: str, save: str):
 def test_checkpoints_do_not_depend_on_placement(corpus, tmp_path):
     full, saved_placement, other_policy, greedy_switches = run_distributed(
         2, _save_switching_then_resume, str(corpus), str(tmp_path), timeout=280)[0]
-    from test_expert_parallel import assert_same_run
-
     losses, params = full[0], tiny.weights(full[1])
     assert_same_run(saved_placement, (losses[4:], params))
     assert greedy_switches > 0
@@ -164,6 +161,4 @@ def test_rank_dying_mid_migration_leaves_last_checkpoint_loadable(corpus, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch=0-step=2.ckpt"]  # nothing half-written
     reference = tiny.fit(corpus, tiny.model_config(num_experts=8), steps=6)
     resumed = tiny.fit(corpus, tiny.model_config(num_experts=8), steps=6, resume=tmp_path / "epoch=0-step=2.ckpt")
-    from test_expert_parallel import assert_same_run
-
     assert_same_run(resumed, (reference[0][2:], tiny.weights(reference[1])))

@@ -261,5 +261,5 @@ class GPTMoE(nn.Module):
 
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
         """Mean next-token cross-entropy [] of logits [B, S, vocab / tp] against target ids [B, S]."""
-        losses = vocab_parallel_cross_entropy(logits.flatten(0, 1).float(), target.flatten(), self.tp_group)
+        losses = vocab_parallel_cross_entropy(logits.flatten(0, 1), target.flatten(), self.tp_group)
         return losses.mean()
