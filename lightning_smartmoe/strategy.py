@@ -2,7 +2,7 @@
 
 import shutil
 from collections.abc import Callable, Generator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +23,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
 from torch.distributed.constants import default_pg_timeout
@@ -30,6 +31,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.optim import Optimizer
 
 from lightning_smartmoe import checkpoint as ckpt_io
+from lightning_smartmoe import init
 from lightning_smartmoe.grad_sync import GradientSynchronizer
 from lightning_smartmoe.errors import ConfigError
 from lightning_smartmoe.layout import ParallelLayout, ParallelSizes
@@ -41,12 +43,17 @@ from lightning_smartmoe.placement.replica_sync import OverlappedReplicaSync, syn
 
 
 class _SpawnLauncher(_MultiProcessingLauncher):
-    """Spawn launcher that checks the model against the sizes before starting processes, and does not
-    copy rank 0's weights back into the parent's model: with sharded experts rank 0 holds only its
-    share, so the parent keeps its own (use checkpoints for the result)."""
+    """Spawn launcher that checks the model against the sizes before starting processes (building a model that
+    `configure_model` builds on the meta device first, which the processes then receive), and does not copy rank
+    0's weights back into the parent's model: with sharded experts rank 0 holds only its share, so the parent
+    keeps its own (use checkpoints for the result)."""
 
     def launch(self, function: Callable, *args: Any, trainer: "pl.Trainer | None" = None, **kwargs: Any) -> Any:
-        self._strategy.check_model(self._strategy.lightning_module)
+        module = self._strategy.lightning_module
+        if module is not None and is_overridden("configure_model", module):
+            with self._strategy.tensor_init_context(), self._strategy.precision_plugin.module_init_context():
+                module.configure_model()
+        self._strategy.check_model(module)
         return super().launch(function, *args, trainer=trainer, **kwargs)
 
     def _recover_results_in_main_process(self, worker_output: Any, trainer: "pl.Trainer") -> None:
@@ -238,10 +245,6 @@ class SmartMoEStrategy(ParallelStrategy):
             "stage_io and loss methods (such as lightning_smartmoe.models.GPTMoE)"
         )
 
-    def connect(self, model: nn.Module) -> None:
-        self.check_model(model)
-        super().connect(model)
-
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
             self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
@@ -266,7 +269,9 @@ class SmartMoEStrategy(ParallelStrategy):
             # Lightning's predict sampler gives ranks unequal batch counts; MoE layers run collectives per batch
             raise ConfigError("trainer.predict needs one process with the smartmoe strategy (devices=1)")
         self.accelerator.setup(trainer)
+        self.check_model(self.lightning_module)
         self._split_model()
+        self._materialize()
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if self.layout.mesh is not None and trainer.state.fn == TrainerFn.FITTING:
@@ -313,6 +318,25 @@ class SmartMoEStrategy(ParallelStrategy):
                     layout.ep_group, layout.plane_group, self._extra_slots, layout.tp_group, self._sequence_parallel,
                     sizes.expert_tp,
                 )
+
+    def _materialize(self) -> None:
+        """Allocate this rank's part of a meta-built model on its device and initialise it from the seed of rank 0
+        (lightning_smartmoe.init: the values do not depend on the layout)."""
+        if not init.has_meta_tensors(self.model):
+            return
+        seed = int(self.broadcast(torch.initial_seed()))
+        tp_rank = dist.get_rank(self.layout.tp_group) if self.sizes.tp > 1 else 0
+        try:
+            init.materialize(self.model, self.root_device, seed, tp_rank, self.sizes.tp)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+
+    @contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        """Modules built in `configure_model` or under `Trainer.init_module()` go on the meta device (unless
+        empty_init=False); `setup` materialises each rank's share."""
+        with torch.device("meta") if empty_init is not False else nullcontext(), self.precision_plugin.tensor_init_context():
+            yield
 
     @property
     def _pipeline_stages(self) -> list[int]:

@@ -4,8 +4,8 @@ A column-parallel linear splits its output features over the TP ranks, a row-par
 input features; chained (column -> elementwise -> row) they need one all-reduce forward and one
 backward. With `sequence_parallel` the activations outside the pair are split along the sequence
 (dim 1) instead of replicated, and the all-reduces become an all-gather and a reduce-scatter.
-Every layer is built at full size (same init as a single-process model) and then `shard`-ed; sharded
-parameters carry `tp_shard_dim`, the dim they are split along. `group=None` means one TP rank: no
+Every layer is built at full size (on the meta device, or with the single-process model's values) and then
+`shard`-ed; sharded parameters carry `tp_shard_dim`, the dim they are split along. `group=None` means one TP rank: no
 communication.
 """
 
@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_smartmoe.init import new_parameter
 
 # gloo has the flat reduce-scatter since torch 2.2 (as all-reduce + chunk) but the list form only since 2.8;
 # newer torch renames reduce_scatter_tensor to reduce_scatter_single. All-gathers use the list form (any torch).
@@ -152,11 +154,10 @@ def rank_random(group: dist.ProcessGroup | None, device: torch.device) -> Genera
         _set_rng_state(saved, device)
 
 
-def _shard_param(param: Tensor, dim: int, group: dist.ProcessGroup) -> nn.Parameter:
-    """This rank's contiguous block of param along dim, marked with `tp_shard_dim`."""
+def _shard_param(param: nn.Parameter, dim: int, group: dist.ProcessGroup) -> nn.Parameter:
+    """This rank's contiguous block of param along dim, marked with `tp_shard_dim` (works on the meta device)."""
     size = param.shape[dim] // _tp_size(group)
-    block = param.detach().narrow(dim, _tp_rank(group) * size, size).clone()
-    shard = nn.Parameter(block, requires_grad=param.requires_grad)
+    shard = new_parameter(param.detach().narrow(dim, _tp_rank(group) * size, size).clone(), param)
     shard.tp_shard_dim = dim
     return shard
 

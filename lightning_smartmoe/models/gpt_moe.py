@@ -1,5 +1,6 @@
-"""Decoder-only GPT with a mixture-of-experts FFN every `moe.every` layers (nanoGPT-style), built whole and
-then, for tensor parallelism, sharded Megatron-style, and for pipeline parallelism, cut into stages."""
+"""Decoder-only GPT with a mixture-of-experts FFN every `moe.every` layers (nanoGPT-style), built whole (on
+the meta device under the smartmoe strategy) and then, for tensor parallelism, sharded Megatron-style, and for
+pipeline parallelism, cut into stages."""
 
 from dataclasses import dataclass, field
 
@@ -7,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_smartmoe import init
 from lightning_smartmoe.errors import ConfigError
 from lightning_smartmoe.moe import MoEConfig, MoELayer
 from lightning_smartmoe.moe.experts import default_out_std
@@ -158,17 +160,21 @@ class GPTMoE(nn.Module):
         self.tp_group: dist.ProcessGroup | None = None
         self.sequence_parallel = False
         self.num_stages = 1
-        self.apply(self._init_dense)
+        self._declare_init()
+
+    def _declare_init(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02) for linear and embedding weights, residual-branch output projections
+        scaled by 1 / sqrt(2 n_layers), zero biases, unit layer-norm gains (the MoE layers declare their own)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.LayerNorm):
+                init.ones_(module.weight)
+            if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
+                init.zeros_(module.bias)
         for name, p in self.named_parameters():
             if name.endswith("attn.proj.weight") or name.endswith("ffn.proj.weight"):
-                nn.init.normal_(p, std=default_out_std(cfg.n_layers))
-
-    @staticmethod
-    def _init_dense(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+                init.normal_(p, std=default_out_std(self.cfg.n_layers))
 
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]

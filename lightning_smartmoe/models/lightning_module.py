@@ -38,15 +38,21 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 class GPTMoEModule(pl.LightningModule):
     """Trains GPTMoE on (input, target) token batches of shape [B, S].
 
-    Under the smartmoe strategy with pipeline parallelism, the strategy's `pipeline` runs each step's
-    forward and backward; the loss it returns is the last stage's, on every rank.
+    The model is built in `configure_model` (Lightning calls it; outside a Trainer, call it yourself): under the
+    smartmoe strategy on the meta device, so that each rank materialises only its share. Under pipeline
+    parallelism the strategy's `pipeline` runs each step's forward and backward; the loss it returns is the
+    last stage's, on every rank.
     """
 
     def __init__(self, model: GPTMoEConfig, optim: OptimConfig = OptimConfig()) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.optim = optim
-        self.model = GPTMoE(model)
+        self.model_config, self.optim = model, optim
+        self.model: GPTMoE | None = None
+
+    def configure_model(self) -> None:
+        if self.model is None:  # Lightning calls this hook for every fit, validate, ...
+            self.model = GPTMoE(self.model_config)
 
     def forward(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         return self.model(idx)

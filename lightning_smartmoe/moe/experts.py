@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_smartmoe import init
 from triton_ops import grouped_mm
 
 
@@ -20,10 +21,8 @@ class GroupedExperts(nn.Module):
 
     def __init__(self, num_slots: int, d_model: int, hidden: int, out_std: float = 0.02) -> None:
         super().__init__()
-        self.w1 = nn.Parameter(torch.empty(num_slots, d_model, hidden))
-        self.w2 = nn.Parameter(torch.empty(num_slots, hidden, d_model))
-        nn.init.normal_(self.w1, std=0.02)
-        nn.init.normal_(self.w2, std=out_std)
+        self.w1 = init.normal_(nn.Parameter(torch.empty(num_slots, d_model, hidden)), std=0.02)
+        self.w2 = init.normal_(nn.Parameter(torch.empty(num_slots, hidden, d_model)), std=out_std)
         self.logical_ids = list(range(num_slots))
 
     @property
@@ -56,8 +55,8 @@ class GroupedExperts(nn.Module):
         if hidden % tp:
             raise ValueError(f"expert hidden size {hidden} is not divisible by the tensor-parallel size {tp}")
         part = slice(rank * hidden // tp, (rank + 1) * hidden // tp)
-        self.w1 = nn.Parameter(self.w1[:, :, part].contiguous())
-        self.w2 = nn.Parameter(self.w2[:, part, :].contiguous())
+        self.w1 = init.new_parameter(self.w1[:, :, part].contiguous(), self.w1)
+        self.w2 = init.new_parameter(self.w2[:, part, :].contiguous(), self.w2)
         self.w1.tp_shard_dim, self.w2.tp_shard_dim = 2, 1
 
     @torch.no_grad()
@@ -67,8 +66,8 @@ class GroupedExperts(nn.Module):
         index = [self.logical_ids.index(e) if e >= 0 else 0 for e in experts]
         full = torch.tensor([e >= 0 for e in experts], device=self.w1.device).view(-1, 1, 1)
         index_t = torch.tensor(index, dtype=torch.long, device=self.w1.device)
-        self.w1 = nn.Parameter(self.w1.index_select(0, index_t) * full)
-        self.w2 = nn.Parameter(self.w2.index_select(0, index_t) * full)
+        self.w1 = init.new_parameter(self.w1.index_select(0, index_t) * full, self.w1)
+        self.w2 = init.new_parameter(self.w2.index_select(0, index_t) * full, self.w2)
         self.logical_ids = list(experts)
 
 

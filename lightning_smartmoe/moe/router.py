@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_smartmoe import init
 from lightning_smartmoe.moe.config import MoEConfig
 from lightning_smartmoe.tensor_parallel import rank_random
 from triton_ops import expert_histogram, topk_softmax
@@ -73,8 +74,7 @@ class Router(nn.Module):
     def __init__(self, d_model: int, cfg: MoEConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.weight = nn.Parameter(torch.empty(cfg.num_experts, d_model))
-        nn.init.normal_(self.weight, std=0.02)
+        self.weight = init.normal_(nn.Parameter(torch.empty(cfg.num_experts, d_model)), std=0.02)
         self.seq_group: dist.ProcessGroup | None = None
 
     def capacity(self, seq_len: int) -> int:
