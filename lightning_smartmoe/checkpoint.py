@@ -4,13 +4,16 @@ A checkpoint is a folder: DCP shards holding `model/<name>` and `optim<i>/<name>
 an expert parameter `<name>` of shape [slots, ...] is stored per logical expert as `<name>:<expert>`, plus
 `meta.pt` with everything else Lightning saves (loops, schedulers, callbacks, optimizer hyperparameters).
 Any layout that can build the model can load it: each rank reads the keys of the experts it holds.
-Tensor-parallel shards (parameters with a `tp_shard_dim`, and their optimizer state) are written as
-DTensors over the tensor-parallel mesh, so DCP stores the whole tensor and any tp size reads its shard;
-a pipeline stage writes and reads only its own parameters, whose names do not depend on the stage.
+Tensor-parallel shards and ZeRO blocks (and their optimizer state) are written as DTensors of the logical
+tensor (see Sharding), so DCP stores the whole tensor and any tp size or ZeRO stage reads its part; a
+pipeline stage writes and reads only its own parameters, whose names do not depend on the stage.
 """
 
+import math
 import shutil
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,78 +33,104 @@ from lightning_smartmoe.moe.experts import GroupedExperts
 META = "meta.pt"
 
 
-def _expert_ids(module: nn.Module) -> dict[int, list[int]]:
+@dataclass(frozen=True)
+class Sharding:
+    """Where a rank's tensor sits in the logical tensor it is part of: its dim `dims[i]` is split over dimension i
+    of `mesh` (DTensor Shard placements, uneven as torch.chunk cuts) and the logical tensor has `shape`. For a
+    stack of experts, dims and shape are those of one expert's tensor."""
+
+    mesh: DeviceMesh
+    dims: tuple[int, ...]
+    shape: tuple[int, ...]
+
+    def whole(self, t: Tensor) -> DTensor:
+        stride = tuple(math.prod(self.shape[d + 1 :]) for d in range(len(self.shape)))
+        return DTensor.from_local(t, self.mesh, [Shard(d) for d in self.dims], run_check=False, shape=self.shape, stride=stride)
+
+
+Stored = Callable[[nn.Parameter], tuple[Tensor, Sharding | None]]
+
+
+def unsharded(p: nn.Parameter) -> tuple[Tensor, None]:
+    """A parameter stored whole by every rank that holds it, with its optimizer state keyed by itself."""
+    return p, None
+
+
+def expert_ids(module: nn.Module) -> dict[int, list[int]]:
     """id(expert parameter) -> logical expert of each of its slots."""
-    return {id(p): m.logical_ids for m in module.modules() if isinstance(m, GroupedExperts) for p in (m.w1, m.w2)}
+    return {id(p): m.logical_ids for m in module.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
 
 
-def _entries(name: str, tensor: Tensor, like: Tensor, ids: list[int] | None, tp_mesh: DeviceMesh | None) -> list[tuple[str, Tensor]]:
-    """(`name` or `name:<expert>`, tensor or its slot) pairs for a parameter `like` or a piece of its
-    optimizer state `tensor`; empty slots are left out, and a per-parameter scalar (Adam's step) is repeated
-    per expert. A tensor-parallel shard (a `like` with `tp_shard_dim`, under `tp_mesh`) becomes a DTensor.
-    Replicas of a tensor on several ranks write the same key: DCP keeps one copy."""
+def entries(name: str, tensor: Tensor, like: Tensor, ids: list[int] | None, sharding: Sharding | None) -> list[tuple[str, Tensor]]:
+    """(`name` or `name:<expert>`, tensor or its slot) pairs for a stored tensor `like` (a parameter or its ZeRO
+    master) or a piece of its optimizer state `tensor`; empty slots are left out, and a per-parameter scalar
+    (Adam's step) is repeated per expert. Under a `sharding`, a tensor shaped like `like` becomes a DTensor of
+    the logical tensor. Replicas of a tensor on several ranks write the same key: DCP keeps one copy."""
     shaped = tensor.shape == like.shape
-    dim = getattr(like, "tp_shard_dim", None) if shaped and tp_mesh is not None else None
+    sharding = sharding if shaped else None
 
-    def whole(t: Tensor, shard_dim: int | None) -> Tensor:
-        return t if shard_dim is None else DTensor.from_local(t, tp_mesh, [Shard(shard_dim)], run_check=False)
+    def whole(t: Tensor) -> Tensor:
+        return t if sharding is None else sharding.whole(t)
 
     if ids is None:
-        return [(name, whole(tensor, dim))]
-    slot_dim = None if dim is None else dim - 1
-    return [(f"{name}:{e}", whole(tensor[i], slot_dim) if shaped else tensor) for i, e in enumerate(ids) if e >= 0]
+        return [(name, whole(tensor))]
+    return [(f"{name}:{e}", whole(tensor[i]) if shaped else tensor) for i, e in enumerate(ids) if e >= 0]
 
 
-def model_tensors(module: nn.Module, tp_mesh: DeviceMesh | None = None) -> dict[str, Tensor]:
-    """`model/<name>[:<expert>]` -> tensor (views of the live parameters and buffers)."""
-    ids = _expert_ids(module)
+def model_tensors(module: nn.Module, stored: Stored = unsharded) -> dict[str, Tensor]:
+    """`model/<name>[:<expert>]` -> tensor (views of the live parameters, or the masters holding them, and buffers)."""
+    ids = expert_ids(module)
+    params = {id(p) for p in module.parameters()}
     out: dict[str, Tensor] = {}
     for name, t in module.state_dict(keep_vars=True).items():
-        out.update(_entries(f"model/{name}", t.detach(), t, ids.get(id(t)), tp_mesh))
+        held, sharding = stored(t) if id(t) in params else (t, None)
+        out.update(entries(f"model/{name}", held.detach(), held, ids.get(id(t)), sharding))
     return out
 
 
-def optimizer_tensors(module: nn.Module, optimizer: Optimizer, index: int, tp_mesh: DeviceMesh | None = None) -> dict[str, Tensor]:
+def optimizer_tensors(module: nn.Module, optimizer: Optimizer, index: int, stored: Stored = unsharded) -> dict[str, Tensor]:
     """`optim<index>/<param name>[:<expert>]/<state>` -> tensor (views of the live optimizer state)."""
-    ids = _expert_ids(module)
+    ids = expert_ids(module)
     out: dict[str, Tensor] = {}
     for name, p in module.named_parameters():
-        for state, value in optimizer.state.get(p, {}).items():
+        held, sharding = stored(p)
+        for state, value in optimizer.state.get(held, {}).items():
             if isinstance(value, Tensor):
-                for key, t in _entries(f"optim{index}/{name}", value, p, ids.get(id(p)), tp_mesh):
+                for key, t in entries(f"optim{index}/{name}", value, held, ids.get(id(p)), sharding):
                     out[f"{key}/{state}"] = t
     return out
 
 
-def _all_tensors(module: nn.Module, optimizers: list[Optimizer], tp_mesh: DeviceMesh | None) -> dict[str, Tensor]:
-    tensors = model_tensors(module, tp_mesh)
+def _all_tensors(module: nn.Module, optimizers: list[Optimizer], stored: Stored) -> dict[str, Tensor]:
+    tensors = model_tensors(module, stored)
     for i, opt in enumerate(optimizers):
-        tensors.update(optimizer_tensors(module, opt, i, tp_mesh))
+        tensors.update(optimizer_tensors(module, opt, i, stored))
     return tensors
 
 
-def _init_optimizer_state(module: nn.Module, optimizer: Optimizer, index: int, saved: dict[str, Any]) -> None:
+def _init_optimizer_state(module: nn.Module, optimizer: Optimizer, index: int, saved: dict[str, Any], stored: Stored) -> None:
     """Create zero optimizer state shaped like the checkpoint's, so DCP can load into it."""
-    ids = _expert_ids(module)
+    ids = expert_ids(module)
     for name, p in module.named_parameters():
-        if p in optimizer.state and optimizer.state[p]:
+        held = stored(p)[0]
+        if held in optimizer.state and optimizer.state[held]:
             continue
         expert = ids.get(id(p))
-        held = [e for e in expert if e >= 0] if expert is not None else None
-        if held == []:
+        kept = [e for e in expert if e >= 0] if expert is not None else None
+        if kept == []:
             continue  # only empty slots here: nothing to load
-        prefix = f"optim{index}/{name}" + (f":{held[0]}" if held is not None else "") + "/"
+        prefix = f"optim{index}/{name}" + (f":{kept[0]}" if kept is not None else "") + "/"
         state = {}
         for key, meta in saved.items():
             if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata):
                 shape = tuple(meta.size)
-                if len(shape) == p.ndim - (held is not None):
-                    shape = tuple(p.shape)  # shaped like the parameter (per expert; maybe another tp shard)
+                if len(shape) == held.ndim - (kept is not None):
+                    shape = tuple(held.shape)  # shaped like the stored tensor (per expert; maybe another shard)
                 # per-parameter scalars (Adam's step) live on the CPU, as torch.optim keeps them
-                device = p.device if shape else torch.device("cpu")
+                device = held.device if shape else torch.device("cpu")
                 state[key[len(prefix) :]] = torch.zeros(shape, dtype=meta.properties.dtype, device=device)
         if state:
-            optimizer.state[p] = state
+            optimizer.state[held] = state
 
 
 def _barrier() -> None:
@@ -131,16 +160,16 @@ def _is_checkpoint(path: Path) -> bool:
 
 
 def save(
-    path: str | Path, module: nn.Module, optimizers: list[Optimizer], meta: dict[str, Any], tp_mesh: DeviceMesh | None = None
+    path: str | Path, module: nn.Module, optimizers: list[Optimizer], meta: dict[str, Any], stored: Stored = unsharded
 ) -> None:
-    """Collective save (`tp_mesh`: the tensor-parallel mesh when tp > 1). Written to a temporary folder that replaces `path` by renames only, so a crash at
+    """Collective save (`stored`: how each parameter is stored, see Sharding). Written to a temporary folder that replaces `path` by renames only, so a crash at
     any point leaves either the old or the new checkpoint whole. An existing `path` that is not a
     checkpoint is refused, not overwritten."""
     path = _broadcast_path(Path(path))
     if path.exists() and not _is_checkpoint(path):
         raise ConfigError(f"checkpoint path {str(path)!r} exists and is not a smartmoe checkpoint; refusing to replace it")
     tmp = _broadcast_path(path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"))
-    dcp.save(_all_tensors(module, optimizers, tp_mesh), checkpoint_id=tmp)
+    dcp.save(_all_tensors(module, optimizers, stored), checkpoint_id=tmp)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         meta = dict(meta, optimizer_hparams=[[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in optimizers])
@@ -168,7 +197,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 def load(
-    path: str | Path, module: nn.Module, optimizers: list[Optimizer], meta: dict[str, Any], tp_mesh: DeviceMesh | None = None
+    path: str | Path, module: nn.Module, optimizers: list[Optimizer], meta: dict[str, Any], stored: Stored = unsharded
 ) -> dict[str, Any]:
     """Collective load into the live module and optimizers; `meta` is `read_meta(path)`. Returns the metadata
     for Lightning."""
@@ -176,8 +205,8 @@ def load(
     try:
         saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
         for i, opt in enumerate(optimizers):
-            _init_optimizer_state(module, opt, i, saved)
-        tensors = _all_tensors(module, optimizers, tp_mesh)
+            _init_optimizer_state(module, opt, i, saved, stored)
+        tensors = _all_tensors(module, optimizers, stored)
         missing = sorted(k for k in tensors if k not in saved)
         if _any_rank(bool(missing)):  # every rank raises, so none waits in dcp.load for the others
             raise ConfigError(

@@ -104,7 +104,10 @@ class ParallelLayout:
     parameters), `grad_plane_group` (the stage: parameters whose gradient is partial over tp, such as the
     router), `grad_edp_group` (copies of an expert slot over data parallelism), `grad_ep_group` (the ep_group's
     ranks again: replicas of an expert placed on several of them sum their gradients). `mesh` is the
-    (pp, dp, tp) DeviceMesh; its "tp" dimension describes tensor-parallel shards to checkpoints.
+    (pp, dp, tp) DeviceMesh; its "tp" dimension describes tensor-parallel shards to checkpoints, and its
+    "dp" dimension blocks of dense parameters cut by ZeRO. `expert_mesh` (built on request: for ZeRO-cut experts)
+    is the same ranks as (pp, edp, ep, etp): etp is tp with expert_tp and 1 otherwise; its "edp" dimension
+    describes the experts' ZeRO blocks.
     """
 
     sizes: ParallelSizes
@@ -117,10 +120,11 @@ class ParallelLayout:
     grad_plane_group: dist.ProcessGroup | None = None
     grad_edp_group: dist.ProcessGroup | None = None
     grad_ep_group: dist.ProcessGroup | None = None
+    expert_mesh: DeviceMesh | None = None
     rank: int = 0
 
     @classmethod
-    def build(cls, sizes: ParallelSizes, device_type: str) -> "ParallelLayout":
+    def build(cls, sizes: ParallelSizes, device_type: str, expert_mesh: bool = False) -> "ParallelLayout":
         """Create the mesh and groups (collective: every rank calls it) or, for one process, none."""
         if sizes.world_size == 1:
             return cls(sizes)
@@ -143,8 +147,15 @@ class ParallelLayout:
             grad_plane_group=_my_group(stages, rank),
             grad_edp_group=_my_group(edp_lists, rank),
             grad_ep_group=_my_group(ep_lists, rank),
+            expert_mesh=cls._expert_mesh(sizes, device_type) if expert_mesh else None,
             rank=rank,
         )
+
+    @staticmethod
+    def _expert_mesh(sizes: ParallelSizes, device_type: str) -> DeviceMesh:
+        etp = sizes.tp if sizes.expert_tp else 1
+        shape = (sizes.pp, sizes.edp, sizes.ep, etp)
+        return init_device_mesh(device_type, shape, mesh_dim_names=("pp", "edp", "ep", "etp"))
 
     @property
     def stage(self) -> int:

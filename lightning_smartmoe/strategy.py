@@ -38,8 +38,9 @@ from lightning_smartmoe.layout import ParallelLayout, ParallelSizes
 from lightning_smartmoe.moe import GroupedExperts, MoELayer
 from lightning_smartmoe.pipeline import SCHEDULES, PipelineRunner
 from lightning_smartmoe.placement import Placement
-from lightning_smartmoe.placement.migration import migrate
+from lightning_smartmoe.placement.migration import migrate, slot_fields
 from lightning_smartmoe.placement.replica_sync import OverlappedReplicaSync, sync_replica_grads
+from lightning_smartmoe.zero import STAGES, ZeroOptimizer
 
 
 class _SpawnLauncher(_MultiProcessingLauncher):
@@ -90,6 +91,10 @@ class SmartMoEStrategy(ParallelStrategy):
         bucket_mb: gradient all-reduce bucket size.
         extra_slots: expert slots per rank beyond num_experts / ep, for replicas of hot experts
             (placement.extra_slots); used by dynamic placement.
+        zero: 0 keeps whole optimizer state on every data-parallel replica; 1 shards it (ZeRO stage 1: each
+            replica steps a 1/n block of every parameter and the blocks are all-gathered); 2 also reduce-scatters
+            the gradients (stage 2). Dense parameters shard over their data-parallel group, experts over their
+            expert-data-parallel group (lightning_smartmoe.zero; stage 3 is not offered, see there).
     """
 
     strategy_name = "smartmoe"
@@ -108,6 +113,7 @@ class SmartMoEStrategy(ParallelStrategy):
         start_method: Literal["spawn", "popen"] = "spawn",
         bucket_mb: float = 25.0,
         extra_slots: int = 0,
+        zero: int = 0,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -159,6 +165,13 @@ class SmartMoEStrategy(ParallelStrategy):
         if extra_slots < 0:
             raise ConfigError(f"placement.extra_slots={extra_slots} must be >= 0")
         self._extra_slots = extra_slots
+        if isinstance(zero, bool) or zero not in STAGES:
+            raise ConfigError(
+                f"parallel.zero={zero!r} is unknown; allowed: 0, 1 (optimizer state sharded), 2 (and gradients); "
+                "3 (parameters) is not offered: see lightning_smartmoe/zero.py"
+            )
+        self.zero_stage = zero
+        self._zero: ZeroOptimizer | None = None
         self._process_group_backend = process_group_backend
         self._timeout = timeout
         self._sizes: ParallelSizes | None = None
@@ -259,7 +272,8 @@ class SmartMoEStrategy(ParallelStrategy):
             backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
             _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
         if self.layout is None:  # a later fit or validate of the same trainer keeps the groups its model uses
-            self.layout = ParallelLayout.build(self.sizes, self.root_device.type)
+            expert_mesh = self.zero_stage > 0 and self.sizes.edp > 1
+            self.layout = ParallelLayout.build(self.sizes, self.root_device.type, expert_mesh)
 
     # ---- model ---------------------------------------------------------------------------------------
 
@@ -275,6 +289,11 @@ class SmartMoEStrategy(ParallelStrategy):
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if self.layout.mesh is not None and trainer.state.fn == TrainerFn.FITTING:
+            if self.zero_stage:
+                self._zero = ZeroOptimizer(
+                    self.zero_stage, self._reduction_groups(self.model), self._expert_param_ids(self.model),
+                    getattr(self.precision_plugin, "precision", None) == "bf16-mixed", self._bucket_bytes,
+                )
             self._grad_sync = self._build_grad_sync(self.model)
             self._replica_sync = self._build_replica_sync()
         if self.sizes.pp > 1 and self.pipeline is None:
@@ -285,6 +304,8 @@ class SmartMoEStrategy(ParallelStrategy):
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
+            if self._zero is not None:
+                self._zero.shard_optimizers(self.optimizers)
         self.setup_precision_plugin()
         if self.layout.mesh is not None:
             self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm
@@ -350,20 +371,36 @@ class SmartMoEStrategy(ParallelStrategy):
     def migrate(self, layer: MoELayer, placement: Placement) -> int:
         """Switch one MoE layer to `placement` between optimizer steps (collective; every rank passes the same
         placement). Returns the elements this rank sent."""
-        return migrate(layer, placement, self.optimizers)
+        return migrate(layer, placement, self.optimizers, self.optimizer_tensor)
 
-    def _build_grad_sync(self, model: nn.Module) -> GradientSynchronizer:
-        """Every gradient is summed over a group and divided by dp: dense parameters over the dp ranks of
-        their stage and tp rank; parameters whose gradient is partial over tp (`tp_partial`) over the whole
-        stage; expert parameters over their expert-data-parallel group. Under pipeline parallelism a bucket
-        starts in the schedule's backward of the last micro-batch that touches it."""
-        expert = {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
+    def slot_fields(self, layer: MoELayer) -> list[Tensor]:
+        """The per-slot tensors a migration of `layer` moves (weights, and optimizer state wherever it lives)."""
+        return slot_fields(layer, self.optimizers, self.optimizer_tensor)
+
+    @staticmethod
+    def _expert_param_ids(model: nn.Module) -> set[int]:
+        return {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
+
+    def _reduction_groups(self, model: nn.Module) -> list[tuple[list[nn.Parameter], dist.ProcessGroup, bool]]:
+        """Every gradient is summed over a group and divided by dp: dense parameters over the dp ranks of their
+        stage and tp rank; parameters whose gradient is partial over tp (`tp_partial`) over the whole stage;
+        expert parameters over their expert-data-parallel group. (parameters, group, whether ZeRO may cut them)."""
+        expert = self._expert_param_ids(model)
         params = list(model.parameters())
         dense = [p for p in params if id(p) not in expert]
+        return [
+            ([p for p in dense if not getattr(p, "tp_partial", False)], self.layout.grad_dp_group, True),
+            ([p for p in dense if getattr(p, "tp_partial", False)], self.layout.grad_plane_group, False),
+            ([p for p in params if id(p) in expert], self.layout.grad_edp_group, True),
+        ]
+
+    def _build_grad_sync(self, model: nn.Module) -> GradientSynchronizer:
+        """Buckets over `_reduction_groups`; under pipeline parallelism a bucket starts in the schedule's backward of
+        the last micro-batch that touches it; with ZeRO stage 2 the cut parameters are reduce-scattered."""
         sync = GradientSynchronizer(divisor=self.sizes.dp, bucket_bytes=self._bucket_bytes, backwards_per_step=self.microbatches)
-        sync.add([p for p in dense if not getattr(p, "tp_partial", False)], self.layout.grad_dp_group)
-        sync.add([p for p in dense if getattr(p, "tp_partial", False)], self.layout.grad_plane_group)
-        sync.add([p for p in params if id(p) in expert], self.layout.grad_edp_group)
+        scattered = self._zero.shards if self._zero is not None and self.zero_stage == 2 else None
+        for params, group, _ in self._reduction_groups(model):
+            sync.add(params, group, scattered)
         return sync
 
     @property
@@ -414,28 +451,36 @@ class SmartMoEStrategy(ParallelStrategy):
     def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: float) -> None:
         """Clip by the norm of the whole model's gradient, each element counted once wherever it lives.
 
-        After synchronisation a stage's copies of a gradient are identical, so each rank adds its squares
-        weighted by 1 / (copies of it in the stage) and one all-reduce over the world sums the stages:
-        tensor-parallel shards have dp copies, other dense parameters dp * tp, an expert slot
-        replicas * edp (0 for an empty slot).
+        After synchronisation a stage's copies of a gradient are identical, so each rank adds the squares of the
+        gradients its optimizer steps weighted by 1 / (copies of them in the stage) and one all-reduce over the
+        world sums the stages: tensor-parallel shards have dp copies, other dense parameters dp * tp, an expert
+        slot replicas * edp (0 for an empty slot); a ZeRO block has 1 / n of its parameter's copies.
         """
         sizes = self.sizes
-        shares = {id(p): layer.slot_shares() for layer in self.moe_layers for p in (layer.experts.w1, layer.experts.w2)}
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        shares = {id(self.optimizer_tensor(p)): layer.slot_shares()
+                  for layer in self.moe_layers for p in (layer.experts.w1, layer.experts.w2)}
+        params = {id(self.optimizer_tensor(p)): p for p in self.model.parameters()}
+        stepped = [t for group in optimizer.param_groups for t in group["params"] if t.grad is not None]
         sq = torch.zeros((), dtype=torch.float64, device=self.root_device)
-        for p in params:
-            g = p.grad.detach().double().square()
-            share = shares.get(id(p))
+        for t in stepped:
+            g = t.grad.detach().double().square()
+            p = params.get(id(t), t)
+            cut = self._zero.shards[id(p)].n if self._zero is not None and id(p) in self._zero.shards else 1
+            share = shares.get(id(t))
             if share is not None:
-                sq += (g.flatten(1).sum(1) * share.to(g.device)).sum() / sizes.edp
+                sq += (g.flatten(1).sum(1) * share.to(g.device)).sum() * cut / sizes.edp
             elif hasattr(p, "tp_shard_dim"):
-                sq += g.sum() / sizes.dp
+                sq += g.sum() * cut / sizes.dp
             else:
-                sq += g.sum() / sizes.plane
+                sq += g.sum() * cut / sizes.plane
         dist.all_reduce(sq)
         scale = clip_val / (sq.sqrt() + 1e-6)
         if scale < 1:
-            torch._foreach_mul_([p.grad for p in params], scale.item())
+            torch._foreach_mul_([t.grad for t in stepped], scale.item())
+
+    def optimizer_tensor(self, p: Tensor) -> Tensor:
+        """The tensor the optimizer steps for parameter p: p, or under ZeRO its block's master."""
+        return p if self._zero is None else self._zero.master(p)
 
     def model_to_device(self) -> None:
         assert self.model is not None
@@ -463,12 +508,18 @@ class SmartMoEStrategy(ParallelStrategy):
                 self._replica_sync.finish()  # before the average below divides the expert gradients in place
             if self._grad_sync is not None:
                 self._grad_sync.finish()
+                if self.zero_stage == 1:
+                    self._zero.set_master_grads_from_full()
                 if self._replica_sync is None:
                     for layer in self.moe_layers:
-                        sync_replica_grads(layer, self.layout.grad_ep_group)
+                        stepped = [self.optimizer_tensor(p) for p in (layer.experts.w1, layer.experts.w2)]
+                        sync_replica_grads(layer, self.layout.grad_ep_group, stepped)
             return result
 
-        return super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
+        result = super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
+        if self._zero is not None:
+            self._zero.gather_params()
+        return result
 
     # ---- collectives ---------------------------------------------------------------------------------
 
@@ -500,13 +551,15 @@ class SmartMoEStrategy(ParallelStrategy):
         meta = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
         meta["parallel"] = vars(self.sizes).copy()
         meta["placements"] = self._placement_tables()
-        ckpt_io.save(filepath, self.lightning_module, self.optimizers, meta, self.tp_mesh)
+        ckpt_io.save(filepath, self.lightning_module, self.optimizers, meta, self.stored_tensor)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))
         meta = ckpt_io.read_meta(path)
         self._adopt_saved_placements(meta)
-        meta = ckpt_io.load(path, self.lightning_module, self.optimizers, meta, self.tp_mesh)
+        meta = ckpt_io.load(path, self.lightning_module, self.optimizers, meta, self.stored_tensor)
+        if self._zero is not None:
+            self._zero.gather_params()  # the blocks were loaded into the masters
         meta.setdefault("state_dict", {})
         return meta
 
@@ -514,6 +567,27 @@ class SmartMoEStrategy(ParallelStrategy):
     def tp_mesh(self) -> DeviceMesh | None:
         """The tensor-parallel mesh dimension (None when tp = 1): checkpoints write TP shards as DTensors on it."""
         return self.layout.mesh["tp"] if self.layout.mesh is not None and self.sizes.tp > 1 else None
+
+    def stored_tensor(self, p: nn.Parameter) -> tuple[Tensor, ckpt_io.Sharding | None]:
+        """What checkpoints store for parameter p, and where it sits in the logical tensor: p itself, or its ZeRO
+        block's master, cut over the (expert-)data-parallel mesh dimension and/or the tensor-parallel one."""
+        held = self.optimizer_tensor(p)
+        zero = self._zero.shards.get(id(p)) if self._zero is not None else None
+        tp_dim = getattr(p, "tp_shard_dim", None)
+        if zero is None and tp_dim is None:
+            return held, None
+        expert = id(p) in self._expert_param_ids(self.model)
+        offset = int(expert)  # an expert stack's dims are those of each slot's tensor, + 1
+        shape = [n * self.sizes.tp if d == tp_dim else n for d, n in enumerate(p.shape)][offset:]
+        dims, names = [], []
+        if zero is not None:
+            dims.append(zero.dim - offset)
+            names.append("edp" if expert else "dp")
+        if tp_dim is not None:
+            dims.append(tp_dim - offset)
+            names.append("etp" if expert and zero is not None else "tp")
+        mesh = self.layout.expert_mesh if expert and zero is not None else self.layout.mesh
+        return held, ckpt_io.Sharding(mesh[tuple(names)] if len(names) > 1 else mesh[names[0]], tuple(dims), tuple(shape))
 
     def _placement_tables(self) -> list[tuple[int, ...]]:
         """Each MoE layer's slot -> logical expert table, for every layer of the whole model (collective:

@@ -31,6 +31,7 @@ def build(cfg: DictConfig, output_dir: Path) -> tuple[pl.Trainer, GPTMoEModule, 
         dp=sizes.dp, tp=sizes.tp, pp=sizes.pp, ep=sizes.ep, microbatches=cfg.parallel.microbatches,
         pp_schedule=cfg.parallel.pp_schedule, virtual_stages=cfg.parallel.virtual_stages, sequence_parallel=cfg.parallel.sequence_parallel, expert_tp=sizes.expert_tp,
         start_method=cfg.parallel.start_method, bucket_mb=cfg.parallel.bucket_mb, extra_slots=cfg.placement.extra_slots,
+        zero=cfg.parallel.zero,
     )
     placement = config.placement_callback(cfg)
     checkpoints = ModelCheckpoint(

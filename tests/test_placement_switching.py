@@ -7,6 +7,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 import tiny
 from distributed import run_distributed
@@ -45,7 +46,8 @@ def remote_copies(old: Placement, new: Placement) -> int:
 
 def _gather_logical(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     shards = [None] * dist.get_world_size()
-    dist.all_gather_object(shards, {k: v.clone() for k, v in tensors.items()})
+    whole = {k: v.full_tensor() if isinstance(v, DTensor) else v.clone() for k, v in tensors.items()}  # ZeRO blocks
+    dist.all_gather_object(shards, whole)
     return {k: v for shard in shards for k, v in shard.items()}
 
 
@@ -68,17 +70,18 @@ class RandomSwitches(pl.Callback):
             return
         self.done.add(step)
         optimizer = trainer.optimizers[0]
-        before = _gather_logical(optimizer_tensors(pl_module, optimizer, 0))
+        stored = trainer.strategy.stored_tensor
+        before = _gather_logical(optimizer_tensors(pl_module, optimizer, 0, stored))
         for layer in (m for m in pl_module.modules() if isinstance(m, MoELayer)):
             old = layer.placement
             new = random_placement(old.num_experts, old.ep, self.extra, self.gen)
             self.replicated += int((new.num_replicas > 1).sum())
             sent = torch.tensor(trainer.strategy.migrate(layer, new))
             dist.all_reduce(sent, group=layer.ep_group)  # this expert-parallel group's traffic
-            width = 3 * (layer.experts.w1[0].numel() + layer.experts.w2[0].numel())  # weights, exp_avg, exp_avg_sq
+            width = sum(f[0].numel() for f in trainer.strategy.slot_fields(layer))  # weights, exp_avg, exp_avg_sq
             assert int(sent) == remote_copies(old, new) * width
             assert layer.placement == new
-        after = _gather_logical(optimizer_tensors(pl_module, optimizer, 0))
+        after = _gather_logical(optimizer_tensors(pl_module, optimizer, 0, stored))
         assert before.keys() == after.keys()
         for key, value in before.items():  # every expert's Adam state is where the expert went, unchanged
             assert torch.equal(value, after[key]), key

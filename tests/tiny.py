@@ -11,13 +11,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
 from lightning_smartmoe import SmartMoEStrategy
-from lightning_smartmoe.checkpoint import model_tensors
+from lightning_smartmoe.checkpoint import entries, expert_ids, model_tensors, unsharded
 from lightning_smartmoe.data import TokenDataModule
 from lightning_smartmoe.models import GPTMoEConfig, GPTMoEModule, OptimConfig
-from lightning_smartmoe.moe import GroupedExperts, MoEConfig
+from lightning_smartmoe.moe import MoEConfig
 
 VOCAB = 64
 GLOBAL_BATCH = 8
@@ -46,27 +46,16 @@ def model_config(
     return GPTMoEConfig(vocab_size=VOCAB, seq_len=16, n_layers=n_layers, d_model=32, n_heads=4, dropout=dropout, moe=moe)
 
 
-def _whole(t: torch.Tensor, dim: int | None, tp_mesh) -> torch.Tensor:
-    """The whole tensor of `t`, a tensor-parallel shard along `dim` (collective over tp), else a copy of `t`."""
-    if tp_mesh is None or dim is None:
-        return t.clone()
-    return DTensor.from_local(t, tp_mesh, [Shard(dim)], run_check=False).full_tensor()
-
-
-def logical_grads(module: torch.nn.Module, tp_mesh=None) -> dict[str, torch.Tensor]:
-    """`grad/<param>[:<expert>]` -> this rank's gradient, expert gradients split by logical expert and
-    tensor-parallel shards gathered whole."""
-    ids = {id(p): m.logical_ids for m in module.modules() if isinstance(m, GroupedExperts) for p in (m.w1, m.w2)}
+def logical_grads(module: torch.nn.Module, stored=unsharded) -> dict[str, torch.Tensor]:
+    """`grad/<param>[:<expert>]` -> the synchronised gradient of each logical tensor, gathered whole from
+    tensor-parallel shards and ZeRO blocks (`stored`: the strategy's stored_tensor; collective)."""
+    ids = expert_ids(module)
     out = {}
     for name, p in module.named_parameters():
-        if p.grad is None:
-            continue
-        dim = getattr(p, "tp_shard_dim", None)
-        if id(p) not in ids:
-            out[f"grad/{name}"] = _whole(p.grad, dim, tp_mesh)
-        for i, e in enumerate(ids.get(id(p), [])):
-            if e >= 0:
-                out[f"grad/{name}:{e}"] = _whole(p.grad[i], None if dim is None else dim - 1, tp_mesh)
+        held, sharding = stored(p)
+        if held.grad is not None:
+            for key, g in entries(f"grad/{name}", held.grad, held, ids.get(id(p)), sharding):
+                out[key] = g.full_tensor() if isinstance(g, DTensor) else g.clone()
     return out
 
 
@@ -83,7 +72,7 @@ class LossRecorder(pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.first_grads is None:
-            self.first_grads = logical_grads(pl_module, trainer.strategy.tp_mesh)
+            self.first_grads = logical_grads(pl_module, trainer.strategy.stored_tensor)
 
 
 def fit(
@@ -107,6 +96,7 @@ def fit(
     val_windows: int = 0,
     precision: str = "64-true",
     global_batch: int = GLOBAL_BATCH,
+    zero: int = 0,
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Train and return (global per-batch cross-entropies, full logical parameters plus the first step's
     gradients unless resumed), identical on every rank; asserts that the ranks' copies of a tensor are equal. With `val_windows`, validate the trained model on
@@ -122,7 +112,7 @@ def fit(
     trainer = pl.Trainer(
         accelerator="cpu", devices=world, max_steps=steps, precision=precision,
         strategy=SmartMoEStrategy(tp=tp, pp=pp, ep=ep, microbatches=microbatches, pp_schedule=schedule, virtual_stages=virtual_stages,
-                                  sequence_parallel=sequence_parallel, expert_tp=expert_tp, extra_slots=extra_slots),
+                                  sequence_parallel=sequence_parallel, expert_tp=expert_tp, extra_slots=extra_slots, zero=zero),
         accumulate_grad_batches=accumulate, gradient_clip_val=clip,
         limit_val_batches=val_windows // (global_batch // accumulate), num_sanity_val_steps=0, logger=False, enable_checkpointing=save_dir is not None,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
@@ -130,8 +120,8 @@ def fit(
     trainer.fit(module, dm, ckpt_path=str(resume) if resume else None)
     val = trainer.validate(module, dm, verbose=False)[0]["val/loss"] if val_windows else None
     losses = torch.tensor(recorder.losses, dtype=torch.float64)
-    tp_mesh = trainer.strategy.tp_mesh
-    params = {k: v.full_tensor() if isinstance(v, DTensor) else v.clone() for k, v in model_tensors(module, tp_mesh).items()}
+    stored = model_tensors(module, trainer.strategy.stored_tensor)
+    params = {k: v.full_tensor() if isinstance(v, DTensor) else v.clone() for k, v in stored.items()}
     if resume is None:
         params.update(recorder.first_grads)
     if val is not None:

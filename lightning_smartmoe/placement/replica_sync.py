@@ -23,10 +23,12 @@ class ReplicaExchange:
     must not change while the exchange runs.
 
     `group`: the ranks of the layer's `ep_group` (default: that group; a separate communicator lets the
-    exchange run beside the layer's token all-to-alls).
+    exchange run beside the layer's token all-to-alls). `params`: the tensors whose `.grad` are summed, stacks
+    [slots, ...] like w1 and w2 (default: w1 and w2; under ZeRO their blocks' masters, which every rank of an
+    expert-parallel group holds for the same block).
     """
 
-    def __init__(self, layer: MoELayer, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, layer: MoELayer, group: dist.ProcessGroup | None = None, params: list[Tensor] | None = None) -> None:
         placement, self.rank = layer.placement, layer.ep_rank
         self.group = group if group is not None else layer.ep_group
         self.tag = 2 * (layer.index or 0) * _PIECES_PER_PAIR
@@ -35,18 +37,18 @@ class ReplicaExchange:
         self.phase = 0 if self.group is None or int(placement.num_replicas.max()) == 1 else 1
         if not self.phase:
             return
-        w1, w2 = layer.experts.w1, layer.experts.w2
-        for p in (w1, w2):
+        params = params if params is not None else [layer.experts.w1, layer.experts.w2]
+        for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         for slot, e in sorted(enumerate(layer.experts.logical_ids), key=lambda se: se[1]):
             holders = placement.ranks_of(e) if e >= 0 else ()
             if len(holders) > 1:
-                for grad in (w1.grad[slot].view(-1), w2.grad[slot].view(-1)):
+                for grad in (p.grad[slot].view(-1) for p in params):
                     r, n = len(holders), grad.numel()
                     chunks = [grad[i * n // r : (i + 1) * n // r] for i in range(r)]
                     self.pieces.append((holders, holders.index(self.rank), chunks))
-        self.received = w1.grad.new_empty(sum(c[j].numel() * (len(h) - 1) for h, j, c in self.pieces))
+        self.received = params[0].grad.new_empty(sum(c[j].numel() * (len(h) - 1) for h, j, c in self.pieces))
         sends, recvs, offset = [], [], 0
         for holders, j, chunks in self.pieces:
             for i, h in enumerate(holders):
@@ -106,10 +108,10 @@ class ReplicaExchange:
         self.phase = 0
 
 
-def sync_replica_grads(layer: MoELayer, group: dist.ProcessGroup | None = None) -> int:
+def sync_replica_grads(layer: MoELayer, group: dist.ProcessGroup | None = None, params: list[Tensor] | None = None) -> int:
     """Sum the replicas' gradients of `layer` now (ReplicaExchange, blocking). Returns the elements sent."""
     with torch.no_grad():
-        exchange = ReplicaExchange(layer, group)
+        exchange = ReplicaExchange(layer, group, params)
         exchange.wait()
     return exchange.sent
 
