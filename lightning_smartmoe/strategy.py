@@ -31,7 +31,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.optim import Optimizer
 
 from lightning_smartmoe import checkpoint as ckpt_io
-from lightning_smartmoe import init
+from lightning_smartmoe import init, tensor_parallel
 from lightning_smartmoe.grad_sync import GradientSynchronizer
 from lightning_smartmoe.errors import ConfigError
 from lightning_smartmoe.layout import ParallelLayout, ParallelSizes
@@ -283,6 +283,7 @@ class SmartMoEStrategy(ParallelStrategy):
             # Lightning's predict sampler gives ranks unequal batch counts; MoE layers run collectives per batch
             raise ConfigError("trainer.predict needs one process with the smartmoe strategy (devices=1)")
         self.accelerator.setup(trainer)
+        tensor_parallel.set_rank_random_state({})  # each fit draws as a fresh process would, from the seed
         self.check_model(self.lightning_module)
         self._split_model()
         self._materialize()

@@ -120,6 +120,16 @@ def reduce_scatter_sequence(x: Tensor, group: dist.ProcessGroup | None, dim: int
 _RANK_RANDOM: dict[tuple[dist.ProcessGroup, torch.device], Tensor] = {}  # each rank's own generator state
 
 
+def rank_random_state() -> dict[tuple[dist.ProcessGroup, torch.device], Tensor]:
+    """A snapshot of every rank_random stream (to replay a region's draws, as recomputation does)."""
+    return dict(_RANK_RANDOM)
+
+
+def set_rank_random_state(state: dict[tuple[dist.ProcessGroup, torch.device], Tensor]) -> None:
+    _RANK_RANDOM.clear()
+    _RANK_RANDOM.update(state)
+
+
 def _rng_state(device: torch.device) -> Tensor:
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 

@@ -69,6 +69,9 @@ def empty_file(tmp_path) -> Path:
         (["placement.policy=lpt"], r"placement\.policy='lpt' is unknown"),
         (["placement.extra_slots=-1"], r"placement\.extra_slots=-1 must be an integer >= 0"),
         (["ckpt_path=/no/such/ckpt"], r"ckpt_path='/no/such/ckpt' is not a smartmoe checkpoint folder"),
+        (["parallel.zero=3"], r"parallel\.zero=3 is unknown; allowed: 0, 1 .*, 2 .*; 3 \(parameters\) is not offered"),
+        (["parallel.zero=true"], r"parallel\.zero=True is unknown"),
+        (["model.recompute=attention"], r"model\.recompute='attention' is unknown; allowed: none, selective, full"),
     ],
 )
 def test_bad_config_values(tmp_path, overrides, message):

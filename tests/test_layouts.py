@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from torch.utils.checkpoint import set_checkpoint_early_stop
 
 import tiny
 from distributed import run_distributed
@@ -33,8 +34,9 @@ def _per_step(run, microbatches: int):
     return torch.tensor(losses, dtype=torch.float64).view(-1, microbatches).mean(1).tolist(), params
 
 
-def _fit(corpus: str | Path, n_layers: int = 2, every: int = 1, **kw):
-    return tiny.fit(Path(corpus), tiny.model_config(**MODEL, n_layers=n_layers, every=every), steps=STEPS, **kw)
+def _fit(corpus: str | Path, n_layers: int = 2, every: int = 1, recompute: str = "none", **kw):
+    model = tiny.model_config(**MODEL, n_layers=n_layers, every=every, recompute=recompute)
+    return tiny.fit(Path(corpus), model, steps=STEPS, **kw)
 
 
 def _layouts(corpus: str, cases: list[tuple[str, dict]]):
@@ -67,6 +69,10 @@ TWO = [
     ("pp2_interleaved_1f1b_v2_mb4", dict(pp=2, microbatches=4, schedule="interleaved_1f1b", virtual_stages=2, n_layers=4), 4),
     ("pp2_first_stage_without_moe", dict(pp=2, microbatches=2, every=2), 2),  # layer 0 dense, layer 1 MoE
     ("pp2_mb2_accumulate2", dict(pp=2, microbatches=2, accumulate=2), 4),
+    # activation recomputation replays each block (or the attention core) in backward, collectives included
+    ("tp2_recompute_full", dict(tp=2, recompute="full"), 1),
+    ("tp2_sequence_parallel_recompute_selective", dict(tp=2, sequence_parallel=True, recompute="selective"), 1),
+    ("pp2_1f1b_mb4_recompute_full", dict(pp=2, microbatches=4, schedule="1f1b", recompute="full"), 4),
 ]
 # Low precision tracks the float64 reference: (name, `_fit` keyword arguments, micro-batches of the reference).
 # Bounds on the per-step losses and on the whole first step's gradient (relative, in norm), each at least 10x the
@@ -92,9 +98,16 @@ def _two_ranks(corpus: str, save: str):
     results.update(_layouts(corpus, [(name, kw) for name, kw, _ in LOW_PRECISION]))
     results["saved_tp2_expert_tp"] = _fit(corpus, tp=2, expert_tp=True, sequence_parallel=True, save_dir=Path(save))
     results["second_trainer"] = _second_trainer_error(corpus)
+    for recompute in ("none", "full"):
+        counts = ExpertPlacementCallback(policy="static", heatmap_every=0)
+        with set_checkpoint_early_stop(False):  # recompute each block to its end, the statistics included
+            _fit(corpus, pp=2, microbatches=2, recompute=recompute, callbacks=[counts])
+        results[f"pp2_routed_per_layer_recompute_{recompute}"] = counts.history[-1].sum(1).tolist()
     for name, sequence_parallel in (("tp2_dropout_random_routing", False), ("tp2_sequence_parallel_dropout_random_routing", True)):
-        random = tiny.model_config(gate="gshard", capacity_factor=1.0, dropout=0.1)
-        results[name] = tiny.fit(Path(corpus), random, tp=2, sequence_parallel=sequence_parallel, steps=STEPS)
+        for recompute in ("none", "full"):
+            random = tiny.model_config(gate="gshard", capacity_factor=1.0, dropout=0.1, recompute=recompute)
+            key = name if recompute == "none" else f"{name}_recompute_full"
+            results[key] = tiny.fit(Path(corpus), random, tp=2, sequence_parallel=sequence_parallel, steps=STEPS)
     return results
 
 
@@ -153,6 +166,30 @@ def test_random_regions_keep_tensor_parallel_replicas_identical(two_ranks, name)
     asserts it on every rank) and training stays finite."""
     losses, _ = two_ranks[0][name]
     assert len(losses) == STEPS and all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", ["tp2_dropout_random_routing", "tp2_sequence_parallel_dropout_random_routing"])
+def test_recomputation_replays_each_ranks_random_numbers(two_ranks, name):
+    """Full recomputation redraws dropout masks and gshard's second-expert coin flips exactly as the forward drew
+    them, on the default stream and on each TP rank's own: the run equals the one without recomputation."""
+    assert_same_run(two_ranks[0][f"{name}_recompute_full"], two_ranks[0][name])
+
+
+@pytest.mark.timeout(300)
+def test_recomputation_counts_expert_load_once(two_ranks):
+    """Under pipelining each layer sums its statistics over the micro-batches; the recomputed forwards in backward
+    add nothing: the per-layer load is the run's without recomputation, at most the global batch's 8 sequences x
+    16 tokens x top-2 assignments (fewer: capacity drops some)."""
+    counted = two_ranks[0]["pp2_routed_per_layer_recompute_full"]
+    assert counted == two_ranks[0]["pp2_routed_per_layer_recompute_none"]
+    assert all(0 < n <= 8 * 16 * 2 for n in counted)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_recomputation_in_one_process_matches(reference, corpus, recompute):
+    assert_same_run(_fit(corpus, recompute=recompute), reference())
 
 
 @pytest.mark.timeout(300)

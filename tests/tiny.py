@@ -39,11 +39,12 @@ def write_corpus(path: Path) -> Path:
 
 def model_config(
     gate: str = "naive", capacity_factor: float | None = None, num_experts: int = 8, n_layers: int = 2, every: int = 1,
-    dropout: float = 0.0,
+    dropout: float = 0.0, recompute: str = "none",
 ) -> GPTMoEConfig:
     moe = MoEConfig(num_experts=num_experts, top_k=2, gate=gate, capacity_factor=capacity_factor,
                     aux_loss_coeff=0.01, z_loss_coeff=0.001, every=every)
-    return GPTMoEConfig(vocab_size=VOCAB, seq_len=16, n_layers=n_layers, d_model=32, n_heads=4, dropout=dropout, moe=moe)
+    return GPTMoEConfig(vocab_size=VOCAB, seq_len=16, n_layers=n_layers, d_model=32, n_heads=4, dropout=dropout,
+                        recompute=recompute, moe=moe)
 
 
 def logical_grads(module: torch.nn.Module, stored=unsharded) -> dict[str, torch.Tensor]:

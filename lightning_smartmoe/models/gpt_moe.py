@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_smartmoe import init
+from lightning_smartmoe import init, recompute
 from lightning_smartmoe.errors import ConfigError
 from lightning_smartmoe.moe import MoEConfig, MoELayer
 from lightning_smartmoe.moe.experts import default_out_std
@@ -31,9 +31,12 @@ class GPTMoEConfig:
     n_heads: int = 4
     ffn_hidden: int | None = None  # dense FFN hidden size; None = 4 * d_model
     dropout: float = 0.0
+    recompute: str = "none"  # none | selective (the attention core) | full (each block); recompute_granularity
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self) -> None:
+        if self.recompute not in recompute.MODES:
+            raise ConfigError(f"model.recompute={self.recompute!r} is unknown; allowed: {', '.join(recompute.MODES)}")
         for key in ("vocab_size", "seq_len", "n_layers", "d_model", "n_heads"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"model.{key}={getattr(self, key)} must be >= 1")
@@ -79,6 +82,7 @@ class CausalSelfAttention(nn.Module):
         self.n_heads = cfg.n_heads  # heads on this rank
         self.head_dim = cfg.d_model // cfg.n_heads
         self.dropout = cfg.dropout
+        self.recompute = cfg.recompute == "selective"
         self.qkv = ColumnParallelLinear(cfg.d_model, 3 * cfg.d_model, bias=False)  # a key bias has no gradient
         self.proj = RowParallelLinear(cfg.d_model, cfg.d_model)
 
@@ -91,10 +95,14 @@ class CausalSelfAttention(nn.Module):
         h = self.qkv(x)  # [B, S, 3 * local heads * head_dim]
         b, s, _ = h.shape
         q, k, v = h.view(b, s, self.n_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
-        dropout = self.dropout if self.training else 0.0
-        with rank_random(self.qkv.tp_group if dropout else None, h.device):  # each rank's own heads
-            y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        y = recompute.recomputed(self._attend, q, k, v) if self.recompute and self.training else self._attend(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The attention core: q, k, v [B, heads, S, head_dim] -> [B, heads, S, head_dim]."""
+        dropout = self.dropout if self.training else 0.0
+        with rank_random(self.qkv.tp_group if dropout else None, q.device):  # each rank's own heads
+            return nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
 
 
 class DenseFFN(nn.Module):
@@ -124,6 +132,7 @@ class Block(nn.Module):
         out_std = default_out_std(cfg.n_layers)
         self.ffn = MoELayer(cfg.d_model, cfg.hidden, cfg.moe, out_std) if moe else DenseFFN(cfg.d_model, cfg.hidden)
         self.drop = nn.Dropout(cfg.dropout)
+        self.recompute = cfg.recompute == "full"
         self.seq_group: dist.ProcessGroup | None = None  # under sequence parallelism: x is this rank's slice
 
     def _dropout(self, x: Tensor) -> Tensor:
@@ -133,6 +142,9 @@ class Block(nn.Module):
             return self.drop(x)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return recompute.recomputed(self._forward, x) if self.recompute and self.training else self._forward(x)
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = x + self._dropout(self.attn(self.ln1(x)))
         y, aux = self.ffn(self.ln2(x))
         return x + self._dropout(y), aux

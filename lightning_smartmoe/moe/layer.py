@@ -12,6 +12,7 @@ from lightning_smartmoe.moe.experts import GroupedExperts
 from lightning_smartmoe.moe.losses import load_balancing_loss, router_z_loss
 from lightning_smartmoe.moe.router import Router
 from lightning_smartmoe.placement import Placement
+from lightning_smartmoe.recompute import is_recomputing
 from lightning_smartmoe.tensor_parallel import (
     all_gather_sequence,
     copy_to_tp,
@@ -157,7 +158,8 @@ class MoELayer(nn.Module):
         )
         if self.expert_tp and dist.get_rank(self.tp_group) > 0:
             stats = stats.nothing()  # the same tokens as TP rank 0: count them once
-        self.stats = stats if self.stats is None or not self.sum_stats else self.stats + stats
+        if not is_recomputing():  # activation recomputation replays the forward: count it once
+            self.stats = stats if self.stats is None or not self.sum_stats else self.stats + stats
         aux = self.cfg.aux_loss_coeff * balance + self.cfg.z_loss_coeff * z
         if self.tp_group is not None:
             aux = aux / dist.get_world_size(self.tp_group)  # this rank's share of the batch's loss
