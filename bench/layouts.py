@@ -75,6 +75,7 @@ from lightning_smartmoe import SmartMoEStrategy  # noqa: E402
 from lightning_smartmoe.data import TokenDataModule  # noqa: E402
 from lightning_smartmoe.models import GPTMoEConfig, GPTMoEModule, OptimConfig  # noqa: E402
 from lightning_smartmoe.moe import MoEConfig  # noqa: E402
+from lightning_smartmoe.planner.memory import SavedActivations  # noqa: E402
 
 WORLD = 4
 THREADS = 1
@@ -136,57 +137,10 @@ def _reset_hwm() -> bool:
         return False
 
 
-def _storage_key(t: torch.Tensor) -> tuple[int, int] | None:
-    try:
-        s = t.untyped_storage()
-        return (s.data_ptr(), s.nbytes()) if s.nbytes() else None
-    except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage
-        return None
-
-
-class SavedBytes:
-    """Bytes of the storages autograd keeps for backward, live and peak (a saved_tensors_hooks pair)."""
-
-    class _Held:
-        __slots__ = ("t", "key", "owner")
-
-        def __init__(self, t, key, owner):
-            self.t, self.key, self.owner = t, key, owner
-
-        def __del__(self):
-            self.owner._release(self.key)
-
-    def __init__(self, exclude: set) -> None:
-        self.exclude = exclude  # parameter storages
-        self.refs: dict[tuple[int, int], int] = {}
-        self.live = self.peak = 0
-
-    def _release(self, key) -> None:
-        self.refs[key] -= 1
-        if not self.refs[key]:
-            del self.refs[key]
-            self.live -= key[1]
-
-    def pack(self, t: torch.Tensor):
-        key = _storage_key(t)
-        if key is None or key[0] in self.exclude:
-            return t
-        if key not in self.refs:
-            self.refs[key] = 0
-            self.live += key[1]
-            self.peak = max(self.peak, self.live)
-        self.refs[key] += 1
-        return SavedBytes._Held(t, key, self)
-
-    @staticmethod
-    def unpack(x):
-        return x.t if isinstance(x, SavedBytes._Held) else x
-
-
 def _nbytes(tensors) -> int:
     seen, total = set(), 0
     for t in tensors:
-        key = _storage_key(t)
+        key = SavedActivations.storage_key(t)
         if key is not None and key not in seen:
             seen.add(key)
             total += key[1]
@@ -203,7 +157,7 @@ class Probe(pl.Callback):
         self._cur = self._fresh()
         self._t0 = 0.0
         self._hooks = None
-        self._saved: SavedBytes | None = None
+        self._saved: SavedActivations | None = None
         self._wrapped = False
         self.grad_bytes = 0
         self.rss_start = self.rss_hwm = float("nan")
@@ -254,7 +208,7 @@ class Probe(pl.Callback):
             self._wrap_pipeline(runner)  # the schedule is built in the first step
         self._cur = self._fresh()
         if batch_idx >= self.warmup + self.steps:  # a memory step
-            self._saved = self._saved or SavedBytes({p.untyped_storage().data_ptr() for p in pl_module.parameters()})
+            self._saved = self._saved or SavedActivations({p.untyped_storage().data_ptr() for p in pl_module.parameters()})
             self._hooks = torch.autograd.graph.saved_tensors_hooks(self._saved.pack, self._saved.unpack)
             self._hooks.__enter__()
         self._t0 = time.perf_counter()

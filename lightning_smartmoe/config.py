@@ -12,6 +12,8 @@ from lightning_smartmoe.errors import ConfigError
 from lightning_smartmoe.layout import ParallelSizes
 from lightning_smartmoe.models import GPTMoEConfig, OptimConfig
 from lightning_smartmoe.moe import MoEConfig
+from lightning_smartmoe.planner import memory
+from lightning_smartmoe.planner.memory import Layout
 
 PACKAGE = Path(__file__).resolve().parent
 
@@ -77,8 +79,8 @@ def parallel_sizes(cfg: DictConfig) -> ParallelSizes:
     return ParallelSizes.resolve(world, dp=p.dp, tp=p.tp, pp=p.pp, ep=p.ep, expert_tp=p.expert_tp)
 
 
-def datamodule(cfg: DictConfig, model: GPTMoEConfig, sizes: ParallelSizes) -> TokenDataModule:
-    """Build and load the data (so a bad path or corpus fails here)."""
+def datamodule(cfg: DictConfig, model: GPTMoEConfig, sizes: ParallelSizes, load: bool = True) -> TokenDataModule:
+    """Build the data, sized for the layout, and load it (so a bad path or corpus fails here) unless load=False."""
     d = cfg.data
     dm = TokenDataModule(
         path=d.path,
@@ -89,8 +91,39 @@ def datamodule(cfg: DictConfig, model: GPTMoEConfig, sizes: ParallelSizes) -> To
         num_workers=d.num_workers,
         seed=d.seed,
     )
-    dm.prepare(sizes.dp, cfg.trainer.accumulate_grad_batches, cfg.parallel.microbatches)
+    if load:
+        dm.prepare(sizes.dp, cfg.trainer.accumulate_grad_batches, cfg.parallel.microbatches)
+    else:
+        dm.size_batches(sizes.dp, cfg.trainer.accumulate_grad_batches, cfg.parallel.microbatches)
     return dm
+
+
+def memory_layout(cfg: DictConfig, sizes: ParallelSizes) -> Layout:
+    """The run's layout as the memory model takes it."""
+    p = cfg.parallel
+    return Layout(
+        sizes, microbatches=p.microbatches, pp_schedule=p.pp_schedule, virtual_stages=p.virtual_stages,
+        sequence_parallel=p.sequence_parallel, extra_slots=cfg.placement.extra_slots, zero=p.zero,
+        precision=str(cfg.trainer.precision), accumulate=cfg.trainer.accumulate_grad_batches,
+        global_batch=cfg.data.global_batch_size,
+    )
+
+
+def check_memory(cfg: DictConfig, model: GPTMoEConfig, sizes: ParallelSizes) -> None:
+    """With `memory_gb` set, refuse a layout whose busiest rank is predicted to need more (planner.memory)."""
+    if cfg.memory_gb is None:
+        return
+    if isinstance(cfg.memory_gb, bool) or not isinstance(cfg.memory_gb, int | float) or cfg.memory_gb <= 0:
+        raise ConfigError(f"memory_gb={cfg.memory_gb!r} must be a number > 0 (GiB per rank) or null")
+    worst = memory.largest(memory.rank_memory(model, memory_layout(cfg, sizes)))
+    if worst.total_bytes > cfg.memory_gb * 2**30:
+        terms = {k: v for k, v in worst.as_dict().items() if k.endswith("_bytes") and k != "total_bytes"}
+        term = max(terms, key=terms.get)
+        raise ConfigError(
+            f"memory_gb={cfg.memory_gb}: rank {worst.rank} (pipeline stage {worst.stage}) is predicted to need "
+            f"{worst.total_bytes / 2**30:.2f} GiB; its largest term is {term.removesuffix('_bytes')}, "
+            f"{terms[term] / 2**30:.2f} GiB (see dry_run=true)"
+        )
 
 
 def placement_callback(cfg: DictConfig) -> ExpertPlacementCallback:

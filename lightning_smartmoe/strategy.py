@@ -43,6 +43,55 @@ from lightning_smartmoe.placement.replica_sync import OverlappedReplicaSync, syn
 from lightning_smartmoe.zero import STAGES, ZeroOptimizer
 
 
+def parallel_model(module: nn.Module) -> nn.Module:
+    """The submodule that shards and cuts itself (see SmartMoEStrategy)."""
+    for m in module.modules():
+        if all(hasattr(m, f) for f in ("check_parallel", "shard_tensor_parallel", "keep_stages", "stage_io", "loss")):
+            return m
+    raise ConfigError(
+        "parallel.tp > 1 or parallel.pp > 1 need a model with check_parallel, shard_tensor_parallel, keep_stages, "
+        "stage_io and loss methods (such as lightning_smartmoe.models.GPTMoE)"
+    )
+
+
+def pipeline_stages(layout: ParallelLayout, virtual_stages: int) -> list[int]:
+    """The pipeline stages a rank holds, of pp * virtual_stages (rank r: r, r + pp, ...)."""
+    return [layout.stage + i * layout.sizes.pp for i in range(virtual_stages)]
+
+
+def expert_param_ids(model: nn.Module) -> set[int]:
+    return {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
+
+
+def reduction_groups(model: nn.Module, layout: ParallelLayout) -> list[tuple[list[nn.Parameter], dist.ProcessGroup, bool]]:
+    """Every gradient is summed over a group and divided by dp: dense parameters over the dp ranks of their
+    stage and tp rank; parameters whose gradient is partial over tp (`tp_partial`) over the whole stage;
+    expert parameters over their expert-data-parallel group. (parameters, group, whether ZeRO may cut them)."""
+    expert = expert_param_ids(model)
+    params = list(model.parameters())
+    dense = [p for p in params if id(p) not in expert]
+    return [
+        ([p for p in dense if not getattr(p, "tp_partial", False)], layout.grad_dp_group, True),
+        ([p for p in dense if getattr(p, "tp_partial", False)], layout.grad_plane_group, False),
+        ([p for p in params if id(p) in expert], layout.grad_edp_group, True),
+    ]
+
+
+def keep_share(module: nn.Module, layout: ParallelLayout, virtual_stages: int = 1, sequence_parallel: bool = False,
+               extra_slots: int = 0) -> None:
+    """Cut `module` (whole, on any device, meta included) down to rank layout.rank's part: its tensor-parallel
+    shard, its pipeline stages, its expert slots (with `extra_slots` empty ones per rank for replicas)."""
+    sizes = layout.sizes
+    if sizes.tp > 1:
+        parallel_model(module).shard_tensor_parallel(layout.tp_group, sequence_parallel)
+    if sizes.pp > 1:
+        parallel_model(module).keep_stages(pipeline_stages(layout, virtual_stages), sizes.pp * virtual_stages)
+    if layout.mesh is not None:
+        for layer in (m for m in module.modules() if isinstance(m, MoELayer)):
+            layer.distribute(layout.ep_group, layout.plane_group, extra_slots, layout.tp_group, sequence_parallel,
+                             sizes.expert_tp)
+
+
 class _SpawnLauncher(_MultiProcessingLauncher):
     """Spawn launcher that checks the model against the sizes before starting processes (building a model that
     `configure_model` builds on the meta device first, which the processes then receive), and does not copy rank
@@ -245,18 +294,8 @@ class SmartMoEStrategy(ParallelStrategy):
             if isinstance(layer, MoELayer):
                 self.sizes.check_experts(layer.cfg.num_experts)
         if self.sizes.tp > 1 or self.sizes.pp > 1:
-            self._parallel_model(model).check_parallel(self.sizes.tp, self.sizes.pp, self.sizes.expert_tp, self._virtual_stages)
+            parallel_model(model).check_parallel(self.sizes.tp, self.sizes.pp, self.sizes.expert_tp, self._virtual_stages)
 
-    @staticmethod
-    def _parallel_model(module: nn.Module) -> nn.Module:
-        """The submodule that shards and cuts itself (see the class docstring)."""
-        for m in module.modules():
-            if all(hasattr(m, f) for f in ("check_parallel", "shard_tensor_parallel", "keep_stages", "stage_io", "loss")):
-                return m
-        raise ConfigError(
-            "parallel.tp > 1 or parallel.pp > 1 need a model with check_parallel, shard_tensor_parallel, keep_stages, "
-            "stage_io and loss methods (such as lightning_smartmoe.models.GPTMoE)"
-        )
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -292,14 +331,14 @@ class SmartMoEStrategy(ParallelStrategy):
         if self.layout.mesh is not None and trainer.state.fn == TrainerFn.FITTING:
             if self.zero_stage:
                 self._zero = ZeroOptimizer(
-                    self.zero_stage, self._reduction_groups(self.model), self._expert_param_ids(self.model),
+                    self.zero_stage, reduction_groups(self.model, self.layout), expert_param_ids(self.model),
                     getattr(self.precision_plugin, "precision", None) == "bf16-mixed", self._bucket_bytes,
                 )
             self._grad_sync = self._build_grad_sync(self.model)
             self._replica_sync = self._build_replica_sync()
         if self.sizes.pp > 1 and self.pipeline is None:
             self.pipeline = PipelineRunner(
-                self._parallel_model(self.lightning_module), self.layout, self._pipeline_stages, self._pp_schedule,
+                parallel_model(self.lightning_module), self.layout, pipeline_stages(self.layout, self._virtual_stages), self._pp_schedule,
                 self.microbatches, self.root_device, before_backward=self._reset_grad_sync,
             )
         self.barrier()
@@ -322,7 +361,7 @@ class SmartMoEStrategy(ParallelStrategy):
             self.moe_num_experts = [layer.cfg.num_experts for layer in self.moe_layers]
         layout, sizes = self.layout, self.sizes
         if sizes.tp > 1 or sizes.pp > 1:
-            model = self._parallel_model(self.lightning_module)
+            model = parallel_model(self.lightning_module)
             split_by = getattr(model, "_smartmoe_layout", layout)
             if split_by is not layout:
                 raise ConfigError(
@@ -330,16 +369,7 @@ class SmartMoEStrategy(ParallelStrategy):
                     "build a new LightningModule for each Trainer"
                 )
             model._smartmoe_layout = layout
-            if sizes.tp > 1:
-                model.shard_tensor_parallel(layout.tp_group, self._sequence_parallel)
-            if sizes.pp > 1:
-                model.keep_stages(self._pipeline_stages, sizes.pp * self._virtual_stages)
-        if layout.mesh is not None:
-            for layer in self.moe_layers:
-                layer.distribute(
-                    layout.ep_group, layout.plane_group, self._extra_slots, layout.tp_group, self._sequence_parallel,
-                    sizes.expert_tp,
-                )
+        keep_share(self.lightning_module, layout, self._virtual_stages, self._sequence_parallel, self._extra_slots)
 
     def _materialize(self) -> None:
         """Allocate this rank's part of a meta-built model on its device and initialise it from the seed of rank 0
@@ -361,11 +391,6 @@ class SmartMoEStrategy(ParallelStrategy):
             yield
 
     @property
-    def _pipeline_stages(self) -> list[int]:
-        """The pipeline stages this rank holds, of pp * virtual_stages."""
-        return [self.layout.stage + i * self.sizes.pp for i in range(self._virtual_stages)]
-
-    @property
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.model.modules() if isinstance(m, MoELayer)] if self.model is not None else []
 
@@ -378,29 +403,12 @@ class SmartMoEStrategy(ParallelStrategy):
         """The per-slot tensors a migration of `layer` moves (weights, and optimizer state wherever it lives)."""
         return slot_fields(layer, self.optimizers, self.optimizer_tensor)
 
-    @staticmethod
-    def _expert_param_ids(model: nn.Module) -> set[int]:
-        return {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
-
-    def _reduction_groups(self, model: nn.Module) -> list[tuple[list[nn.Parameter], dist.ProcessGroup, bool]]:
-        """Every gradient is summed over a group and divided by dp: dense parameters over the dp ranks of their
-        stage and tp rank; parameters whose gradient is partial over tp (`tp_partial`) over the whole stage;
-        expert parameters over their expert-data-parallel group. (parameters, group, whether ZeRO may cut them)."""
-        expert = self._expert_param_ids(model)
-        params = list(model.parameters())
-        dense = [p for p in params if id(p) not in expert]
-        return [
-            ([p for p in dense if not getattr(p, "tp_partial", False)], self.layout.grad_dp_group, True),
-            ([p for p in dense if getattr(p, "tp_partial", False)], self.layout.grad_plane_group, False),
-            ([p for p in params if id(p) in expert], self.layout.grad_edp_group, True),
-        ]
-
     def _build_grad_sync(self, model: nn.Module) -> GradientSynchronizer:
-        """Buckets over `_reduction_groups`; under pipeline parallelism a bucket starts in the schedule's backward of
+        """Buckets over `reduction_groups`; under pipeline parallelism a bucket starts in the schedule's backward of
         the last micro-batch that touches it; with ZeRO stage 2 the cut parameters are reduce-scattered."""
         sync = GradientSynchronizer(divisor=self.sizes.dp, bucket_bytes=self._bucket_bytes, backwards_per_step=self.microbatches)
         scattered = self._zero.shards if self._zero is not None and self.zero_stage == 2 else None
-        for params, group, _ in self._reduction_groups(model):
+        for params, group, _ in reduction_groups(model, self.layout):
             sync.add(params, group, scattered)
         return sync
 
@@ -577,7 +585,7 @@ class SmartMoEStrategy(ParallelStrategy):
         tp_dim = getattr(p, "tp_shard_dim", None)
         if zero is None and tp_dim is None:
             return held, None
-        expert = id(p) in self._expert_param_ids(self.model)
+        expert = id(p) in expert_param_ids(self.model)
         offset = int(expert)  # an expert stack's dims are those of each slot's tensor, + 1
         shape = [n * self.sizes.tp if d == tp_dim else n for d, n in enumerate(p.shape)][offset:]
         dims, names = [], []

@@ -72,6 +72,9 @@ def empty_file(tmp_path) -> Path:
         (["parallel.zero=3"], r"parallel\.zero=3 is unknown; allowed: 0, 1 .*, 2 .*; 3 \(parameters\) is not offered"),
         (["parallel.zero=true"], r"parallel\.zero=True is unknown"),
         (["model.recompute=attention"], r"model\.recompute='attention' is unknown; allowed: none, selective, full"),
+        (["trainer.devices=2", "parallel.ep=2", "memory_gb=0.001"],
+         r"memory_gb=0\.001: rank 0 \(pipeline stage 0\) is predicted to need 0\.\d+ GiB; its largest term is activations, 0\.\d+ GiB"),
+        (["memory_gb=-1"], r"memory_gb=-1 must be a number > 0 \(GiB per rank\) or null"),
     ],
 )
 def test_bad_config_values(tmp_path, overrides, message):

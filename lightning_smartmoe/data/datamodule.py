@@ -85,9 +85,9 @@ class TokenDataModule(pl.LightningDataModule):
         self.data_parallel_size = 1
         self._resumed_windows_per_batch: int | None = None  # of the run that wrote the checkpoint
 
-    def prepare(self, data_parallel_size: int, accumulate: int, microbatches: int = 1) -> None:
-        """Load and check the corpus, and size the per-rank batch (`microbatches`: pipeline micro-batches each
-        batch is cut into). Raises ConfigError on bad input."""
+    def size_batches(self, data_parallel_size: int, accumulate: int, microbatches: int = 1) -> None:
+        """Size the per-rank batch (`microbatches`: pipeline micro-batches each batch is cut into). Raises
+        ConfigError if the global batch does not divide."""
         if self.global_batch_size % (data_parallel_size * accumulate * microbatches):
             raise ConfigError(
                 f"data.global_batch_size={self.global_batch_size} must be divisible by data-parallel size "
@@ -95,6 +95,10 @@ class TokenDataModule(pl.LightningDataModule):
             )
         self.micro_batch_size = self.global_batch_size // (data_parallel_size * accumulate)
         self.data_parallel_size = data_parallel_size
+
+    def prepare(self, data_parallel_size: int, accumulate: int, microbatches: int = 1) -> None:
+        """Size the per-rank batch, then load and check the corpus. Raises ConfigError on bad input."""
+        self.size_batches(data_parallel_size, accumulate, microbatches)
         train, val = load_splits(self.path, self.val_fraction)
         top = max(max_token(train), max_token(val) if len(val) else 0)
         if top >= self.vocab_size:

@@ -1,0 +1,303 @@
+"""The memory of every rank of a layout: parameters, gradients, optimizer state and activations, in bytes.
+
+The first three are counted from the rank's own part of the model, built as the strategy builds it (on the meta
+device under a fake process group of the layout's world size: nothing is allocated, any world size fits in one
+process), with the ZeRO blocks the strategy would cut. Activations follow a per-layer model of the tensors
+autograd saves for backward in this implementation (`activation_bytes`), times the micro-batches a pipeline
+schedule keeps in flight; `SavedActivations` measures the same quantity on a real run.
+
+Gradients are counted at their peak within a step: whole for ZeRO stages 0 and 1 (stage 1 drops them after the
+reduction); at stage 2 the cut parameters' blocks, unless micro-batches (accumulation or a pipeline) make the
+full gradients accumulate until the last one. Optimizer state is AdamW's two moments of what the optimizer steps,
+plus the fp32 master blocks of bf16 weights under ZeRO. Transient buffers (communication buckets, one op's
+output) are not counted.
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_smartmoe.layout import ParallelLayout, ParallelSizes
+from lightning_smartmoe.models.gpt_moe import GPTMoE, GPTMoEConfig
+from lightning_smartmoe.strategy import expert_param_ids, keep_share, reduction_groups
+from lightning_smartmoe.zero import ZeroOptimizer
+
+PARAM_DTYPES = {"64-true": torch.float64, "32-true": torch.float32, "bf16-mixed": torch.float32, "bf16-true": torch.bfloat16}
+_INDEX = 8  # bytes of an int64 index
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A layout of a training run, as the strategy takes it."""
+
+    sizes: ParallelSizes
+    microbatches: int = 1
+    pp_schedule: str = "1f1b"
+    virtual_stages: int = 1
+    sequence_parallel: bool = False
+    extra_slots: int = 0
+    zero: int = 0
+    precision: str = "32-true"
+    accumulate: int = 1
+    global_batch: int = 16
+
+    @property
+    def micro_sequences(self) -> int:
+        """Sequences per pipeline micro-batch (per forward without a pipeline) on one rank."""
+        return self.global_batch // (self.sizes.dp * self.accumulate * self.microbatches)
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    rank: int
+    stage: int
+    params_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int
+    count: int = 1  # ranks with these figures (rank is the first)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.params_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes
+
+    def as_dict(self) -> dict:
+        return {"rank": self.rank, "stage": self.stage, "count": self.count, "params_bytes": self.params_bytes,
+                "grads_bytes": self.grads_bytes, "optimizer_bytes": self.optimizer_bytes,
+                "activations_bytes": self.activations_bytes, "total_bytes": self.total_bytes}
+
+
+# ---- activations ------------------------------------------------------------------------------------------------
+
+
+def _norm(tokens: float, d: int, b: int) -> float:
+    """LayerNorm: its input and the per-token mean and reciprocal standard deviation."""
+    return tokens * (d + 2) * b
+
+
+def block_activation_bytes(cfg: GPTMoEConfig, moe: bool, tokens: int, tp: int, sequence_parallel: bool,
+                           expert_tp: bool, ep: int, b: int) -> float:
+    """Bytes one transformer block saves for backward on one rank, for `tokens` tokens of its micro-batch (all its
+    sequences, whole; a tensor-parallel rank keeps what its shard needs), activations of b bytes each; router and
+    loss math in at least fp32. MoE layers: the rank's expert rows assume balanced routing."""
+    d, h = cfg.d_model, cfg.n_heads
+    f = max(b, 4)
+    local = tokens / tp if sequence_parallel else tokens  # tokens of the norm and residual regions
+    attention = (
+        _norm(local, d, b)
+        + tokens * d * b  # the qkv input (all-gathered under sequence parallelism)
+        + tokens * 4 * d / tp * b  # q, k, v and the attention output (= the projection input)
+        + (0 if cfg.recompute == "selective" else tokens * h / tp * f)  # the attention's logsumexp
+    )
+    ffn = _norm(local, d, b)
+    if moe:
+        m, k = cfg.moe, cfg.moe.top_k
+        routed = tokens if expert_tp else tokens / tp  # tokens this rank routes
+        rows = routed * k  # rows its experts compute (balanced)
+        hidden = (m.expert_hidden or cfg.hidden) / (tp if expert_tp else 1)
+        ffn += (
+            routed * d * b  # router input
+            + routed * (2 * m.num_experts + k + 2) * f  # probabilities, logits (z-loss), gate weights and sums
+            + routed * k * _INDEX  # chosen experts
+            + rows * (3 * d + 2 * hidden) * b  # expert input, GELU input and output, expert output twice (combine)
+            + rows * ((4 if ep > 1 else 3) * _INDEX + f)  # dispatch / combine indices, gathered gate weights
+        )
+    else:
+        ffn += tokens * d * b + 2 * tokens * cfg.hidden / tp * b  # FFN input, GELU input and output
+    return attention + ffn
+
+
+def stage_activation_bytes(cfg: GPTMoEConfig, layout: Layout, layers: list[int], first: bool, last: bool) -> tuple[float, float]:
+    """(one micro-batch's saved activations on a rank holding `layers` (and the embedding / the head), the
+    transient activations of one recomputed block during backward)."""
+    sizes = layout.sizes
+    b = 2 if layout.precision.startswith("bf16") else PARAM_DTYPES[layout.precision].itemsize
+    tokens = layout.micro_sequences * cfg.seq_len
+    tp, sp = sizes.tp, layout.sequence_parallel
+    blocks = [block_activation_bytes(cfg, cfg.is_moe_layer(i), tokens, tp, sp, sizes.expert_tp, sizes.ep, b) for i in layers]
+    if cfg.recompute == "full":  # each block keeps its input; backward recomputes one block at a time
+        kept = len(layers) * (tokens / tp if sp else tokens) * cfg.d_model * b
+    else:
+        kept = sum(blocks)
+    if first:
+        kept += tokens * _INDEX  # token ids
+    if last:
+        kept += _norm(tokens / tp if sp else tokens, cfg.d_model, b) + tokens * cfg.d_model * b  # final norm, head input
+        kept += tokens * (cfg.vocab_size / tp * max(b, 4) + _INDEX + 1)  # softmax over the vocab shard, target ids
+    return kept, (max(blocks) if cfg.recompute == "full" and blocks else 0.0)
+
+
+def in_flight(layout: Layout, stage: int) -> int:
+    """Micro-batches (chunks, for interleaved 1F1B) whose activations a pipeline rank holds at once."""
+    pp, m, v = layout.sizes.pp, layout.microbatches, layout.virtual_stages
+    if pp == 1:
+        return 1
+    if layout.pp_schedule == "gpipe":
+        return m
+    if layout.pp_schedule == "interleaved_1f1b":
+        return min(m * v, 2 * (pp - stage - 1) + (v - 1) * pp + 1)
+    return min(m, pp - stage)
+
+
+def activation_bytes(cfg: GPTMoEConfig, layout: Layout, stage: int) -> int:
+    """Peak saved activations of a rank of pipeline stage `stage` (its virtual stages included)."""
+    per_chunk_layers = cfg.n_layers // (layout.sizes.pp * layout.virtual_stages)
+    chunks = []
+    for chunk in range(layout.virtual_stages):
+        s = stage + chunk * layout.sizes.pp
+        layers = list(range(s * per_chunk_layers, (s + 1) * per_chunk_layers))
+        chunks.append(stage_activation_bytes(cfg, layout, layers, s == 0, s == layout.sizes.pp * layout.virtual_stages - 1))
+    kept = sum(k for k, _ in chunks) / layout.virtual_stages  # the mean chunk
+    recomputed = max(r for _, r in chunks)
+    return int(kept * in_flight(layout, stage) + recomputed)
+
+
+class SavedActivations:
+    """Measures bytes of the storages autograd keeps for backward, live and peak: a saved_tensors_hooks pair
+    (`with torch.autograd.graph.saved_tensors_hooks(m.pack, m.unpack)`); each storage counted once while any saved
+    reference to it lives; storages in `exclude` (the parameters') not at all."""
+
+    class _Held:
+        __slots__ = ("t", "key", "owner")
+
+        def __init__(self, t: Tensor, key: tuple[int, int], owner: "SavedActivations") -> None:
+            self.t, self.key, self.owner = t, key, owner
+
+        def __del__(self) -> None:
+            self.owner._release(self.key)
+
+    def __init__(self, exclude: set[int]) -> None:
+        self.exclude = exclude
+        self.refs: dict[tuple[int, int], int] = {}
+        self.live = self.peak = 0
+
+    @staticmethod
+    def storage_key(t: Tensor) -> tuple[int, int] | None:
+        try:
+            s = t.untyped_storage()
+            return (s.data_ptr(), s.nbytes()) if s.nbytes() else None
+        except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage
+            return None
+
+    def _release(self, key: tuple[int, int]) -> None:
+        self.refs[key] -= 1
+        if not self.refs[key]:
+            del self.refs[key]
+            self.live -= key[1]
+
+    def pack(self, t: Tensor) -> object:
+        key = self.storage_key(t)
+        if key is None or key[0] in self.exclude:
+            return t
+        if key not in self.refs:
+            self.refs[key] = 0
+            self.live += key[1]
+            self.peak = max(self.peak, self.live)
+        self.refs[key] += 1
+        return SavedActivations._Held(t, key, self)
+
+    @staticmethod
+    def unpack(x: object) -> Tensor:
+        return x.t if isinstance(x, SavedActivations._Held) else x
+
+
+# ---- parameters, gradients, optimizer state --------------------------------------------------------------------
+
+
+def _nbytes(t: Tensor, numel: int | None = None) -> int:
+    return (t.numel() if numel is None else numel) * t.element_size()
+
+
+def state_bytes(module: nn.Module, zero: ZeroOptimizer | None, layout: Layout, dense_block: int = 0,
+                expert_block: int = 0) -> tuple[int, int, int]:
+    """(parameters, gradients, optimizer state) bytes of a rank holding `module` (its part) with the ZeRO blocks
+    of `zero` (built for block 0), had it blocks `dense_block` of the dense parameters and `expert_block` of the
+    experts instead."""
+    expert = expert_param_ids(module)
+    micro = layout.accumulate * layout.microbatches > 1
+    params = sum(_nbytes(t) for t in (*module.parameters(), *module.buffers()))
+    grads = optim = 0
+    for p in module.parameters():
+        if not p.requires_grad:
+            continue
+        shard = zero.shards.get(id(p)) if zero is not None else None
+        if shard is None:
+            grads += _nbytes(p)
+            optim += 2 * _nbytes(p)
+            continue
+        rows = shard.length(expert_block if id(p) in expert else dense_block)
+        block = rows * p.numel() // p.shape[shard.dim]
+        grads += _nbytes(p) if layout.zero == 1 or micro else _nbytes(shard.master, block)
+        optim += 2 * _nbytes(shard.master, block) + (0 if shard.master_is_view else _nbytes(shard.master, block))
+    return params, grads, optim
+
+
+@contextmanager
+def fake_world(rank: int, world: int) -> Iterator[None]:
+    """A process group of `world` ranks in which this process is `rank`; collectives do nothing."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def rank_memory(cfg: GPTMoEConfig, layout: Layout) -> list[RankMemory]:
+    """Every rank's memory, by rank."""
+    sizes = layout.sizes
+    rows: list[RankMemory] = []
+    for stage in range(sizes.pp):
+        rank = stage * sizes.plane  # this stage's first rank stands for the stage; blocks vary across it
+        with fake_world(rank, sizes.world_size):
+            parallel = ParallelLayout.build(sizes, "cpu") if sizes.world_size > 1 else ParallelLayout(sizes)
+            with torch.device("meta"):
+                model = GPTMoE(cfg).to(PARAM_DTYPES[layout.precision])
+            keep_share(model, parallel, layout.virtual_stages, layout.sequence_parallel, layout.extra_slots)
+            zero = None
+            if layout.zero and sizes.world_size > 1:
+                zero = ZeroOptimizer(layout.zero, reduction_groups(model, parallel), expert_param_ids(model),
+                                     layout.precision == "bf16-mixed", 0)
+            activations = activation_bytes(cfg, layout, stage)
+            for j in range(sizes.plane):  # plane index = dp rank * tp + tp rank
+                d = j // sizes.tp
+                g = d // sizes.ep if sizes.expert_tp else j // sizes.ep  # the rank's block of its experts
+                rows.append(RankMemory(stage * sizes.plane + j, stage, *state_bytes(model, zero, layout, d, g), activations))
+    return rows
+
+
+def merge(rows: list[RankMemory]) -> list[RankMemory]:
+    """Ranks of a stage with equal figures as one row (the first rank, and their count)."""
+    merged: dict[tuple, RankMemory] = {}
+    for r in rows:
+        key = (r.stage, r.params_bytes, r.grads_bytes, r.optimizer_bytes, r.activations_bytes)
+        if key in merged:
+            m = merged[key]
+            merged[key] = RankMemory(m.rank, m.stage, m.params_bytes, m.grads_bytes, m.optimizer_bytes, m.activations_bytes, m.count + 1)
+        else:
+            merged[key] = r
+    return sorted(merged.values(), key=lambda r: (r.stage, r.rank))
+
+
+def largest(rows: list[RankMemory]) -> RankMemory:
+    return max(rows, key=lambda r: r.total_bytes)
+
+
+def report(rows: list[RankMemory]) -> dict:
+    """The dry run's JSON: every rank (merged by equal figures) and the largest total."""
+    return {"ranks": [r.as_dict() for r in merge(rows)], "max_total_bytes": largest(rows).total_bytes}
+
+
+def table(rows: list[RankMemory]) -> str:
+    """Every rank (merged by equal figures), in GiB."""
+    rows, gib = merge(rows), 2**30
+    lines = [f"{'rank':>6} {'count':>5} {'stage':>5} {'params':>9} {'grads':>9} {'optimizer':>9} {'activ.':>9} {'total':>9}  GiB"]
+    for r in rows:
+        lines.append(f"{r.rank:>6} {r.count:>5} {r.stage:>5} {r.params_bytes / gib:>9.2f} {r.grads_bytes / gib:>9.2f} "
+                     f"{r.optimizer_bytes / gib:>9.2f} {r.activations_bytes / gib:>9.2f} {r.total_bytes / gib:>9.2f}")
+    return "\n".join(lines)
