@@ -67,7 +67,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # run_distributed
 
 from distributed import run_distributed  # noqa: E402
-from machine import cpu_pressure  # noqa: E402
+from machine import cpu_pressure, reset_peak_rss, vm_mib  # noqa: E402
 
 import lightning.pytorch as pl  # noqa: E402
 
@@ -117,24 +117,6 @@ def layouts(microbatches: int, gpipe: bool) -> list[dict]:
 
 
 # ---- instrumentation ---------------------------------------------------------------------------------------------
-
-
-def _vm(key: str) -> float:
-    """A /proc/self/status field in MiB (VmRSS, VmHWM)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
 
 
 def _nbytes(tensors) -> int:
@@ -199,8 +181,8 @@ class Probe(pl.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.train_start = time.perf_counter()
-        self.hwm_reset = _reset_hwm()
-        self.rss_start = _vm("VmRSS")
+        self.hwm_reset = reset_peak_rss()
+        self.rss_start = vm_mib("VmRSS")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         runner = getattr(trainer.strategy, "pipeline", None)
@@ -228,7 +210,7 @@ class Probe(pl.Callback):
                 self.pipe.append(self._cur)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.rss_hwm = _vm("VmHWM")
+        self.rss_hwm = vm_mib("VmHWM")
         self.param_bytes = _nbytes(pl_module.parameters())
         opt = trainer.optimizers[0]
         self.opt_bytes = _nbytes(t for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor))

@@ -22,6 +22,25 @@ def cpu_pressure() -> float | None:
         return None
 
 
+def vm_mib(key: str) -> float:
+    """A /proc/self/status field in MiB (VmRSS: resident now, VmHWM: peak resident)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def drift(seconds: float, core: int) -> dict:
     """Block medians (ms) of a fixed matmul workload run for `seconds` on `core`."""
     import torch

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from distributed import run_distributed
 from tiny import RTOL, relative_error
 from lightning_smartmoe import ConfigError, MoEConfig, MoELayer, SmartMoEStrategy
+from lightning_smartmoe.checkpoint import model_tensors
 
 
 class UserModel(pl.LightningModule):
@@ -17,8 +18,12 @@ class UserModel(pl.LightningModule):
 
     def __init__(self, num_experts: int = 4, aux_loss_coeff: float = 0.01) -> None:
         super().__init__()
+        self.num_experts, self.aux_loss_coeff = num_experts, aux_loss_coeff
+        self.build_layers()
+
+    def build_layers(self) -> None:
         self.embed = nn.Linear(4, 16)
-        self.moe = MoELayer(16, 32, MoEConfig(num_experts=num_experts, top_k=2, aux_loss_coeff=aux_loss_coeff))
+        self.moe = MoELayer(16, 32, MoEConfig(num_experts=self.num_experts, top_k=2, aux_loss_coeff=self.aux_loss_coeff))
         self.head = nn.Linear(16, 1)
 
     def loss(self, batch):
@@ -127,6 +132,39 @@ def fit_manual(world: int) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if "experts" not in k}
 
 
+class ConfiguredModel(UserModel):
+    """UserModel building its layers in configure_model, Lightning's convention for large models."""
+
+    def build_layers(self) -> None:
+        self.embed = self.moe = self.head = None
+
+    def configure_model(self) -> None:
+        if self.moe is None:
+            super().build_layers()
+
+
+def fit_built(world: int, how: str) -> dict[str, torch.Tensor]:
+    """Three float64 steps of a user model built on the meta device (`how`: in configure_model, or in __init__
+    under Trainer.init_module()); returns every logical tensor, gathered from the ranks."""
+    pl.seed_everything(0, verbose=False)
+    sampler = torch.utils.data.DistributedSampler(user_data(), num_replicas=world, rank=dist.get_rank() if world > 1 else 0, shuffle=False)
+    trainer = user_trainer(strategy=SmartMoEStrategy(ep=world), devices=world, max_steps=3, use_distributed_sampler=False,
+                           precision="64-true")
+    if how == "configure_model":
+        model = ConfiguredModel()
+    else:
+        with trainer.init_module():
+            model = UserModel()
+        assert all(p.is_meta for p in model.parameters())
+    trainer.fit(model, DataLoader(user_data(), batch_size=16 // world, sampler=sampler))
+    tensors = {k: v.clone() for k, v in model_tensors(model, trainer.strategy.stored_tensor).items()}
+    if world == 1:
+        return tensors
+    parts = [None] * world
+    dist.all_gather_object(parts, tensors)
+    return {k: v for part in parts for k, v in part.items()}
+
+
 def _collectives():
     strategy = SmartMoEStrategy(ep=2)
     rank = dist.get_rank()
@@ -138,6 +176,8 @@ def _collectives():
         "gathered": strategy.all_gather(t).flatten().tolist(),
         "barrier": strategy.barrier() is None,
         "manual": fit_manual(2),
+        "configure_model": fit_built(2, "configure_model"),
+        "init_module": fit_built(2, "init_module"),
     }
 
 
@@ -145,9 +185,14 @@ def _collectives():
 def test_collectives_and_manual_optimization_on_two_ranks():
     """reduce/broadcast/all_gather/barrier; then several backwards per step with a parameter unused on some
     ranks and one bucket per parameter (bucket all-reduces interleave with the dispatch all-to-alls)
-    matches one process."""
+    matches one process; and so do user models built on the meta device."""
     single = fit_manual(1)
+    built = {how: fit_built(1, how) for how in ("configure_model", "init_module")}
     for out in run_distributed(2, _collectives, timeout=130):
+        for how, want in built.items():  # meta-device construction: each rank initialises its share alike
+            got = out.pop(how)
+            assert got.keys() == want.keys()
+            assert all(relative_error(got[k], v) <= RTOL for k, v in want.items()), how
         manual = out.pop("manual")
         assert out == {"sum": 3.0, "mean": 1.5, "broadcast": {"from": 1}, "gathered": [1.0, 2.0], "barrier": True}
         for key, want in single.items():
