@@ -517,8 +517,8 @@ class SmartMoEStrategy(ParallelStrategy):
                 self._replica_sync.finish()  # before the average below divides the expert gradients in place
             if self._grad_sync is not None:
                 self._grad_sync.finish()
-                if self.zero_stage == 1:
-                    self._zero.set_master_grads_from_full()
+                if self._zero is not None:
+                    self._zero.set_master_grads()
                 if self._replica_sync is None:
                     for layer in self.moe_layers:
                         stepped = [self.optimizer_tensor(p) for p in (layer.experts.w1, layer.experts.w2)]

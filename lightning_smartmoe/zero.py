@@ -7,8 +7,9 @@ optimizer steps only the rank's block (its `master`), so its state is 1/n of the
 every rank's updated block is all-gathered back into the full parameter. At stage 1 the gradients are all-reduced
 as without sharding and the master's gradient is its block of the full one; at stage 2 they are reduce-scattered
 (GradientSynchronizer) and the full gradient is freed once sent. The master is a view of the parameter, except
-under bf16-mixed, where the parameter is stored in bf16 for compute and the master is an fp32 copy of its block,
-so the fp32 master weights are sharded with the optimizer state. An expert stack [slots, ...] is cut along a
+under bf16-mixed, where every parameter is stored in bf16 for compute and the master is an fp32 copy of its
+block (of the whole parameter, for those not cut), so the fp32 master weights are sharded with the optimizer
+state. An expert stack [slots, ...] is cut along a
 dimension of each slot's tensor, so every slot keeps its own block of state on every rank of its group: ranks of
 one expert-parallel group share their expert-data-parallel index, so they hold the same blocks and a migrated
 slot takes its state with it. The cut dimension is never the tensor-parallel one; parameters that cannot be
@@ -103,29 +104,31 @@ class Shard:
 
 
 class ZeroOptimizer:
-    """The stage-1/2 bookkeeping of one strategy: which parameters are cut, their masters in the optimizers,
-    their gradients, and the all-gather after each step. `groups` are (parameters, reduction group, whether
-    they may be cut) triples."""
+    """The stage-1/2 bookkeeping of one strategy: which parameters are cut (`shards`), their masters in the
+    optimizers, their gradients, and the all-gather after each step; under bf16 masters, also the fp32 masters of
+    the parameters not cut (`whole`: blocks of one). `groups` are (parameters, reduction group, whether they may
+    be cut) triples."""
 
     def __init__(self, stage: int, groups: Iterable[tuple[list[nn.Parameter], dist.ProcessGroup | None, bool]],
                  expert_params: set[int], bf16_masters: bool, bucket_bytes: int) -> None:
         self.stage, self.bucket_bytes = stage, bucket_bytes
         self.shards: dict[int, Shard] = {}
+        self.whole: dict[int, Shard] = {}
         for params, group, cuttable in groups:
             n = 1 if group is None else dist.get_world_size(group)
-            if n == 1 or not cuttable:
-                continue
-            for p in params:
-                dim = cut_dim(p, id(p) in expert_params)
-                if dim is not None and p.requires_grad:
+            for p in (p for p in params if p.requires_grad):
+                dim = cut_dim(p, id(p) in expert_params) if n > 1 and cuttable else None
+                if dim is not None:
                     self.shards[id(p)] = Shard(p, dim, n, dist.get_rank(group), group)
+                elif bf16_masters:
+                    self.whole[id(p)] = Shard(p, 0, 1, 0, group)
         if bf16_masters:
-            for shard in self.shards.values():
+            for shard in (*self.shards.values(), *self.whole.values()):
                 shard.use_fp32_master()
 
     def master(self, p: Tensor) -> Tensor:
-        """The tensor the optimizer steps for parameter p (p itself when p is not cut)."""
-        shard = self.shards.get(id(p))
+        """The tensor the optimizer steps for parameter p (p itself when p is neither cut nor given a master)."""
+        shard = self.shards.get(id(p), self.whole.get(id(p)))
         return p if shard is None else shard.master
 
     def shard_optimizers(self, optimizers: list[Optimizer]) -> None:
@@ -134,10 +137,11 @@ class ZeroOptimizer:
             for group in opt.param_groups:
                 group["params"] = [self.master(p) for p in group["params"]]
 
-    def set_master_grads_from_full(self) -> None:
-        """Stage 1: each master's gradient is its block of the parameter's (synchronised) gradient; the full one is
-        dropped (the optimizer's zero_grad sees only the masters)."""
-        for shard in self.shards.values():
+    def set_master_grads(self) -> None:
+        """After the gradients are synchronised: each master's gradient is its block of the parameter's (at stage 2
+        only the whole masters', the blocks come reduce-scattered); the full one is dropped (the optimizer's
+        zero_grad sees only the masters)."""
+        for shard in (*self.shards.values(), *self.whole.values()) if self.stage == 1 else self.whole.values():
             g = shard.param.grad
             shard.master.grad = None if g is None else shard.block(g, shard.rank).to(shard.master.dtype, memory_format=torch.contiguous_format, copy=True)
             shard.param.grad = None
@@ -155,6 +159,8 @@ class ZeroOptimizer:
         for runs in buckets.values():
             for run in runs:
                 self._gather(run)
+        for shard in self.whole.values():
+            shard.param.data.copy_(shard.master)
 
     @staticmethod
     def _gather(run: list[Shard]) -> None:

@@ -50,9 +50,10 @@ def _four_ranks(corpus: str, save: str) -> dict:
         results[name] = _fit(corpus, callbacks=callbacks, **kw)
         counts[name] = state.elements
     results["saved_dp4_ep2_zero1"] = _fit(corpus, zero=1, ep=2, save_dir=Path(save))
-    bf16 = StateBytes()
-    results["dp4_zero1_bf16"] = _fit(corpus, zero=1, precision="bf16-mixed", callbacks=[bf16])
-    results["bf16_dtypes"] = (bf16.param_dtypes, bf16.stepped_dtypes)
+    for name, kw in (("dp4_zero1_bf16", dict(zero=1)), ("pp2_dp2_ep2_zero2_bf16", dict(zero=2, pp=2, ep=2, microbatches=2))):
+        bf16 = StateBytes()
+        results[name] = _fit(corpus, precision="bf16-mixed", callbacks=[bf16], **kw)
+        results[f"{name}_dtypes"] = (bf16.param_dtypes, bf16.stepped_dtypes)
     total = torch.tensor([counts[name] for name in counts], dtype=torch.float64)
     dist.all_reduce(total)
     results["state_elements"] = dict(zip(counts, (total / dist.get_world_size()).tolist()))  # mean over ranks
@@ -99,12 +100,15 @@ def test_each_rank_keeps_a_quarter_of_the_optimizer_state(four_ranks):
 
 
 @pytest.mark.timeout(360)
-def test_bf16_mixed_keeps_bf16_weights_and_fp32_master_blocks(four_ranks, reference):
-    results = four_ranks[0][0]
-    assert results["bf16_dtypes"] == (["torch.bfloat16"], ["torch.float32"])
-    losses, ref_losses = results["dp4_zero1_bf16"][0], reference(1)[0]
+@pytest.mark.parametrize("name,microbatches", [("dp4_zero1_bf16", 1), ("pp2_dp2_ep2_zero2_bf16", 2)])
+def test_bf16_mixed_keeps_bf16_weights_and_fp32_masters(four_ranks, reference, name, microbatches):
+    """Every weight is stored in bf16 (so pipeline stages pass bf16 activations alike), the optimizer steps fp32
+    masters (blocks where cut), and training tracks the float64 run as bf16-mixed does without ZeRO."""
     from test_layouts import TRACKING_RTOL
 
+    results = four_ranks[0][0]
+    assert results[f"{name}_dtypes"] == (["torch.bfloat16"], ["torch.float32"])
+    losses, ref_losses = results[name][0], reference(microbatches)[0]
     assert max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)) <= TRACKING_RTOL["bf16-mixed"][0]
 
 

@@ -226,8 +226,9 @@ def state_bytes(module: nn.Module, zero: ZeroOptimizer | None, layout: Layout, d
             continue
         shard = zero.shards.get(id(p)) if zero is not None else None
         if shard is None:
+            stepped = zero.master(p) if zero is not None else p  # an fp32 master under bf16 weights
             grads += _nbytes(p)
-            optim += 2 * _nbytes(p)
+            optim += 2 * _nbytes(stepped) + (0 if stepped is p else _nbytes(stepped))
             continue
         rows = shard.length(expert_block if id(p) in expert else dense_block)
         block = rows * p.numel() // p.shape[shard.dim]
