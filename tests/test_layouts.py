@@ -73,6 +73,7 @@ TWO = [
     ("tp2_recompute_full", dict(tp=2, recompute="full"), 1),
     ("tp2_sequence_parallel_recompute_selective", dict(tp=2, sequence_parallel=True, recompute="selective"), 1),
     ("pp2_1f1b_mb4_recompute_full", dict(pp=2, microbatches=4, schedule="1f1b", recompute="full"), 4),
+    ("pp2_gpipe_mb4_recompute_selective", dict(pp=2, microbatches=4, schedule="gpipe", recompute="selective"), 4),
 ]
 # Low precision tracks the float64 reference: (name, `_fit` keyword arguments, micro-batches of the reference).
 # Bounds on the per-step losses and on the whole first step's gradient (relative, in norm), each at least 10x the
