@@ -21,39 +21,25 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import ParallelStrategy
-from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from torch import Tensor, nn
-from torch.distributed.constants import default_pg_timeout
 from torch.distributed.device_mesh import DeviceMesh
 from torch.optim import Optimizer
 
 from lightning_smartmoe import checkpoint as ckpt_io
 from lightning_smartmoe.grad_sync import GradientSynchronizer
 from lightning_smartmoe.errors import ConfigError
+from lightning_smartmoe.launchers import ScriptLauncher, SpawnLauncher
 from lightning_smartmoe.layout import ParallelLayout, ParallelSizes
 from lightning_smartmoe.moe import GroupedExperts, MoELayer
 from lightning_smartmoe.pipeline import SCHEDULES, PipelineRunner
 from lightning_smartmoe.placement import Placement
 from lightning_smartmoe.placement.migration import migrate
 from lightning_smartmoe.placement.replica_sync import OverlappedReplicaSync, sync_replica_grads
+from lightning_smartmoe.signals import StopSignal, signal_name
 
-
-class _SpawnLauncher(_MultiProcessingLauncher):
-    """Spawn launcher that checks the model against the sizes before starting processes, and does not
-    copy rank 0's weights back into the parent's model: with sharded experts rank 0 holds only its
-    share, so the parent keeps its own (use checkpoints for the result)."""
-
-    def launch(self, function: Callable, *args: Any, trainer: "pl.Trainer | None" = None, **kwargs: Any) -> Any:
-        self._strategy.check_model(self._strategy.lightning_module)
-        return super().launch(function, *args, trainer=trainer, **kwargs)
-
-    def _recover_results_in_main_process(self, worker_output: Any, trainer: "pl.Trainer") -> None:
-        if worker_output.weights_path is not None:
-            self._strategy.checkpoint_io.remove_checkpoint(worker_output.weights_path)
-            worker_output = worker_output._replace(weights_path=None)
-        super()._recover_results_in_main_process(worker_output, trainer)
+DEFAULT_TIMEOUT = timedelta(minutes=5)  # collectives; torch's default is 30 minutes
 
 
 class SmartMoEStrategy(ParallelStrategy):
@@ -81,6 +67,8 @@ class SmartMoEStrategy(ParallelStrategy):
             "popen" re-runs the command per process (the CLI). Under torchrun or SLURM the cluster
             environment has created the processes and no launcher is used.
         bucket_mb: gradient all-reduce bucket size.
+        timeout: how long a collective may wait (parallel.timeout_s): a rank that hangs or dies ends the job
+            after this at the latest.
         extra_slots: expert slots per rank beyond num_experts / ep, for replicas of hot experts
             (placement.extra_slots); used by dynamic placement.
     """
@@ -107,7 +95,7 @@ class SmartMoEStrategy(ParallelStrategy):
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
         process_group_backend: str | None = None,
-        timeout: timedelta = default_pg_timeout,
+        timeout: timedelta = DEFAULT_TIMEOUT,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -161,6 +149,8 @@ class SmartMoEStrategy(ParallelStrategy):
         self.pipeline: PipelineRunner | None = None
         self.moe_num_experts: list[int] = []  # experts of each MoE layer of the whole model, by `MoELayer.index`
         self.num_nodes = 1
+        self._stop = StopSignal()
+        self.stop_signal = 0  # the signal the ranks agreed to stop on (fit), 0 if none
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
@@ -213,9 +203,10 @@ class SmartMoEStrategy(ParallelStrategy):
         if self.sizes.world_size == 1 or self.cluster_environment.creates_processes_externally:
             return
         if self._start_method == "popen":
-            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+            grace = min(30.0, self._timeout.total_seconds())
+            self._launcher = ScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes, grace_s=grace)
         else:
-            self._launcher = _SpawnLauncher(self, start_method=self._start_method)
+            self._launcher = SpawnLauncher(self, start_method=self._start_method)
 
     def check_model(self, model: nn.Module | None) -> None:
         """Raise ConfigError if the model does not fit the parallel sizes."""
@@ -444,7 +435,30 @@ class SmartMoEStrategy(ParallelStrategy):
                         sync_replica_grads(layer, self.layout.grad_ep_group)
             return result
 
-        return super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
+        result = super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
+        self._stop_if_signalled()
+        return result
+
+    # ---- stopping on signals -------------------------------------------------------------------------
+
+    def on_train_start(self) -> None:
+        """Take SIGTERM and SIGINT over from Lightning (whose SIGTERM handler runs a collective inside the
+        handler) for the training loop; `optimizer_step` then stops every rank after the same step."""
+        super().on_train_start()
+        self.stop_signal = self._stop.received = 0
+        self._stop.install()
+
+    def _stop_if_signalled(self) -> None:
+        """At the step boundary after an optimizer step: if any rank received a stop signal, every rank stops
+        training after this step (the fit then ends as it would at max_steps, checkpoint callbacks included)."""
+        trainer = self.lightning_module.trainer
+        if self.stop_signal or not trainer.training:
+            return
+        signum = self._stop.agree(self.root_device)
+        if signum:
+            self.stop_signal = signum
+            trainer.should_stop = True
+            rank_zero_info(f"smartmoe: {signal_name(signum)} received, stopping after step {trainer.global_step + 1}")
 
     # ---- collectives ---------------------------------------------------------------------------------
 
@@ -475,7 +489,7 @@ class SmartMoEStrategy(ParallelStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         meta = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
         meta["parallel"] = vars(self.sizes).copy()
-        meta["placements"] = self._placement_tables()
+        meta["placements"] = self.placement_tables()
         ckpt_io.save(filepath, self.lightning_module, self.optimizers, meta, self.tp_mesh)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
@@ -491,7 +505,7 @@ class SmartMoEStrategy(ParallelStrategy):
         """The tensor-parallel mesh dimension (None when tp = 1): checkpoints write TP shards as DTensors on it."""
         return self.layout.mesh["tp"] if self.layout.mesh is not None and self.sizes.tp > 1 else None
 
-    def _placement_tables(self) -> list[tuple[int, ...]]:
+    def placement_tables(self) -> list[tuple[int, ...]]:
         """Each MoE layer's slot -> logical expert table, for every layer of the whole model (collective:
         the pipeline stages hold different layers)."""
         tables = {layer.index: layer.placement.slot_expert for layer in self.moe_layers}
@@ -528,6 +542,7 @@ class SmartMoEStrategy(ParallelStrategy):
 
     def teardown(self) -> None:
         super().teardown()
+        self._stop.restore()
         if self._grad_sync is not None:
             self._grad_sync.remove()
             self._grad_sync = None

@@ -64,7 +64,7 @@ def empty_file(tmp_path) -> Path:
         (["trainer.devices=auto"], r"trainer\.devices='auto' must be an integer >= 1"),
         (["trainer.accumulate_grad_batches=0"], r"trainer\.accumulate_grad_batches=0 must be an integer >= 1"),
         (["parallel.start_method=fork"], r"parallel\.start_method='fork' is unknown; allowed: popen, spawn"),
-        (["parallel.bucket_mb=0"], r"parallel\.bucket_mb=0 must be > 0"),
+        (["parallel.bucket_mb=0"], r"parallel\.bucket_mb=0 must be a number > 0"),
         (["placement.window=1.5"], r"placement\.window=1\.5 must be an integer >= 1"),
         (["placement.policy=lpt"], r"placement\.policy='lpt' is unknown"),
         (["placement.extra_slots=-1"], r"placement\.extra_slots=-1 must be an integer >= 0"),
