@@ -8,7 +8,9 @@ expert, tensor or pipeline parallelism load alike. Text is byte-level: the promp
 the sample decoded the same way. Prints the prompt and its continuation.
 """
 
+import re
 import sys
+import warnings
 
 import hydra
 import torch
@@ -27,8 +29,11 @@ def load_model(path: str, device: torch.device) -> GPTMoE:
     if not isinstance(config, GPTMoEConfig):
         raise ConfigError(f"ckpt_path={path!r} holds no GPT-MoE model config (was it saved by GPTMoEModule?)")
     model = GPTMoE(config)
-    checkpoint.validate(path, torch.nn.ModuleDict({"model": model}))
-    checkpoint.load(path, torch.nn.ModuleDict({"model": model}), [], meta)
+    named = torch.nn.ModuleDict({"model": model})  # the names GPTMoEModule saves under
+    checkpoint.validate(path, named)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process, as intended
+        checkpoint.load(path, named, [], meta)
     return model.to(device).eval()
 
 
@@ -77,7 +82,20 @@ def run(cfg: DictConfig) -> None:
     print(bytes(t for t in tokens if t < 256).decode("utf-8", errors="replace"))
 
 
+def _quote_prompt(args: list[str]) -> list[str]:
+    """`prompt=TEXT` as one Hydra-quoted string, so that TEXT is kept exactly (Hydra strips unquoted values)."""
+    def quoted(arg: str) -> str:
+        text = arg[len("prompt=") :]
+        if text[:1] in ("'", '"') and text[-1:] == text[:1] and len(text) > 1:
+            return arg
+        body = re.sub(r"(\\*)'", lambda m: m[1] * 2 + "\\'", text)  # Hydra unescapes backslashes only before quotes
+        body = re.sub(r"(\\+)$", lambda m: m[1] * 2, body)
+        return f"prompt='{body}'"
+    return [quoted(a) if a.startswith("prompt=") else a for a in args]
+
+
 def main() -> None:
+    sys.argv[1:] = _quote_prompt(sys.argv[1:])
     hydra.main(config_path=str(conf_dir()), config_name="generate", version_base="1.3")(run)()
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -24,7 +25,7 @@ def heatmap_size_px(num_layers: int) -> tuple[int, int]:
 def expert_load_figure(load: torch.Tensor, placements: Sequence[Placement], step: int) -> Figure:
     """MoE layers x expert slots: each cell is the share of its layer's routed tokens that the slot's expert
     computes (a replicated expert's load split evenly over its replicas), labelled with the expert it holds; empty
-    slots are blank. Slots are grouped by rank, with the current placement's rank boundaries drawn as white lines.
+    slots are grey. Slots are grouped by rank, with the current placement's rank boundaries drawn as red lines.
     Each row label gives the layer's rank imbalance (busiest rank's tokens over the mean rank's).
 
     Args:
@@ -45,17 +46,20 @@ def expert_load_figure(load: torch.Tensor, placements: Sequence[Placement], step
         labels.append(f"layer {i}\nimbalance {placement.rank_imbalance(row):.2f}")
     width, height = heatmap_size_px(layers)
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
-    ax = fig.add_axes((0.12, 0.22, 0.72, 0.62))
-    image = ax.imshow(np.ma.masked_invalid(share), aspect="auto", cmap="viridis", vmin=0.0)
+    ax = fig.add_axes((0.16, 0.22, 0.68, 0.62))
+    cmap = colormaps["viridis"].with_extremes(bad="0.85")  # empty slots light grey
+    image = ax.imshow(np.ma.masked_invalid(share), aspect="auto", cmap=cmap, vmin=0.0)
+    top_share = np.nanmax(share) if np.isfinite(share).any() else 1.0
     if layers * ep * spr <= 512:
         for (i, slot), value in np.ndenumerate(share):
             if not math.isnan(value):
-                ax.text(slot, i, str(placements[i].slot_expert[slot]), ha="center", va="center", fontsize=7, color="w")
+                color = "black" if value > 0.6 * top_share else "white"
+                ax.text(slot, i, str(placements[i].slot_expert[slot]), ha="center", va="center", fontsize=7, color=color)
     for r in range(1, ep):
-        ax.axvline(r * spr - 0.5, color="white", linewidth=2.5)
+        ax.axvline(r * spr - 0.5, color="red", linewidth=2.5)
     ax.set_yticks(range(layers), labels, fontsize=7)
     ax.set_xticks(range(ep * spr), [str(s % spr) for s in range(ep * spr)], fontsize=7)
-    ax.set_xlabel("expert slot within its rank (cell: expert held; white lines: rank boundaries)", fontsize=8)
+    ax.set_xlabel("expert slot within its rank (number: expert held; red lines: rank boundaries; grey: empty)", fontsize=8)
     ax.set_ylabel("MoE layer", fontsize=8)
     top = ax.secondary_xaxis("top")
     top.set_xticks([r * spr + (spr - 1) / 2 for r in range(ep)], [f"rank {r}" for r in range(ep)], fontsize=8)
