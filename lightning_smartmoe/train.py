@@ -40,7 +40,7 @@ def build(cfg: DictConfig, output_dir: Path) -> tuple[pl.Trainer, GPTMoEModule, 
     ckpt = config.checkpoint_to_resume(cfg, checkpoints)
     if cfg.ckpt_path == "last" and ckpt is None:
         rank_zero_info(f"ckpt_path=last: no checkpoint in {checkpoints} yet, starting fresh")
-    pl.seed_everything(cfg.seed, workers=True)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = GPTMoEModule(model_cfg, optim_cfg)
     if ckpt is not None:
         checkpoint.validate(ckpt, module)
