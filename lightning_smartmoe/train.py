@@ -5,6 +5,7 @@ after a stop on SIGINT or SIGTERM, with `last.ckpt` at the stop step (`ckpt_path
 """
 
 import sys
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import hydra
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -81,6 +83,8 @@ def run(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    # GPTMoEModule reduces val/loss and val/ppl over the ranks itself; Lightning cannot tell and suggests sync_dist
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/", category=PossibleUserWarning)
     try:  # the default run directory's name, unless hydra.run.dir is given (run_dir.py)
         name = None if any(a.startswith("hydra.run.dir=") for a in sys.argv[1:]) else run_dir.run_name()
     except ConfigError as err:
