@@ -1,68 +1,23 @@
-"""How the smartmoe strategy starts its local processes, and how the job ends when one of them fails.
+"""The popen launcher (the command is re-run per rank; the CLI's default), and how its job ends when a rank fails.
 
-`SpawnLauncher` (spawn, from this process) forwards SIGTERM and SIGINT to the ranks, which stop at an agreed step
-(signals.py). `ScriptLauncher` (popen: the command is re-run per rank; the CLI's default) keeps rank 0 as the
-launching process and watches the other ranks: a rank that ends with an error or by a signal other than an agreed
-stop ends the whole job, and rank 0 leaves only after its ranks have.
+`ScriptLauncher` keeps rank 0 as the launching process and watches the other ranks: a rank that ends with an error
+or by a signal other than an agreed stop (signals.py) ends the whole job, and rank 0 leaves only after its ranks
+have.
 """
 
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable
 from subprocess import Popen, TimeoutExpired
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning.pytorch as pl
-import torch.multiprocessing as mp
 from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
-from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_smartmoe.errors import ConfigError
 from lightning_smartmoe.signals import STOP_SIGNALS, exit_code
-
-if TYPE_CHECKING:
-    from lightning_smartmoe.strategy import SmartMoEStrategy
-
-_CONFIG_ERROR = f"{ConfigError.__module__}.{ConfigError.__name__}: "
-
-
-class SpawnLauncher(_MultiProcessingLauncher):
-    """Spawn launcher that checks the model against the sizes before starting processes, forwards stop signals to
-    the ranks, re-raises a rank's ConfigError as one ConfigError here, and does not copy rank 0's weights back into
-    the parent's model: with sharded experts rank 0 holds only its share, so the parent keeps its own (use
-    checkpoints for the result)."""
-
-    _strategy: "SmartMoEStrategy"
-
-    def launch(self, function: Callable, *args: Any, trainer: "pl.Trainer | None" = None, **kwargs: Any) -> Any:
-        self._strategy.check_model(self._strategy.lightning_module)
-        previous = {s: signal.signal(s, lambda signum, _: self.kill(signum)) for s in STOP_SIGNALS}
-        try:
-            return super().launch(function, *args, trainer=trainer, **kwargs)
-        except mp.ProcessRaisedException as err:
-            last = str(err).strip().splitlines()[-1]
-            if last.startswith(_CONFIG_ERROR):
-                raise ConfigError(last[len(_CONFIG_ERROR) :]) from None
-            raise
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-    def get_extra_results(self, trainer: "pl.Trainer") -> dict[str, Any]:
-        return {**super().get_extra_results(trainer), "stop_signal": trainer.strategy.stop_signal}
-
-    def update_main_process_results(self, trainer: "pl.Trainer", extra: dict[str, Any]) -> None:
-        super().update_main_process_results(trainer, extra)
-        trainer.strategy.stop_signal = extra["stop_signal"]
-
-    def _recover_results_in_main_process(self, worker_output: Any, trainer: "pl.Trainer") -> None:
-        if worker_output.weights_path is not None:
-            self._strategy.checkpoint_io.remove_checkpoint(worker_output.weights_path)
-            worker_output = worker_output._replace(weights_path=None)
-        super()._recover_results_in_main_process(worker_output, trainer)
 
 
 class ScriptLauncher(_SubprocessScriptLauncher):

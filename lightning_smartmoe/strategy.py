@@ -1,6 +1,7 @@
 """SmartMoEStrategy: a Lightning strategy for data-, tensor-, pipeline- and expert-parallel MoE training."""
 
 import shutil
+import signal
 from collections.abc import Callable, Generator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
@@ -10,6 +11,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.utilities.distributed import (
     _distributed_is_initialized,
@@ -21,6 +23,7 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from torch import Tensor, nn
@@ -30,16 +33,51 @@ from torch.optim import Optimizer
 from lightning_smartmoe import checkpoint as ckpt_io
 from lightning_smartmoe.grad_sync import GradientSynchronizer
 from lightning_smartmoe.errors import ConfigError
-from lightning_smartmoe.launchers import ScriptLauncher, SpawnLauncher
+from lightning_smartmoe.launchers import ScriptLauncher
 from lightning_smartmoe.layout import ParallelLayout, ParallelSizes
 from lightning_smartmoe.moe import GroupedExperts, MoELayer
 from lightning_smartmoe.pipeline import SCHEDULES, PipelineRunner
 from lightning_smartmoe.placement import Placement
 from lightning_smartmoe.placement.migration import migrate
 from lightning_smartmoe.placement.replica_sync import OverlappedReplicaSync, sync_replica_grads
-from lightning_smartmoe.signals import StopSignal, signal_name
+from lightning_smartmoe.signals import STOP_SIGNALS, StopSignal, signal_name
 
 DEFAULT_TIMEOUT = timedelta(minutes=5)  # collectives; torch's default is 30 minutes
+_CONFIG_ERROR = f"{ConfigError.__module__}.{ConfigError.__name__}: "
+
+
+class _SpawnLauncher(_MultiProcessingLauncher):
+    """Spawn launcher that checks the model against the sizes before starting processes, forwards stop signals to
+    the ranks, re-raises a rank's ConfigError as one ConfigError here, and does not copy rank 0's weights back into
+    the parent's model: with sharded experts rank 0 holds only its share, so the parent keeps its own (use
+    checkpoints for the result)."""
+
+    def launch(self, function: Callable, *args: Any, trainer: "pl.Trainer | None" = None, **kwargs: Any) -> Any:
+        self._strategy.check_model(self._strategy.lightning_module)
+        previous = {s: signal.signal(s, lambda signum, _: self.kill(signum)) for s in STOP_SIGNALS}
+        try:
+            return super().launch(function, *args, trainer=trainer, **kwargs)
+        except mp.ProcessRaisedException as err:
+            last = str(err).strip().splitlines()[-1]
+            if last.startswith(_CONFIG_ERROR):
+                raise ConfigError(last[len(_CONFIG_ERROR) :]) from None
+            raise
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def get_extra_results(self, trainer: "pl.Trainer") -> dict[str, Any]:
+        return {**super().get_extra_results(trainer), "stop_signal": trainer.strategy.stop_signal}
+
+    def update_main_process_results(self, trainer: "pl.Trainer", extra: dict[str, Any]) -> None:
+        super().update_main_process_results(trainer, extra)
+        trainer.strategy.stop_signal = extra["stop_signal"]
+
+    def _recover_results_in_main_process(self, worker_output: Any, trainer: "pl.Trainer") -> None:
+        if worker_output.weights_path is not None:
+            self._strategy.checkpoint_io.remove_checkpoint(worker_output.weights_path)
+            worker_output = worker_output._replace(weights_path=None)
+        super()._recover_results_in_main_process(worker_output, trainer)
 
 
 class SmartMoEStrategy(ParallelStrategy):
@@ -206,7 +244,7 @@ class SmartMoEStrategy(ParallelStrategy):
             grace = min(30.0, self._timeout.total_seconds())
             self._launcher = ScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes, grace_s=grace)
         else:
-            self._launcher = SpawnLauncher(self, start_method=self._start_method)
+            self._launcher = _SpawnLauncher(self, start_method=self._start_method)
 
     def check_model(self, model: nn.Module | None) -> None:
         """Raise ConfigError if the model does not fit the parallel sizes."""

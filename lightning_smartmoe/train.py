@@ -11,16 +11,18 @@ from pathlib import Path
 
 import hydra
 import lightning.pytorch as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from lightning_smartmoe import checkpoint, config, run_dir
 from lightning_smartmoe.callbacks import LastCheckpoint, TokensPerSecond
 from lightning_smartmoe.errors import ConfigError
-from lightning_smartmoe.models import GPTMoEModule
+from lightning_smartmoe.models import GPTMoE, GPTMoEModule
 from lightning_smartmoe.report import RunReport
 from lightning_smartmoe.signals import exit_code
 from lightning_smartmoe.strategy import SmartMoEStrategy
@@ -42,10 +44,11 @@ def build(cfg: DictConfig, output_dir: Path) -> tuple[pl.Trainer, GPTMoEModule, 
     ckpt = config.checkpoint_to_resume(cfg, checkpoints)
     if cfg.ckpt_path == "last" and ckpt is None:
         rank_zero_info(f"ckpt_path=last: no checkpoint in {checkpoints} yet, starting fresh")
+    if ckpt is not None:  # against the whole model's shapes, allocating nothing
+        with torch.device("meta"):
+            checkpoint.validate(ckpt, nn.ModuleDict({"model": GPTMoE(model_cfg)}))  # GPTMoEModule's names
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = GPTMoEModule(model_cfg, optim_cfg)
-    if ckpt is not None:
-        checkpoint.validate(ckpt, module)
     dm = config.datamodule(cfg, model_cfg, sizes)
     strategy = SmartMoEStrategy(
         dp=sizes.dp, tp=sizes.tp, pp=sizes.pp, ep=sizes.ep, microbatches=cfg.parallel.microbatches,
