@@ -157,26 +157,26 @@ class ExpertPlacementCallback(pl.Callback):
             self.replan(trainer, steps=self.interval)
 
     def _calibrate(self, trainer: pl.Trainer) -> None:
-        """Measure flops_per_s and bandwidth on these ranks (collective) and use them in place of `cost`'s."""
+        """Measure flops_per_s and bandwidth on these ranks (collective) and use them in place of `cost`'s. A rank
+        whose pipeline stage holds no MoE layer measures nothing (nor do the others of its expert-parallel group,
+        which is that stage's too)."""
         strategy, start = trainer.strategy, time.perf_counter()
         layers = self._layers(trainer)
-        flops = None
-        if layers:  # a pipeline stage may hold no MoE layer
+        figures: dict[str, float | None] = {"flops_per_s": None, "bandwidth": None}
+        if layers:
             layer = layers[0]
             _, d_model, hidden = layer.experts.w1.shape
             rows = max(1, int(layer.stats.expert_load.sum()))  # the assignments this rank routed in the last batch
             with trainer.precision_plugin.forward_context():
-                flops = expert_flops_per_s(d_model, hidden, rows, strategy.root_device, layer.experts.w1.dtype)
-        expert_bytes = CostModel(**{**self.cost, "expert_params": self._expert_params(layers[0]) if layers else 1}).expert_bytes
-        bandwidth = link_bandwidth(strategy.layout.ep_group, expert_bytes, strategy.root_device) if strategy.layout.mesh is not None else None
-        figures = agree({"flops_per_s": flops, "bandwidth": bandwidth}, strategy.root_device)
-        self.measured = {k: v for k, v in figures.items() if v is not None}
+                figures["flops_per_s"] = expert_flops_per_s(d_model, hidden, rows, strategy.root_device, layer.experts.w1.dtype)
+            if strategy.layout.mesh is not None:
+                expert_bytes = CostModel(**{**self.cost, "expert_params": self._expert_params(layer)}).expert_bytes
+                figures["bandwidth"] = link_bandwidth(strategy.layout.ep_group, expert_bytes, strategy.root_device)
+        self.measured = {k: v for k, v in agree(figures, strategy.root_device).items() if v is not None}
         self.cost.update(self.measured)
-        rank_zero_info(
-            "placement: cost figures measured in %.2f s: expert FFN %.1f GFLOP/s per rank%s"
-            % (time.perf_counter() - start, self.measured.get("flops_per_s", float("nan")) / 1e9,
-               f", link {self.measured['bandwidth'] / 1e9:.2f} GB/s" if "bandwidth" in self.measured else "")
-        )
+        link = f", link {self.measured['bandwidth'] / 1e9:.2f} GB/s" if "bandwidth" in self.measured else ""
+        rank_zero_info(f"placement: cost figures measured in {time.perf_counter() - start:.2f} s: expert FFN "
+                       f"{self.measured['flops_per_s'] / 1e9:.1f} GFLOP/s per rank{link}")
 
     @staticmethod
     def _expert_params(layer: MoELayer) -> int:

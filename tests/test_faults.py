@@ -103,6 +103,7 @@ def test_a_rank_raising_mid_step_ends_the_job_within_the_timeout(tmp_path):
         "+callbacks.fault._target_=faults.RaiseOnRank", f"hydra.run.dir={tmp_path}",
         cwd=tmp_path, timeout=240, on_poll=_died, env={"PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])},
     )
+    print(f"\nrank 1 raised: exit {run.returncode}, all gone {run.all_gone_after_s:.1f} s after it ended")
     assert run.returncode not in (0, 130, 143), run.stderr[-2000:]
     assert "fault injected on rank 1 after step 3" in run.stderr
     assert len(run.children_seen) == 1 and run.all_gone_after_s is not None

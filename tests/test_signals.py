@@ -60,6 +60,9 @@ def runs(tmp_path_factory) -> dict:
     out["B_stop"] = _stop_step(b)
     out["A2"] = _train(a, "ckpt_path=last")
     out["B2"] = _train(b, "ckpt_path=last")
+    print(f"\nSIGTERM to rank 1: exit {out['A'].returncode}, all gone {out['A'].all_gone_after_s:.1f} s after, stop step "
+          f"{out['A_stop']}; SIGINT to the group: exit {out['B'].returncode}, all gone {out['B'].all_gone_after_s:.1f} s "
+          f"after, stop step {out['B_stop']}")
     return out
 
 
