@@ -14,7 +14,8 @@ import torch.distributed.checkpoint as dcp
 import cli
 from distributed import run_distributed
 from lightning_smartmoe import MoEConfig, MoELayer
-from lightning_smartmoe.checkpoint import load, newest, read_meta, recover, save
+from lightning_smartmoe.checkpoint import load, newest, read_meta, recover, save, validate
+from lightning_smartmoe.models import GPTMoE
 from lightning_smartmoe.planner import agree, expert_flops_per_s, link_bandwidth
 
 TESTS = Path(__file__).parent
@@ -93,18 +94,37 @@ def _died(proc, seen) -> bool:
     return bool(seen) and not all(cli.alive(c) for c in seen)
 
 
+def _kill_rank_1_after_step_2(folder: Path):
+    def poll(proc, seen) -> bool:
+        if seen and (folder / "checkpoints" / "epoch=0-step=2.ckpt" / "meta.pt").is_file():
+            os.kill(min(seen), signal.SIGKILL)
+            return True
+        return False
+    return poll
+
+
 @pytest.mark.timeout(300)
-def test_a_rank_raising_mid_step_ends_the_job_within_the_timeout(tmp_path):
-    """Rank 1 raises after step 3 of a 2-process run (ep=2, balanced placement with calibrated cost figures):
-    every process is gone well within parallel.timeout_s of rank 1's death, with a non-zero exit code."""
+@pytest.mark.parametrize("fault", ["raise", "sigkill"])
+def test_a_rank_that_raises_or_dies_ends_the_job_within_the_timeout(tmp_path, fault):
+    """Rank 1 of a 2-process run (ep=2, balanced placement with calibrated cost figures) raises after step 3, or is
+    killed with SIGKILL after step 2: every process is gone well within parallel.timeout_s of rank 1's end, with a
+    non-zero exit code, and the checkpoint written before stays loadable."""
+    extra = ("+callbacks.fault._target_=faults.RaiseOnRank",) if fault == "raise" else ()
     run = cli.run(
         "lightning_smartmoe.train", "recipe=gpt_moe_tiny", "trainer.devices=2", "parallel.ep=2", "parallel.timeout_s=30",
         "placement.policy=balanced", "placement.calibrate=true", "trainer.max_steps=50", "trainer.enable_progress_bar=false",
-        "+callbacks.fault._target_=faults.RaiseOnRank", f"hydra.run.dir={tmp_path}",
-        cwd=tmp_path, timeout=240, on_poll=_died, env={"PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])},
+        "checkpoint_every_n_steps=2", *extra, f"hydra.run.dir={tmp_path}", cwd=tmp_path, timeout=240,
+        on_poll=_died if fault == "raise" else _kill_rank_1_after_step_2(tmp_path),
+        env={"PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])},
     )
-    print(f"\nrank 1 raised: exit {run.returncode}, all gone {run.all_gone_after_s:.1f} s after it ended")
+    print(f"\nrank 1 {fault}: exit {run.returncode}, all gone {run.all_gone_after_s:.1f} s after it ended")
     assert run.returncode not in (0, 130, 143), run.stderr[-2000:]
-    assert "fault injected on rank 1 after step 3" in run.stderr
+    if fault == "raise":
+        assert "fault injected on rank 1 after step 3" in run.stderr
     assert len(run.children_seen) == 1 and run.all_gone_after_s is not None
     assert run.all_gone_after_s < 30, run.all_gone_after_s  # safety bound: parallel.timeout_s
+    saved = newest(tmp_path / "checkpoints")
+    meta = read_meta(saved)
+    assert meta["global_step"] >= 2
+    with torch.device("meta"):
+        validate(saved, torch.nn.ModuleDict({"model": GPTMoE(meta["hyper_parameters"]["model"])}))
