@@ -96,9 +96,9 @@ class GPTMoEModule(pl.LightningModule):
         equal-sized batches)."""
         if not self._val_losses:
             return
-        ce = float(self.trainer.strategy.reduce(torch.stack(self._val_losses).mean(), reduce_op="mean"))
-        self.log("val/loss", ce, prog_bar=True)  # a float: already reduced, Lightning need not sync it
-        self.log("val/ppl", math.exp(ce))
+        ce = self.trainer.strategy.reduce(torch.stack(self._val_losses).mean(), reduce_op="mean")
+        self.log("val/loss", ce, prog_bar=True)
+        self.log("val/ppl", ce.exp())
 
     def _log_moe_stats(self) -> None:
         """Log per-layer expert load (max / mean), dropped fraction, aux and z losses over the global batch.
