@@ -76,6 +76,7 @@ from lightning_smartmoe import SmartMoEStrategy  # noqa: E402
 from lightning_smartmoe.callbacks import ExpertPlacementCallback  # noqa: E402
 from lightning_smartmoe.moe import GroupedExperts, MoEConfig, MoELayer  # noqa: E402
 from lightning_smartmoe.placement import CostModel, Placement, moves  # noqa: E402
+from lightning_smartmoe.planner.profile import agree, expert_flops_per_s, link_bandwidth  # noqa: E402
 
 THREADS = 1
 WORLD = 2
@@ -272,20 +273,11 @@ def placement_callback(policy: str, interval: int, window: int, figures: dict) -
 
 
 def measure_figures(cfg: dict) -> dict:
-    """flops_per_s of an expert FFN forward + backward (1 thread) and gloo all_to_all bandwidth, averaged over ranks."""
+    """flops_per_s of an expert FFN forward + backward (1 thread, 4 x 128 rows) and gloo all_to_all bandwidth (4 MiB
+    per peer), as placement.calibrate measures them (planner/profile.py), plus a plain matmul's FLOP/s; averaged over
+    ranks, identical on every rank."""
     d, h = cfg["d_model"], cfg["hidden"]
-    torch.manual_seed(0)
-    experts = GroupedExperts(4, d, h)
-    rows = torch.randn(4 * 128, d, requires_grad=True)
-    counts = [128] * 4
-    times = []
-    for i in range(7):
-        experts.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        experts(rows, counts).sum().backward()
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    flops = 6 * (2 * d * h) * rows.shape[0] / statistics.median(times)
+    cpu = torch.device("cpu")
     a, w = torch.randn(512, d), torch.randn(d, h)
     mm = []
     for i in range(7):
@@ -293,22 +285,12 @@ def measure_figures(cfg: dict) -> dict:
         a @ w
         if i >= 2:
             mm.append(time.perf_counter() - t0)
-    mm_flops = 2 * 512 * d * h / statistics.median(mm)
-    world, per_peer = dist.get_world_size(), 4 * 2**20 // 4  # 4 MiB of float32 per peer
-    send = torch.randn(world * per_peer)
-    recv = torch.empty_like(send)
-    bw = []
-    for i in range(7):
-        dist.barrier()
-        t0 = time.perf_counter()
-        dist.all_to_all_single(recv, send)
-        if i >= 2:
-            bw.append((world - 1) * per_peer * 4 / (time.perf_counter() - t0))
-    mine = torch.tensor([flops, statistics.median(bw), mm_flops], dtype=torch.float64)
-    dist.all_reduce(mine)
-    mine /= world
-    dist.broadcast(mine, 0)  # bit-identical figures on every rank: every rank must plan alike
-    return {"flops_per_s": float(mine[0]), "bandwidth": float(mine[1]), "matmul_flops_per_s": float(mine[2])}
+    figures = {
+        "flops_per_s": expert_flops_per_s(d, h, 4 * 128, cpu),
+        "bandwidth": link_bandwidth(dist.group.WORLD, 4 * 2**20, cpu),
+        "matmul_flops_per_s": 2 * 512 * d * h / statistics.median(mm),
+    }
+    return agree(figures, cpu)
 
 
 # ---- one run -----------------------------------------------------------------------------------------------------

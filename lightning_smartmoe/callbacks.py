@@ -7,11 +7,24 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from lightning_smartmoe import plots
 from lightning_smartmoe.errors import ConfigError
 from lightning_smartmoe.moe import MoELayer
-from lightning_smartmoe.placement import PLANNERS, CostModel, moves, plan, should_switch
+from lightning_smartmoe.placement import PLANNERS, CostModel, Placement, moves, plan, should_switch
+from lightning_smartmoe.planner.profile import agree, expert_flops_per_s, link_bandwidth
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that also writes `last.ckpt` when training ends at a step it has not saved yet (a stop on a
+    signal, or max_steps between two validations), so that `last.ckpt` is always the newest save."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class TokensPerSecond(pl.Callback):
@@ -44,14 +57,19 @@ class ExpertPlacementCallback(pl.Callback):
     A new placement is adopted if the cost model predicts that the time it saves over the next interval
     exceeds its migration time by `min_gain` seconds; every rank computes the same decision. The cost
     model takes the expert size from the layer and its hardware figures from `cost` (CostModel fields:
-    flops_per_s, bandwidth, grad_bytes_per_param, state_bytes_per_param). When the strategy exchanges replica
+    flops_per_s, bandwidth, grad_bytes_per_param, state_bytes_per_param); with `calibrate`, flops_per_s and
+    bandwidth are measured instead after the first step (planner/profile.py: the expert FFN at the layer's shape
+    and routed rows, an all-to-all of one expert's migration bytes inside the expert-parallel group) and agreed
+    over the ranks. When the strategy exchanges replica
     gradients during backward, a layer's exchange is charged net of the backward of the MoE layers before it on
     its rank (CostModel.hiding_layers = the layer's position among them).
 
     Logged: `moe/layer<i>/rank_imbalance` (busiest rank's expert tokens over the mean rank's, under the
-    current placement; by the ranks of the layer's pipeline stage), `moe/layer<i>/dropped`, `placement/switches`, `placement/moved_experts`. Every
-    `heatmap_every` steps the per-expert load [layers, experts] is appended to `expert_load.csv` in the
-    logger's directory and, with a TensorBoard logger, added as an image.
+    current placement; every layer of the model, on every rank), `moe/layer<i>/dropped`, `placement/switches`,
+    `placement/moved_experts`. Every `heatmap_every` steps the per-expert load [layers, experts] is appended to
+    `expert_load.csv` in the logger's directory, drawn (plots.expert_load_figure) to
+    `image_dir/step_<step>.png` (default: the logger's directory, else the trainer's root directory) and added
+    to every TensorBoard logger as the image `moe/expert_load`.
     """
 
     def __init__(
@@ -62,6 +80,8 @@ class ExpertPlacementCallback(pl.Callback):
         min_gain: float = 0.0,
         heatmap_every: int = 100,
         cost: dict[str, float] | None = None,
+        calibrate: bool = False,
+        image_dir: str | Path | None = None,
     ) -> None:
         if policy not in PLANNERS:
             raise ConfigError(f"placement.policy={policy!r} is unknown; allowed: {', '.join(PLANNERS)}")
@@ -78,14 +98,31 @@ class ExpertPlacementCallback(pl.Callback):
             CostModel(**self.cost)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"placement.cost: {err}") from err
+        self.calibrate = calibrate
+        self.measured: dict[str, float] = {}  # the calibrated figures, once measured
+        self.image_dir = Path(image_dir) if image_dir is not None else None
         self.history: list[torch.Tensor] = []  # last `window` steps' global counts, [layers, experts] each
         self.switches = 0
         self.moved_experts = 0
+        self.switch_steps: list[int] = []  # steps at which some layer switched, this fit
+        self.imbalance: list[tuple[int, list[float]]] = []  # (step, rank imbalance of every layer), this fit
+        self.placements: list[Placement] = []  # every layer's current placement (all pipeline stages)
+        self.images: list[Path] = []  # heatmap PNGs written by this rank
         self._pending: torch.Tensor | None = None  # this rank's counts since the last step, [layers, E + 1]
         self._last_step = -1
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_step = trainer.global_step
+        self.switch_steps, self.imbalance = [], []
+        if trainer.strategy.moe_num_experts:
+            self.placements = self._all_placements(trainer)
+
+    @staticmethod
+    def _all_placements(trainer: pl.Trainer) -> list[Placement]:
+        """Every MoE layer's placement, from all pipeline stages (collective)."""
+        strategy = trainer.strategy
+        tables = strategy.placement_tables()
+        return [Placement(e, strategy.sizes.ep, tuple(t)) for e, t in zip(strategy.moe_num_experts, tables)]
 
     @staticmethod
     def _layers(trainer: pl.Trainer) -> list[MoELayer]:
@@ -107,14 +144,43 @@ class ExpertPlacementCallback(pl.Callback):
         self._pending = None
         load, dropped = total[:, :-1].double().cpu(), total[:, -1]
         self.history = (self.history + [load])[-self.window :]
-        for layer in self._layers(trainer):
-            ranks = layer.placement.rank_load(self._load_of(layer, load))
-            pl_module.log(f"moe/layer{layer.index}/rank_imbalance", float(ranks.max() / ranks.mean().clamp(min=1e-12)))
-            pl_module.log(f"moe/layer{layer.index}/dropped", float(dropped[layer.index]))
+        if self.calibrate and not self.measured and self.policy != "static":
+            self._calibrate(trainer)
+        imbalance = [p.rank_imbalance(load[i, : p.num_experts]) for i, p in enumerate(self.placements)]
+        self.imbalance.append((trainer.global_step, imbalance))
+        for i, value in enumerate(imbalance):
+            pl_module.log(f"moe/layer{i}/rank_imbalance", value)
+            pl_module.log(f"moe/layer{i}/dropped", float(dropped[i]))
         if self.heatmap_every and trainer.global_step % self.heatmap_every == 0:
             self._log_heatmap(trainer, load)
         if self.interval != "epoch" and trainer.global_step % self.interval == 0:
             self.replan(trainer, steps=self.interval)
+
+    def _calibrate(self, trainer: pl.Trainer) -> None:
+        """Measure flops_per_s and bandwidth on these ranks (collective) and use them in place of `cost`'s. A rank
+        whose pipeline stage holds no MoE layer measures nothing (nor do the others of its expert-parallel group,
+        which is that stage's too)."""
+        strategy, start = trainer.strategy, time.perf_counter()
+        layers = self._layers(trainer)
+        figures: dict[str, float | None] = {"flops_per_s": None, "bandwidth": None}
+        if layers:
+            layer = layers[0]
+            _, d_model, hidden = layer.experts.w1.shape
+            rows = max(1, int(layer.stats.expert_load.sum()))  # the assignments this rank routed in the last batch
+            with trainer.precision_plugin.forward_context():
+                figures["flops_per_s"] = expert_flops_per_s(d_model, hidden, rows, strategy.root_device, layer.experts.w1.dtype)
+            if strategy.layout.mesh is not None:
+                expert_bytes = CostModel(**{**self.cost, "expert_params": self._expert_params(layer)}).expert_bytes
+                figures["bandwidth"] = link_bandwidth(strategy.layout.ep_group, expert_bytes, strategy.root_device)
+        self.measured = {k: v for k, v in agree(figures, strategy.root_device).items() if v is not None}
+        self.cost.update(self.measured)
+        link = f", link {self.measured['bandwidth'] / 1e9:.2f} GB/s" if "bandwidth" in self.measured else ""
+        rank_zero_info(f"placement: cost figures measured in {time.perf_counter() - start:.2f} s: expert FFN "
+                       f"{self.measured['flops_per_s'] / 1e9:.1f} GFLOP/s per rank{link}")
+
+    @staticmethod
+    def _expert_params(layer: MoELayer) -> int:
+        return layer.experts.w1[0].numel() + layer.experts.w2[0].numel()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.interval == "epoch" and self.history:
@@ -126,16 +192,21 @@ class ExpertPlacementCallback(pl.Callback):
             return
         load = torch.stack(self.history).mean(0)
         overlapped = getattr(trainer.strategy, "replica_sync_overlapped", False)
+        switched = False
         for position, layer in enumerate(self._layers(trainer)):
             layer_load = self._load_of(layer, load)
-            params = layer.experts.w1[0].numel() + layer.experts.w2[0].numel()
             hiding = position if overlapped else 0
-            cost = CostModel(**{**self.cost, "expert_params": params, "hiding_layers": hiding})
+            cost = CostModel(**{**self.cost, "expert_params": self._expert_params(layer), "hiding_layers": hiding})
             new = plan(self.policy, layer_load, layer.placement, cost)
             if should_switch(cost, layer.placement, new, layer_load, steps, self.min_gain):
                 self.moved_experts += sum(not m.local for m in moves(layer.placement, new))
                 self.switches += 1
                 trainer.strategy.migrate(layer, new)
+                switched = True
+        if self.placements:
+            self.placements = self._all_placements(trainer)
+        if switched:
+            self.switch_steps.append(trainer.global_step)
         trainer.lightning_module.log("placement/switches", float(self.switches))
         trainer.lightning_module.log("placement/moved_experts", float(self.moved_experts))
 
@@ -145,21 +216,26 @@ class ExpertPlacementCallback(pl.Callback):
         return load[layer.index, : layer.cfg.num_experts]
 
     def _log_heatmap(self, trainer: pl.Trainer, load: torch.Tensor) -> None:
-        if not trainer.is_global_zero or trainer.logger is None or trainer.logger.log_dir is None:
+        if not trainer.is_global_zero:
             return
-        path = Path(trainer.logger.log_dir) / "expert_load.csv"
-        new_file = not path.exists()
-        with path.open("a", newline="") as f:
-            writer = csv.writer(f)
-            if new_file:
-                writer.writerow(["step", "layer", *[f"expert{e}" for e in range(load.shape[1])]])
-            for i, row in enumerate(load.tolist()):
-                writer.writerow([trainer.global_step, i, *[int(v) for v in row]])
-        if isinstance(trainer.logger, TensorBoardLogger):
-            share = load / load.sum(1, keepdim=True).clamp(min=1)
-            image = (share / share.max().clamp(min=1e-12)).float()  # [layers, experts] in [0, 1]
-            image = image.repeat_interleave(8, 0).repeat_interleave(8, 1).unsqueeze(0)
-            trainer.logger.experiment.add_image("moe/expert_load", image, trainer.global_step)
+        log_dir = trainer.logger.log_dir if trainer.logger is not None else None
+        if log_dir is not None:
+            path = Path(log_dir) / "expert_load.csv"
+            new_file = not path.exists()
+            with path.open("a", newline="") as f:
+                writer = csv.writer(f)
+                if new_file:
+                    writer.writerow(["step", "layer", *[f"expert{e}" for e in range(load.shape[1])]])
+                for i, row in enumerate(load.tolist()):
+                    writer.writerow([trainer.global_step, i, *[int(v) for v in row]])
+        if not self.placements:
+            return
+        fig = plots.expert_load_figure(load, self.placements, trainer.global_step)
+        image_dir = self.image_dir or Path(log_dir or trainer.default_root_dir) / "expert_load"
+        self.images.append(plots.save_png(fig, image_dir / f"step_{trainer.global_step:06d}.png"))
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("moe/expert_load", plots.rgb(fig), trainer.global_step, dataformats="HWC")
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history, "switches": self.switches, "moved_experts": self.moved_experts}
@@ -168,3 +244,4 @@ class ExpertPlacementCallback(pl.Callback):
         self.history = [h.cpu() for h in state_dict["history"]]
         self.switches = state_dict["switches"]
         self.moved_experts = state_dict["moved_experts"]
+

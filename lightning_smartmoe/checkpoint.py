@@ -10,6 +10,7 @@ pipeline stage writes and reads only its own parameters, whose names do not depe
 """
 
 import math
+import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from lightning_smartmoe.errors import ConfigError
 from lightning_smartmoe.moe.experts import GroupedExperts
 
 META = "meta.pt"
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{8}\.(?P<kind>tmp|old)$")  # save()'s working names
 
 
 @dataclass(frozen=True)
@@ -138,13 +140,23 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _any_rank(flag: bool) -> bool:
-    """Whether `flag` is set on any rank (collective)."""
+def _first_message(message: str | None) -> str | None:
+    """The first rank's message among the ranks that have one, None if none has (collective)."""
     if not dist.is_initialized():
-        return flag
-    box = [None] * dist.get_world_size()
-    dist.all_gather_object(box, flag)
-    return any(box)
+        return message
+    box: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(box, message)
+    return next((m for m in box if m is not None), None)
+
+
+def _describe(err: BaseException) -> str:
+    """One line for an error; for DCP's CheckpointException, the first failing rank's underlying error."""
+    if isinstance(err, CheckpointException) and err.failures:
+        rank = min(err.failures)
+        cause = err.failures[rank]
+        cause = cause[0] if isinstance(cause, tuple) else cause
+        return f"rank {rank}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
 def _broadcast_path(path: Path) -> Path:
@@ -162,19 +174,24 @@ def _is_checkpoint(path: Path) -> bool:
 def save(
     path: str | Path, module: nn.Module, optimizers: list[Optimizer], meta: dict[str, Any], stored: Stored = unsharded
 ) -> None:
-    """Collective save (`stored`: how each parameter is stored, see Sharding). Written to a temporary folder that replaces `path` by renames only, so a crash at
-    any point leaves either the old or the new checkpoint whole. An existing `path` that is not a
-    checkpoint is refused, not overwritten."""
+    """Collective save (`stored`: how each parameter is stored, see Sharding). Written to a temporary folder that
+    replaces `path` by renames only, so a crash at any point leaves the old or the new checkpoint whole (under its
+    name or, until `recover` runs, a working name). A failed save removes its temporary folder. An existing `path`
+    that is not a checkpoint is refused, not overwritten."""
     path = _broadcast_path(Path(path))
     if path.exists() and not _is_checkpoint(path):
         raise ConfigError(f"checkpoint path {str(path)!r} exists and is not a smartmoe checkpoint; refusing to replace it")
     tmp = _broadcast_path(path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"))
-    dcp.save(_all_tensors(module, optimizers, stored), checkpoint_id=tmp)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
-        meta = dict(meta, optimizer_hparams=[[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in optimizers])
-        torch.save(meta, tmp / META)
-    _barrier()
+    try:
+        dcp.save(_all_tensors(module, optimizers, stored), checkpoint_id=tmp)
+        if rank == 0:
+            meta = dict(meta, optimizer_hparams=[[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in optimizers])
+            torch.save(meta, tmp / META)
+        _barrier()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # every surviving rank tries: the one that made it may be gone
+        raise
     if rank == 0:
         old = tmp.with_suffix(".old")
         if path.exists():
@@ -208,17 +225,92 @@ def load(
             _init_optimizer_state(module, opt, i, saved, stored)
         tensors = _all_tensors(module, optimizers, stored)
         missing = sorted(k for k in tensors if k not in saved)
-        if _any_rank(bool(missing)):  # every rank raises, so none waits in dcp.load for the others
-            raise ConfigError(
-                f"ckpt_path={str(path)!r} lacks tensors this model needs"
-                + (f": {len(missing)} on this rank, e.g. {missing[:3]}" if missing else " (on another rank)")
-            )
+        # every rank raises the same error, so none waits in dcp.load for the others
+        problem = _first_message(f"lacks tensors this model needs: {len(missing)}, e.g. {missing[:3]}" if missing else None)
+        if problem is not None:
+            raise ConfigError(f"ckpt_path={str(path)!r} {problem}")
         dcp.load(tensors, checkpoint_id=path)
     except ConfigError:
         raise
     except (Exception, CheckpointException) as err:  # a damaged file surfaces as many different errors
-        raise ConfigError(f"ckpt_path={str(path)!r} could not be read: {err}") from err
+        raise ConfigError(f"ckpt_path={str(path)!r} could not be read: {_describe(err)}") from err
     for opt, groups in zip(optimizers, meta.pop("optimizer_hparams", [])):
         for group, saved_group in zip(opt.param_groups, groups):
             group.update(saved_group)
     return meta
+
+
+def validate(path: str | Path, module: nn.Module) -> dict[str, Any]:
+    """Check, in one process and before any rank starts, that checkpoint folder `path` loads into `module` (the
+    whole model, every expert in its own slot): `meta.pt` and `.metadata` are readable, every shard file the
+    metadata names is there and long enough, every tensor the model needs is present with the model's shape, no
+    model tensor is left over, and optimizer state is shaped like its parameter. Raises ConfigError naming the
+    first bad file or tensor. Returns the metadata."""
+    path = Path(path)
+    where = f"ckpt_path={str(path)!r}"
+    meta = read_meta(path)
+    try:
+        metadata = dcp.FileSystemReader(path).read_metadata()
+    except Exception as err:
+        raise ConfigError(f"{where}: .metadata could not be read: {_describe(err)}") from err
+    sizes: dict[str, int | None] = {}
+    for index, info in metadata.storage_data.items():
+        if info.relative_path not in sizes:
+            shard = path / info.relative_path
+            sizes[info.relative_path] = shard.stat().st_size if shard.is_file() else None
+        size, end = sizes[info.relative_path], info.offset + info.length
+        if size is None:
+            raise ConfigError(f"{where}: shard {info.relative_path} is missing (it holds {index.fqn})")
+        if size < end:
+            raise ConfigError(f"{where}: shard {info.relative_path} is truncated at {size} bytes; {index.fqn} needs bytes up to {end}")
+    saved = metadata.state_dict_metadata
+    want = {key: tuple(t.shape) for key, t in model_tensors(module).items()}
+    for key, shape in want.items():
+        if key not in saved:
+            raise ConfigError(f"{where}: tensor {key} is missing; the model needs it with shape {list(shape)}")
+        have = tuple(saved[key].size) if isinstance(saved[key], TensorStorageMetadata) else None
+        if have != shape:
+            raise ConfigError(f"{where}: tensor {key} has shape {list(have or ())} in the checkpoint; the model needs {list(shape)}")
+    for key, item in saved.items():
+        if key.startswith("model/") and key not in want:
+            raise ConfigError(f"{where}: tensor {key} is not in this model (was it saved from another model config?)")
+        if key.startswith("optim"):
+            param = "model/" + key.split("/")[1]
+            shape = tuple(item.size) if isinstance(item, TensorStorageMetadata) else None
+            if param not in want or shape not in ((), want[param]):
+                raise ConfigError(f"{where}: optimizer state {key} does not fit the model's {param} {list(want.get(param, ()))}")
+    return meta
+
+
+def newest(folder: str | Path) -> Path | None:
+    """The most recently written complete checkpoint (`*.ckpt` folder with meta.pt and .metadata) in `folder`, or
+    None."""
+    folder = Path(folder)
+    done = [p for p in folder.glob("*.ckpt") if _is_checkpoint(p)] if folder.is_dir() else []
+    return max(done, key=lambda p: (p / META).stat().st_mtime_ns, default=None)
+
+
+def recover(folder: str | Path) -> list[str]:
+    """Finish or undo what interrupted saves left in `folder` (run by one process, before training starts): a
+    complete temporary folder replaces the checkpoint it was written for (it is the newer save); incomplete ones
+    and leftover old copies are removed; an old copy whose checkpoint is gone takes its name back. Returns what was
+    done, one line each."""
+    folder = Path(folder)
+    done: list[str] = []
+    if not folder.is_dir():
+        return done
+    for kind in ("tmp", "old"):
+        for work in sorted(folder.iterdir()):
+            match = _TEMPORARY.match(work.name)
+            if not match or match["kind"] != kind or not work.is_dir():
+                continue
+            target = folder / match["name"]
+            if _is_checkpoint(work) and (kind == "tmp" or not target.exists()):
+                if target.exists():
+                    shutil.rmtree(target)
+                work.rename(target)
+                done.append(f"{work.name} -> {target.name}")
+            else:
+                shutil.rmtree(work)
+                done.append(f"removed {work.name}")
+    return done

@@ -1,21 +1,39 @@
-"""From a composed Hydra config to checked objects. Every check runs here, before any process starts."""
+"""From a composed Hydra config to checked objects. Every check runs here, before any process starts: unknown keys
+in any group are refused with the allowed ones, and every value is type- and range-checked."""
 
+import inspect
+import math
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
+import lightning.pytorch as pl
 from hydra.core.config_store import ConfigStore
+from hydra.utils import instantiate
+from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
+from lightning.pytorch.accelerators import AcceleratorRegistry
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_smartmoe.callbacks import ExpertPlacementCallback
-from lightning_smartmoe.checkpoint import read_meta
+from lightning_smartmoe.checkpoint import newest
 from lightning_smartmoe.data import TokenDataModule
 from lightning_smartmoe.errors import ConfigError
 from lightning_smartmoe.layout import ParallelSizes
 from lightning_smartmoe.models import GPTMoEConfig, OptimConfig
 from lightning_smartmoe.moe import MoEConfig
+from lightning_smartmoe.placement import PLANNERS, CostModel
 from lightning_smartmoe.planner import memory
 from lightning_smartmoe.planner.memory import Layout
 
 PACKAGE = Path(__file__).resolve().parent
+GROUPS = ("model", "moe", "parallel", "placement", "data", "optim", "trainer", "logger", "callbacks")
+TOP_LEVEL = ("seed", "ckpt_path", "checkpoint_every_n_steps", "dry_run", "memory_gb")
+SET_BY_CLI = ("strategy", "logger", "callbacks")  # Trainer arguments that smartmoe-train fills in itself
+COST_KEYS = tuple(f.name for f in fields(CostModel) if f.name not in ("expert_params", "hiding_layers"))
 
 
 def _resource_dir(name: str) -> Path:
@@ -35,13 +53,99 @@ def register_recipes() -> None:
         store.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
 
 
+# ---- value checks ------------------------------------------------------------------------------------------------
+
+
+def _type_name(t: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}.get(t, str(t))
+
+
+def _is(value: Any, t: Any) -> bool:
+    if t is type(None):
+        return value is None
+    if t is bool:
+        return isinstance(value, bool)
+    if t is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if t is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, t)
+
+
+def _check_type(key: str, value: Any, hint: Any) -> None:
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    allowed = typing.get_args(hint) if union else (hint,)
+    if not any(_is(value, t) for t in allowed):
+        raise ConfigError(f"{key}={value!r} must be {' or '.join(_type_name(t) for t in allowed)}")
+
+
+def _integer(key: str, value: Any, minimum: int, none_ok: bool = False) -> None:
+    if none_ok and value is None:
+        return
+    if not _is(value, int) or value < minimum:
+        raise ConfigError(f"{key}={value!r} must be an integer >= {minimum}" + (" or null" if none_ok else ""))
+
+
+def _number(key: str, value: Any, ok: Callable[[float], bool], rule: str, none_ok: bool = False) -> None:
+    if none_ok and value is None:
+        return
+    if not _is(value, float) or math.isnan(value) or not ok(value):
+        raise ConfigError(f"{key}={value!r} must be a number {rule}" + (" or null" if none_ok else ""))
+
+
+def _boolean(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be true or false")
+
+
+def _choice(key: str, value: Any, allowed: typing.Sequence[Any]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is unknown; allowed: {', '.join(str(a) for a in allowed)}")
+
+
+def _positive(x: float) -> bool:
+    return 0 < x < math.inf
+
+
+# ---- keys ----------------------------------------------------------------------------------------------------------
+
+
+def _unknown(prefix: str, keys: typing.Iterable[str], allowed: typing.Iterable[str]) -> None:
+    allowed = sorted(allowed)
+    extra = sorted(set(keys) - set(allowed))
+    if extra:
+        raise ConfigError(f"{prefix}{extra[0]} is not a known key; allowed: {', '.join(allowed)}")
+
+
+def _default_keys(group: str) -> list[str]:
+    return list(OmegaConf.load(conf_dir() / group / "default.yaml"))
+
+
+def trainer_arguments() -> list[str]:
+    """Lightning Trainer arguments that `trainer.*` may set (its signature, less those smartmoe-train sets)."""
+    names = inspect.signature(pl.Trainer.__init__).parameters
+    return [n for n in names if n not in ("self", *SET_BY_CLI)]
+
+
+def _check_keys(cfg: DictConfig) -> None:
+    _unknown("", cfg.keys(), (*GROUPS, *TOP_LEVEL))
+    for group in ("parallel", "placement", "data"):
+        _unknown(f"{group}.", cfg[group].keys(), _default_keys(group))
+    _unknown("placement.cost.", cfg.placement.cost.keys(), COST_KEYS)
+    for key in cfg.trainer:
+        if key in SET_BY_CLI:
+            raise ConfigError(f"trainer.{key} is set by smartmoe-train (from parallel.*, logger and callbacks); remove it")
+    _unknown("trainer.", cfg.trainer.keys(), trainer_arguments())
+
+
 def _section(cfg: DictConfig, key: str, cls: type, **extra):
-    """cls(**cfg[key], **extra), refusing keys the dataclass does not have."""
+    """cls(**cfg[key], **extra), refusing keys the dataclass does not have and values of the wrong type."""
     values = OmegaConf.to_container(cfg[key], resolve=True)
-    known = set(cls.__dataclass_fields__) - set(extra)
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{key}.{unknown[0]} is not a known key; allowed: {', '.join(sorted(known))}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in fields(cls) if f.name not in extra]
+    _unknown(f"{key}.", values, known)
+    for name, value in values.items():
+        _check_type(f"{key}.{name}", value, hints[name])
     return cls(**values, **extra)
 
 
@@ -53,30 +157,112 @@ def optim_config(cfg: DictConfig) -> OptimConfig:
     return _section(cfg, "optim", OptimConfig)
 
 
-def _check_int(key: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{key}={value!r} must be an integer >= {minimum}")
+# ---- run settings --------------------------------------------------------------------------------------------------
+
+
+def precisions() -> list[Any]:
+    """Every value Lightning accepts for trainer.precision."""
+    return [value for literal in typing.get_args(_PRECISION_INPUT) for value in typing.get_args(literal)]
+
+
+def accelerators_here(anywhere: bool = False) -> list[str]:
+    """trainer.accelerator values that can run on this machine (anywhere=True: on any machine)."""
+    names = [n for n in sorted(AcceleratorRegistry.available_accelerators())
+             if anywhere or AcceleratorRegistry[n]["accelerator"].is_available()]
+    return ["auto", *names, *(["gpu"] if anywhere or {"cuda", "mps"} & set(names) else [])]
+
+
+def _check_trainer(t: DictConfig, here: bool = True) -> None:
+    """`here`: the run starts on this machine (a dry run only predicts, so any accelerator Lightning knows will do)."""
+    _integer("trainer.devices", t.devices, 1)  # processes per node; "auto" and lists are not supported
+    _integer("trainer.num_nodes", t.num_nodes, 1)
+    _integer("trainer.accumulate_grad_batches", t.accumulate_grad_batches, 1)
+    _choice("trainer.precision", t.precision, precisions())
+    if not here:
+        _choice("trainer.accelerator", t.accelerator, accelerators_here(anywhere=True))
+    elif t.accelerator not in accelerators_here():
+        raise ConfigError(
+            f"trainer.accelerator={t.accelerator!r} cannot run here; allowed on this machine: {', '.join(accelerators_here())}"
+        )
+    _integer("trainer.max_steps", t.max_steps, -1)
+    _integer("trainer.max_epochs", t.max_epochs, -1, none_ok=True)
+    if t.max_steps == -1 and t.max_epochs in (-1, None):
+        raise ConfigError(
+            "trainer.max_steps=-1 (no step limit) needs trainer.max_epochs >= 1: the learning-rate schedule spans the run"
+        )
+    if t.val_check_interval is not None and not (_is(t.val_check_interval, int) and t.val_check_interval >= 1):
+        _number("trainer.val_check_interval", t.val_check_interval, lambda x: 0 < x <= 1, "in (0, 1] or an integer >= 1")
+    _integer("trainer.check_val_every_n_epoch", t.check_val_every_n_epoch, 1, none_ok=True)
+    if not (_is(t.limit_val_batches, int) and t.limit_val_batches >= 0):
+        _number("trainer.limit_val_batches", t.limit_val_batches, lambda x: 0 <= x <= 1, "in [0, 1] or an integer >= 0")
+    _integer("trainer.log_every_n_steps", t.log_every_n_steps, 1)
+    _number("trainer.gradient_clip_val", t.gradient_clip_val, lambda x: 0 <= x < math.inf, ">= 0", none_ok=True)
+    _boolean("trainer.enable_progress_bar", t.enable_progress_bar)
+
+
+def _check_parallel(p: DictConfig) -> None:
+    _integer("parallel.dp", p.dp, 1, none_ok=True)
+    for key in ("tp", "pp", "ep", "microbatches", "virtual_stages"):
+        _integer(f"parallel.{key}", p[key], 1)
+    _boolean("parallel.sequence_parallel", p.sequence_parallel)
+    _boolean("parallel.expert_tp", p.expert_tp)
+    _choice("parallel.start_method", p.start_method, ("popen", "spawn"))
+    _number("parallel.bucket_mb", p.bucket_mb, _positive, "> 0")
+    _number("parallel.timeout_s", p.timeout_s, _positive, "> 0 (seconds)")
+
+
+def _check_placement(p: DictConfig) -> None:
+    _choice("placement.policy", p.policy, tuple(PLANNERS))
+    if p.interval != "epoch" and not (_is(p.interval, int) and p.interval >= 1):
+        raise ConfigError(f"placement.interval={p.interval!r} must be an integer >= 1 or 'epoch'")
+    _integer("placement.window", p.window, 1)
+    _number("placement.min_gain", p.min_gain, lambda x: True, "of seconds (-inf: always switch)")
+    _integer("placement.extra_slots", p.extra_slots, 0)
+    _integer("placement.heatmap_every", p.heatmap_every, 0)
+    _boolean("placement.calibrate", p.calibrate)
+    try:
+        CostModel(**OmegaConf.to_container(p.cost, resolve=True))
+    except ValueError as err:
+        raise ConfigError(f"placement.{err}") from err
+
+
+def _check_data(d: DictConfig) -> None:
+    if d.path is not None and not isinstance(d.path, str):
+        raise ConfigError(f"data.path={d.path!r} must be a path or null")
+    _number("data.val_fraction", d.val_fraction, lambda x: 0 < x < 1, "in (0, 1)")
+    _integer("data.global_batch_size", d.global_batch_size, 1)
+    _integer("data.num_workers", d.num_workers, 0)
+    _integer("data.seed", d.seed, 0)
 
 
 def check_run(cfg: DictConfig) -> None:
-    """Checks of trainer, parallel, placement and resume settings that the dataclasses do not cover."""
-    _check_int("trainer.devices", cfg.trainer.devices)  # processes per node; "auto" and lists are not supported
-    _check_int("trainer.num_nodes", cfg.trainer.num_nodes)
-    _check_int("trainer.accumulate_grad_batches", cfg.trainer.accumulate_grad_batches)
-    if cfg.parallel.start_method not in ("popen", "spawn"):
-        raise ConfigError(f"parallel.start_method={cfg.parallel.start_method!r} is unknown; allowed: popen, spawn")
-    if not cfg.parallel.bucket_mb > 0:
-        raise ConfigError(f"parallel.bucket_mb={cfg.parallel.bucket_mb} must be > 0")
-    _check_int("placement.heatmap_every", cfg.placement.heatmap_every, minimum=0)
-    _check_int("placement.extra_slots", cfg.placement.extra_slots, minimum=0)
-    if cfg.ckpt_path is not None:
-        read_meta(cfg.ckpt_path)
+    """Every key known and every value of the run settings in range (the model, moe and optim dataclasses check
+    their own when built)."""
+    _check_keys(cfg)
+    _boolean("dry_run", cfg.dry_run)
+    _check_trainer(cfg.trainer, here=not cfg.dry_run)
+    _check_parallel(cfg.parallel)
+    _check_placement(cfg.placement)
+    _check_data(cfg.data)
+    _integer("seed", cfg.seed, 0)
+    _integer("checkpoint_every_n_steps", cfg.checkpoint_every_n_steps, 1, none_ok=True)
+    _number("memory_gb", cfg.memory_gb, _positive, "> 0 (GiB per rank)", none_ok=True)
+    if cfg.ckpt_path is not None and not isinstance(cfg.ckpt_path, str):
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} must be a checkpoint folder, 'last' or null")
 
 
 def parallel_sizes(cfg: DictConfig) -> ParallelSizes:
     p = cfg.parallel
     world = cfg.trainer.devices * cfg.trainer.num_nodes
     return ParallelSizes.resolve(world, dp=p.dp, tp=p.tp, pp=p.pp, ep=p.ep, expert_tp=p.expert_tp)
+
+
+def checkpoint_to_resume(cfg: DictConfig, checkpoints: Path) -> Path | None:
+    """`ckpt_path` as a path; `last` is the newest complete checkpoint in the run's folder `checkpoints`, or None
+    (start fresh) when it has none."""
+    if cfg.ckpt_path is None:
+        return None
+    return newest(checkpoints) if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
 
 
 def datamodule(cfg: DictConfig, model: GPTMoEConfig, sizes: ParallelSizes, load: bool = True) -> TokenDataModule:
@@ -113,8 +299,6 @@ def check_memory(cfg: DictConfig, model: GPTMoEConfig, sizes: ParallelSizes) -> 
     """With `memory_gb` set, refuse a layout whose busiest rank is predicted to need more (planner.memory)."""
     if cfg.memory_gb is None:
         return
-    if isinstance(cfg.memory_gb, bool) or not isinstance(cfg.memory_gb, int | float) or cfg.memory_gb <= 0:
-        raise ConfigError(f"memory_gb={cfg.memory_gb!r} must be a number > 0 (GiB per rank) or null")
     worst = memory.largest(memory.rank_memory(model, memory_layout(cfg, sizes)))
     if worst.total_bytes > cfg.memory_gb * 2**30:
         terms = {k: v for k, v in worst.as_dict().items() if k.endswith("_bytes") and k != "total_bytes"}
@@ -126,10 +310,42 @@ def check_memory(cfg: DictConfig, model: GPTMoEConfig, sizes: ParallelSizes) -> 
         )
 
 
-def placement_callback(cfg: DictConfig) -> ExpertPlacementCallback:
+def placement_callback(cfg: DictConfig, image_dir: Path | None = None) -> ExpertPlacementCallback:
     """The gate-histogram / placement-switching callback from `placement.*`."""
     p = cfg.placement
     return ExpertPlacementCallback(
         policy=p.policy, interval=p.interval, window=p.window, min_gain=p.min_gain,
-        heatmap_every=p.heatmap_every, cost=OmegaConf.to_container(p.cost, resolve=True),
+        heatmap_every=p.heatmap_every, cost=OmegaConf.to_container(p.cost, resolve=True), calibrate=p.calibrate,
+        image_dir=image_dir,
     )
+
+
+def _instantiate_group(cfg: DictConfig, group: str, base: type) -> list[Any]:
+    """Each entry NAME of `group` (a mapping with `_target_`, or null to leave it out), instantiated; it must be
+    a `base`."""
+    node = cfg.get(group)
+    out = []
+    for name, entry in (node or {}).items():
+        if entry is None:
+            continue
+        if not isinstance(entry, DictConfig) or "_target_" not in entry:
+            raise ConfigError(f"{group}.{name} needs a _target_ (the class to build), e.g. +{group}.{name}._target_=...")
+        try:
+            obj = instantiate(entry)
+        except Exception as err:
+            cause = err.__cause__ or err
+            raise ConfigError(f"{group}.{name}: {entry._target_} could not be built: {str(cause).splitlines()[0]}") from err
+        if not isinstance(obj, base):
+            raise ConfigError(f"{group}.{name}: {entry._target_} is not a {base.__module__}.{base.__qualname__}")
+        out.append(obj)
+    return out
+
+
+def loggers(cfg: DictConfig) -> list[Logger]:
+    """The `logger` group: every entry instantiated from its `_target_` (a Lightning logger each)."""
+    return _instantiate_group(cfg, "logger", Logger)
+
+
+def callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """The `callbacks` group: every entry instantiated from its `_target_` (a Lightning callback each)."""
+    return _instantiate_group(cfg, "callbacks", pl.Callback)

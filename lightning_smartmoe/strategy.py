@@ -1,6 +1,7 @@
 """SmartMoEStrategy: a Lightning strategy for data-, tensor-, pipeline- and expert-parallel MoE training."""
 
 import shutil
+import signal
 from collections.abc import Callable, Generator, Mapping
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
@@ -10,6 +11,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.utilities.distributed import (
     _distributed_is_initialized,
@@ -21,12 +23,11 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import ParallelStrategy
-from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from torch import Tensor, nn
-from torch.distributed.constants import default_pg_timeout
 from torch.distributed.device_mesh import DeviceMesh
 from torch.optim import Optimizer
 
@@ -34,13 +35,18 @@ from lightning_smartmoe import checkpoint as ckpt_io
 from lightning_smartmoe import init, tensor_parallel
 from lightning_smartmoe.grad_sync import GradientSynchronizer
 from lightning_smartmoe.errors import ConfigError
+from lightning_smartmoe.launchers import ScriptLauncher
 from lightning_smartmoe.layout import ParallelLayout, ParallelSizes
 from lightning_smartmoe.moe import GroupedExperts, MoELayer
 from lightning_smartmoe.pipeline import SCHEDULES, PipelineRunner
 from lightning_smartmoe.placement import Placement
 from lightning_smartmoe.placement.migration import migrate, slot_fields
 from lightning_smartmoe.placement.replica_sync import OverlappedReplicaSync, sync_replica_grads
+from lightning_smartmoe.signals import STOP_SIGNALS, StopSignal, signal_name
 from lightning_smartmoe.zero import STAGES, ZeroOptimizer
+
+DEFAULT_TIMEOUT = timedelta(minutes=5)  # collectives; torch's default is 30 minutes
+_CONFIG_ERROR = f"{ConfigError.__module__}.{ConfigError.__name__}: "
 
 
 def parallel_model(module: nn.Module) -> nn.Module:
@@ -94,9 +100,10 @@ def keep_share(module: nn.Module, layout: ParallelLayout, virtual_stages: int = 
 
 class _SpawnLauncher(_MultiProcessingLauncher):
     """Spawn launcher that checks the model against the sizes before starting processes (building a model that
-    `configure_model` builds on the meta device first, which the processes then receive), and does not copy rank
-    0's weights back into the parent's model: with sharded experts rank 0 holds only its share, so the parent
-    keeps its own (use checkpoints for the result)."""
+    `configure_model` builds on the meta device first, which the processes then receive), forwards stop signals to
+    the ranks, re-raises a rank's ConfigError as one ConfigError here, and does not copy rank 0's weights back into
+    the parent's model: with sharded experts rank 0 holds only its share, so the parent keeps its own (use
+    checkpoints for the result)."""
 
     def launch(self, function: Callable, *args: Any, trainer: "pl.Trainer | None" = None, **kwargs: Any) -> Any:
         module = self._strategy.lightning_module
@@ -104,7 +111,24 @@ class _SpawnLauncher(_MultiProcessingLauncher):
             with self._strategy.tensor_init_context(), self._strategy.precision_plugin.module_init_context():
                 module.configure_model()
         self._strategy.check_model(module)
-        return super().launch(function, *args, trainer=trainer, **kwargs)
+        previous = {s: signal.signal(s, lambda signum, _: self.kill(signum)) for s in STOP_SIGNALS}
+        try:
+            return super().launch(function, *args, trainer=trainer, **kwargs)
+        except mp.ProcessRaisedException as err:
+            last = str(err).strip().splitlines()[-1]
+            if last.startswith(_CONFIG_ERROR):
+                raise ConfigError(last[len(_CONFIG_ERROR) :]) from None
+            raise
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def get_extra_results(self, trainer: "pl.Trainer") -> dict[str, Any]:
+        return {**super().get_extra_results(trainer), "stop_signal": trainer.strategy.stop_signal}
+
+    def update_main_process_results(self, trainer: "pl.Trainer", extra: dict[str, Any]) -> None:
+        super().update_main_process_results(trainer, extra)
+        trainer.strategy.stop_signal = extra["stop_signal"]
 
     def _recover_results_in_main_process(self, worker_output: Any, trainer: "pl.Trainer") -> None:
         if worker_output.weights_path is not None:
@@ -138,6 +162,8 @@ class SmartMoEStrategy(ParallelStrategy):
             "popen" re-runs the command per process (the CLI). Under torchrun or SLURM the cluster
             environment has created the processes and no launcher is used.
         bucket_mb: gradient all-reduce bucket size.
+        timeout: how long a collective may wait (parallel.timeout_s): a rank that hangs or dies ends the job
+            after this at the latest.
         extra_slots: expert slots per rank beyond num_experts / ep, for replicas of hot experts
             (placement.extra_slots); used by dynamic placement.
         zero: 0 keeps whole optimizer state on every data-parallel replica; 1 shards it (ZeRO stage 1: each
@@ -169,7 +195,7 @@ class SmartMoEStrategy(ParallelStrategy):
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
         process_group_backend: str | None = None,
-        timeout: timedelta = default_pg_timeout,
+        timeout: timedelta = DEFAULT_TIMEOUT,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -230,6 +256,8 @@ class SmartMoEStrategy(ParallelStrategy):
         self.pipeline: PipelineRunner | None = None
         self.moe_num_experts: list[int] = []  # experts of each MoE layer of the whole model, by `MoELayer.index`
         self.num_nodes = 1
+        self._stop = StopSignal()
+        self.stop_signal = 0  # the signal the ranks agreed to stop on (fit), 0 if none
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
@@ -282,7 +310,8 @@ class SmartMoEStrategy(ParallelStrategy):
         if self.sizes.world_size == 1 or self.cluster_environment.creates_processes_externally:
             return
         if self._start_method == "popen":
-            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+            grace = min(30.0, self._timeout.total_seconds())
+            self._launcher = ScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes, grace_s=grace)
         else:
             self._launcher = _SpawnLauncher(self, start_method=self._start_method)
 
@@ -528,7 +557,29 @@ class SmartMoEStrategy(ParallelStrategy):
         result = super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
         if self._zero is not None:
             self._zero.gather_params()
+        self._stop_if_signalled()
         return result
+
+    # ---- stopping on signals -------------------------------------------------------------------------
+
+    def on_train_start(self) -> None:
+        """Take SIGTERM and SIGINT over from Lightning (whose SIGTERM handler runs a collective inside the
+        handler) for the training loop; `optimizer_step` then stops every rank after the same step."""
+        super().on_train_start()
+        self.stop_signal = self._stop.received = 0
+        self._stop.install()
+
+    def _stop_if_signalled(self) -> None:
+        """At the step boundary after an optimizer step: if any rank received a stop signal, every rank stops
+        training after this step (the fit then ends as it would at max_steps, checkpoint callbacks included)."""
+        trainer = self.lightning_module.trainer
+        if self.stop_signal or not trainer.training:
+            return
+        signum = self._stop.agree(self.root_device)
+        if signum:
+            self.stop_signal = signum
+            trainer.should_stop = True
+            rank_zero_info(f"smartmoe: {signal_name(signum)} received, stopping after step {trainer.global_step + 1}")
 
     # ---- collectives ---------------------------------------------------------------------------------
 
@@ -559,7 +610,7 @@ class SmartMoEStrategy(ParallelStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         meta = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
         meta["parallel"] = vars(self.sizes).copy()
-        meta["placements"] = self._placement_tables()
+        meta["placements"] = self.placement_tables()
         ckpt_io.save(filepath, self.lightning_module, self.optimizers, meta, self.stored_tensor)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
@@ -598,7 +649,7 @@ class SmartMoEStrategy(ParallelStrategy):
         mesh = self.layout.expert_mesh if expert and zero is not None else self.layout.mesh
         return held, ckpt_io.Sharding(mesh[tuple(names)] if len(names) > 1 else mesh[names[0]], tuple(dims), tuple(shape))
 
-    def _placement_tables(self) -> list[tuple[int, ...]]:
+    def placement_tables(self) -> list[tuple[int, ...]]:
         """Each MoE layer's slot -> logical expert table, for every layer of the whole model (collective:
         the pipeline stages hold different layers)."""
         tables = {layer.index: layer.placement.slot_expert for layer in self.moe_layers}
@@ -635,6 +686,7 @@ class SmartMoEStrategy(ParallelStrategy):
 
     def teardown(self) -> None:
         super().teardown()
+        self._stop.restore()
         if self._grad_sync is not None:
             self._grad_sync.remove()
             self._grad_sync = None

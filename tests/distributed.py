@@ -37,10 +37,11 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue: 
             dist.destroy_process_group()
 
 
-def run_distributed(world: int, fn: Callable, *args: Any, timeout: float = 240) -> list[Any]:
+def run_distributed(world: int, fn: Callable, *args: Any, timeout: float = 240, dies: frozenset[int] = frozenset()) -> list[Any]:
     """Run fn(*args) on `world` ranks (env set as torchrun would, process group initialised).
 
-    Returns each rank's result, in rank order. Raises on any rank's error or on timeout.
+    Returns each rank's result, in rank order (None for the ranks in `dies`, which are expected to kill
+    themselves). Raises on any other rank's error or death, or on timeout.
     """
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
@@ -51,11 +52,11 @@ def run_distributed(world: int, fn: Callable, *args: Any, timeout: float = 240) 
     results: dict[int, Any] = {}
     deadline = time.monotonic() + timeout
     try:
-        while len(results) < world:
+        while len(results) < world - len(dies):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"distributed run of {fn.__name__} on {world} ranks timed out after {timeout} s")
             if queue.empty():
-                if any(p.exitcode not in (None, 0) for p in procs):
+                if any(p.exitcode not in (None, 0) for r, p in enumerate(procs) if r not in dies):
                     raise RuntimeError(f"a rank of {fn.__name__} died: exit codes {[p.exitcode for p in procs]}")
                 time.sleep(0.05)
                 continue
@@ -68,4 +69,4 @@ def run_distributed(world: int, fn: Callable, *args: Any, timeout: float = 240) 
             p.join(timeout=5)
             if p.is_alive():
                 p.kill()
-    return [results[r] for r in range(world)]
+    return [results.get(r) for r in range(world)]

@@ -5,13 +5,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import tiny
-from lightning_smartmoe import ConfigError, SmartMoEStrategy
+from lightning_smartmoe import ConfigError, SmartMoEStrategy, plots
 from lightning_smartmoe import callbacks as callbacks_module
 from lightning_smartmoe.callbacks import ExpertPlacementCallback
 from lightning_smartmoe.data import TokenDataModule
@@ -52,6 +54,13 @@ def test_one_reduction_per_step_window_heatmaps(tmp_path):
     events = EventAccumulator(str(log_dir))
     events.Reload()
     assert events.Tags()["images"] == ["moe/expert_load"]
+    width, height = plots.heatmap_size_px(2)
+    assert [(e.width, e.height) for e in events.Images("moe/expert_load")] == [(width, height)] * 3
+    pngs = sorted((log_dir / "expert_load").glob("*.png"))
+    assert [p.name for p in pngs] == ["step_000002.png", "step_000004.png", "step_000006.png"]
+    pixels = np.asarray(Image.open(pngs[-1]).convert("RGB"))
+    assert pixels.shape == (height, width, 3)
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # a coloured map with labels, not a flat image
     for tag in ("moe/layer0/rank_imbalance", "moe/layer1/dropped", "placement/switches"):
         assert tag in events.Tags()["scalars"]
 

@@ -61,15 +61,18 @@ def logical_grads(module: torch.nn.Module, stored=unsharded) -> dict[str, torch.
 
 
 class LossRecorder(pl.Callback):
-    """Keeps each training batch's cross-entropy (this rank's) and the synchronised, unclipped gradients of the
-    first optimizer step (so that a wrong gradient scale, which Adam would hide, shows)."""
+    """Keeps each training batch's cross-entropy (this rank's), the `train/loss` the module logged for it, and the
+    synchronised, unclipped gradients of the first optimizer step (so that a wrong gradient scale, which Adam would
+    hide, shows)."""
 
     def __init__(self) -> None:
         self.losses: list[float] = []
+        self.logged: list[float] = []
         self.first_grads: dict[str, torch.Tensor] | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(outputs["ce"]))
+        self.logged.append(float(trainer.callback_metrics["train/loss"]))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.first_grads is None:
@@ -100,7 +103,8 @@ def fit(
     zero: int = 0,
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Train and return (global per-batch cross-entropies, full logical parameters plus the first step's
-    gradients unless resumed), identical on every rank; asserts that the ranks' copies of a tensor are equal. With `val_windows`, validate the trained model on
+    gradients unless resumed), identical on every rank; asserts that the ranks' copies of a tensor are equal and
+    that the logged `train/loss` is the global batch's on every rank. With `val_windows`, validate the trained model on
     the first that many validation windows afterwards, and add its loss as "val/loss"."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     pl.seed_everything(0, verbose=False)
@@ -137,6 +141,9 @@ def fit(
             for key, value in shard.items():  # copies held by several ranks (replicas) must be bitwise equal
                 assert key not in params or torch.equal(params[key], value), f"{key} differs on rank {rank}"
                 params[key] = value
+    # the logged loss is the global batch's, on every rank (reduced in the loss's dtype: float32 outside 64-true)
+    logged, bound = torch.tensor(recorder.logged, dtype=torch.float64), RTOL if precision == "64-true" else 1e-6
+    assert float((logged - losses).abs().max()) <= bound * float(losses.abs().max()), (logged.tolist(), losses.tolist())
     return losses.tolist(), params
 
 

@@ -25,6 +25,11 @@ class OptimConfig:
             raise ConfigError(f"optim.lr={self.lr} must be > 0 and optim.min_lr={self.min_lr} in [0, lr]")
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"optim.weight_decay={self.weight_decay} must be >= 0")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"optim.{key}={getattr(self, key)} must be in [0, 1)")
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -42,6 +47,10 @@ class GPTMoEModule(pl.LightningModule):
     smartmoe strategy on the meta device, so that each rank materialises only its share. Under pipeline
     parallelism the strategy's `pipeline` runs each step's forward and backward; the loss it returns is the
     last stage's, on every rank.
+
+    `train/loss`, `train/ppl`, `val/loss` and `val/ppl` are over the global batch: each rank's cross-entropy (its
+    data-parallel share, the same on the tensor-parallel and pipeline ranks of that share) averaged over the world,
+    so every layout that trains the same logs the same; perplexity is exp of that loss.
     """
 
     def __init__(self, model: GPTMoEConfig, optim: OptimConfig = OptimConfig()) -> None:
@@ -49,6 +58,7 @@ class GPTMoEModule(pl.LightningModule):
         self.save_hyperparameters()
         self.model_config, self.optim = model, optim
         self.model: GPTMoE | None = None
+        self._val_losses: list[Tensor] = []
 
     def configure_model(self) -> None:
         if self.model is None:  # Lightning calls this hook for every fit, validate, ...
@@ -74,15 +84,27 @@ class GPTMoEModule(pl.LightningModule):
         else:
             ce, aux = self._lm_loss(batch)
             loss = ce + aux
-        self.log("train/loss", ce, prog_bar=True)
-        self.log("train/ppl", ce.detach().exp())
+        global_ce = self.trainer.strategy.reduce(ce.detach(), reduce_op="mean")
+        self.log("train/loss", global_ce, prog_bar=True)
+        self.log("train/ppl", global_ce.exp())
         self._log_moe_stats()
         return {"loss": loss, "ce": ce.detach()}
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_losses = []
+
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         ce = self._pipeline.eval_step(batch) if self._pipeline is not None else self._lm_loss(batch)[0]
-        self.log("val/loss", ce, prog_bar=True, sync_dist=True)
-        self.log("val/ppl", ce.exp(), sync_dist=True)
+        self._val_losses.append(ce.detach())
+
+    def on_validation_epoch_end(self) -> None:
+        """One reduction for the whole validation: the mean of every rank's batch losses (each rank runs as many
+        equal-sized batches)."""
+        if not self._val_losses:
+            return
+        ce = self.trainer.strategy.reduce(torch.stack(self._val_losses).mean(), reduce_op="mean")
+        self.log("val/loss", ce, prog_bar=True)
+        self.log("val/ppl", ce.exp())
 
     def _log_moe_stats(self) -> None:
         """Log per-layer expert load (max / mean), dropped fraction, aux and z losses over the global batch.
@@ -118,6 +140,8 @@ class GPTMoEModule(pl.LightningModule):
             betas=(self.optim.beta1, self.optim.beta2),
         )
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ConfigError("trainer.max_steps=-1 (no step limit) needs trainer.max_epochs >= 1: the learning-rate schedule spans the run")
         min_ratio = self.optim.min_lr / self.optim.lr
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: warmup_cosine(step, self.optim.warmup_steps, int(total), min_ratio)

@@ -160,6 +160,11 @@ class Placement:
         slot_load = expert_load[..., experts] * weights
         return slot_load.unflatten(-1, (self.ep, self.slots_per_rank)).sum(-1)
 
+    def rank_imbalance(self, expert_load: torch.Tensor) -> float:
+        """The busiest rank's load over the mean rank's, for expert load [E]."""
+        ranks = self.rank_load(expert_load)
+        return float(ranks.max() / ranks.mean().clamp(min=1e-12))
+
 
 @dataclass(frozen=True)
 class Move:

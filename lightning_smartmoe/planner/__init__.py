@@ -1,1 +1,2 @@
-"""SmartMoE's offline stage: measure the machine, model a layout's memory and time, search layouts."""
+"""SmartMoE's offline stage: measure the machine (profile.py), model a layout's memory (memory.py) and time, search
+layouts."""
