@@ -142,7 +142,7 @@ def forward_stages(layer: MoELayer, x: torch.Tensor, gy: torch.Tensor) -> dict[s
     t = [time.perf_counter()]
     routing = layer.router(x)
     balance = load_balancing_loss(routing.probs, routing.routed)
-    z = router_z_loss(routing.logits)
+    z = router_z_loss(routing.lse)
     aux = layer.cfg.aux_loss_coeff * balance + layer.cfg.z_loss_coeff * z
     t.append(time.perf_counter())
     rows, counts, state = layer.dispatcher.dispatch(x.reshape(b * s, d), routing.expert_ids)

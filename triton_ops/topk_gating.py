@@ -1,24 +1,42 @@
-"""Top-k softmax gating."""
+"""Top-k softmax gating: logits -> softmax -> top-k -> renormalise, with the logsumexp for the z-loss."""
 
 import torch
 from torch import Tensor
 
+from triton_ops.backend import kernels_for
 
-def topk_softmax(logits: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+
+def topk_softmax(logits: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Softmax over experts, then the k largest probabilities per token.
 
     Args:
-        logits: [T, E] router logits (computed in fp32, or fp64 if given fp64).
-        k: experts per token.
+        logits: [T, E] router logits, fp32 or fp64 (the router math runs in that dtype).
+        k: experts per token, 1 <= k <= E.
         renormalize: rescale the k chosen probabilities to sum to 1.
 
-    Returns:
-        probs: [T, E] softmax probabilities (differentiable).
-        weights: [T, k] gate weights of the chosen experts (differentiable).
+    Returns (all differentiable except indices, in logits' dtype):
+        probs: [T, E] softmax probabilities.
+        weights: [T, k] gate weights of the chosen experts.
         indices: [T, k] int64 chosen expert ids, most probable first.
+        lse: [T] logsumexp of each token's logits.
     """
-    probs = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    if logits.dim() != 2:
+        raise ValueError(f"topk_softmax: logits must be [tokens, experts], got shape {tuple(logits.shape)}")
+    if logits.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"topk_softmax: logits must be float32 or float64, got {logits.dtype}")
+    if not 1 <= k <= logits.shape[1]:
+        raise ValueError(f"topk_softmax: k={k} must be between 1 and the number of experts {logits.shape[1]}")
+    if kernels_for(logits) == "triton":
+        from triton_ops.kernels.router import topk_softmax_triton
+
+        return topk_softmax_triton(logits, k, renormalize)
+    return topk_softmax_reference(logits, k, renormalize)
+
+
+def topk_softmax_reference(logits: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """torch implementation of `topk_softmax`."""
+    probs = torch.softmax(logits, dim=-1)
     weights, indices = torch.topk(probs, k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return probs, weights, indices
+    return probs, weights, indices, torch.logsumexp(logits, dim=-1)

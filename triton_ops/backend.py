@@ -1,0 +1,89 @@
+"""Which implementation an op runs: the torch reference path or the Triton kernels, and measured choices.
+
+`MOE_KERNELS=torch|triton` overrides the default (Triton for CUDA tensors, torch elsewhere). `triton` on CPU
+tensors runs the kernels in Triton's interpreter, which needs `TRITON_INTERPRET=1` in the environment before
+triton is first imported.
+"""
+
+import functools
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+CHOICES = ("torch", "triton")
+
+
+def interpreting() -> bool:
+    """Triton kernels run in the interpreter (TRITON_INTERPRET=1), on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def kernels_for(t: Tensor) -> str:
+    """'triton' or 'torch' for an op whose main input is `t` (MOE_KERNELS, read at every call, else by device)."""
+    choice = os.environ.get("MOE_KERNELS", "")
+    if choice not in ("", *CHOICES):
+        raise ValueError(f"MOE_KERNELS={choice!r} is unknown; allowed: torch, triton (or unset: by device)")
+    if not choice:
+        return "triton" if t.is_cuda and _triton_present() else "torch"
+    if choice == "triton" and not t.is_cuda and not interpreting():
+        raise RuntimeError(
+            f"MOE_KERNELS=triton on a {t.device.type} tensor needs Triton's interpreter: set TRITON_INTERPRET=1 "
+            "before triton is first imported"
+        )
+    return choice
+
+
+def kernels_forced() -> bool:
+    """MOE_KERNELS is set: the choice is the user's, not measured."""
+    return bool(os.environ.get("MOE_KERNELS"))
+
+
+@functools.cache
+def _triton_present() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_CHOSEN: dict[tuple, str] = {}
+
+
+def fastest(key: tuple, candidates: dict[str, Callable[[], object]], device: torch.device) -> str:
+    """Name of the fastest of `candidates` (each a call with the real inputs), measured once per `key` at first use.
+
+    Each runs once to warm up, then 3 times; the lowest median wins. Calls run under no_grad and must not
+    change their inputs. Only speed is measured: every candidate must compute the same thing.
+    """
+    if len(candidates) == 1:
+        return next(iter(candidates))
+    if key not in _CHOSEN:
+        times = {}
+        with torch.no_grad():
+            for name, call in candidates.items():
+                call()
+                samples = []
+                for _ in range(3):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    call()
+                    _sync(device)
+                    samples.append(time.perf_counter() - t0)
+                times[name] = statistics.median(samples)
+        _CHOSEN[key] = min(times, key=times.get)
+    return _CHOSEN[key]
+
+
+def chosen() -> dict[tuple, str]:
+    """Every measured choice so far, by key (for benchmarks to report)."""
+    return dict(_CHOSEN)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
