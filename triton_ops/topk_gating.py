@@ -10,11 +10,11 @@ def topk_softmax(logits: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Ten
     """Softmax over experts, then the k largest probabilities per token.
 
     Args:
-        logits: [T, E] router logits, fp32 or fp64 (the router math runs in that dtype).
+        logits: [T, E] router logits (the math runs in fp32, or fp64 for fp64 logits).
         k: experts per token, 1 <= k <= E.
         renormalize: rescale the k chosen probabilities to sum to 1.
 
-    Returns (all differentiable except indices, in logits' dtype):
+    Returns (all differentiable except indices; fp32, or fp64 for fp64 logits):
         probs: [T, E] softmax probabilities.
         weights: [T, k] gate weights of the chosen experts.
         indices: [T, k] int64 chosen expert ids, most probable first.
@@ -22,10 +22,11 @@ def topk_softmax(logits: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Ten
     """
     if logits.dim() != 2:
         raise ValueError(f"topk_softmax: logits must be [tokens, experts], got shape {tuple(logits.shape)}")
-    if logits.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"topk_softmax: logits must be float32 or float64, got {logits.dtype}")
+    if not logits.dtype.is_floating_point:
+        raise ValueError(f"topk_softmax: logits must be floating point, got {logits.dtype}")
     if not 1 <= k <= logits.shape[1]:
         raise ValueError(f"topk_softmax: k={k} must be between 1 and the number of experts {logits.shape[1]}")
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # e.g. bf16 logits under autocast
     if kernels_for(logits) == "triton":
         from triton_ops.kernels.router import topk_softmax_triton
 
@@ -34,7 +35,7 @@ def topk_softmax(logits: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Ten
 
 
 def topk_softmax_reference(logits: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """torch implementation of `topk_softmax`."""
+    """torch implementation of `topk_softmax` (for fp32 or fp64 logits)."""
     probs = torch.softmax(logits, dim=-1)
     weights, indices = torch.topk(probs, k, dim=-1)
     if renormalize:
