@@ -18,8 +18,8 @@ def check_ids(ids: Tensor, num_bins: int, op: str, name: str) -> None:
     """`ids` is an integer tensor with values in [-1, num_bins)."""
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise ValueError(f"{op}: {name} must be an integer tensor, got {ids.dtype}")
-    if num_bins < 1:
-        raise ValueError(f"{op}: num_bins={num_bins} must be >= 1")
+    if num_bins < 0:
+        raise ValueError(f"{op}: the number of bins ({num_bins}) must be >= 0")
     if ids.numel():
         lo, hi = torch.aminmax(ids)
         require((lo >= -1) & (hi < num_bins), f"{op}: {name} must lie in [-1, {num_bins}) (-1 = dropped)")

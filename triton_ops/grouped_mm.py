@@ -4,7 +4,8 @@ Three implementations compute the same thing: a loop of `torch.mm` per group (th
 only one for float64), `torch.nn.functional.grouped_mm` (one library call; on CPU bitwise equal to the loop),
 and the persistent Triton kernel. Which runs: float64 -> the loop; otherwise MOE_KERNELS if set (torch:
 `F.grouped_mm`, on CPU the faster of it and the loop), else on CUDA the faster of Triton and `F.grouped_mm`,
-measured at first use per shape (`backend.fastest`).
+measured at first use per shape (`backend.fastest`). On CPU `F.grouped_mm` is a candidate only where it needs no
+padding, so that whichever is measured faster, the result is the same to the bit.
 """
 
 import torch
@@ -65,7 +66,8 @@ def choose_grouped_mm(x: Tensor, w: Tensor, counts: Tensor) -> str:
     kernels = kernels_for(x)
     if kernels == "triton" and kernels_forced():
         return "triton"
-    names = ["library"] if x.dtype in LIBRARY_DTYPES else []
+    aligned = all(n * x.element_size() % 16 == 0 for n in w.shape[1:])
+    names = ["library"] if x.dtype in LIBRARY_DTYPES and (x.is_cuda or aligned) else []
     names += ["triton"] if kernels == "triton" else [] if x.is_cuda else ["loop"]
     if not names:  # CUDA, torch path, a dtype F.grouped_mm lacks
         return "loop"
