@@ -58,15 +58,20 @@ def fastest(key: tuple, candidates: dict[str, Callable[[], object]], device: tor
     """Name of the fastest of `candidates` (each a call with the real inputs), measured once per `key` at first use.
 
     Each runs once to warm up, then 3 times; the lowest median wins. Calls run under no_grad and must not
-    change their inputs. Only speed is measured: every candidate must compute the same thing.
+    change their inputs. Only speed is measured: every candidate must compute the same thing. A candidate that
+    raises RuntimeError (e.g. a library kernel this device lacks) is left out, unless all do.
     """
     if len(candidates) == 1:
         return next(iter(candidates))
     if key not in _CHOSEN:
-        times = {}
+        times, errors = {}, []
         with torch.no_grad():
             for name, call in candidates.items():
-                call()
+                try:
+                    call()
+                except RuntimeError as err:
+                    errors.append(err)
+                    continue
                 samples = []
                 for _ in range(3):
                     _sync(device)
@@ -75,6 +80,8 @@ def fastest(key: tuple, candidates: dict[str, Callable[[], object]], device: tor
                     _sync(device)
                     samples.append(time.perf_counter() - t0)
                 times[name] = statistics.median(samples)
+        if not times:
+            raise errors[0]
         _CHOSEN[key] = min(times, key=times.get)
     return _CHOSEN[key]
 

@@ -16,7 +16,8 @@ from triton_ops.backend import fastest, kernels_for, kernels_forced
 from triton_ops.checks import check_counts
 from triton_ops.permute import zero_rows_from
 
-LIBRARY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what F.grouped_mm takes
+# what F.grouped_mm takes: on CPU (measured) these three; on CUDA it documents bf16 only
+LIBRARY_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16), "cuda": (torch.bfloat16,)}
 
 
 def grouped_mm(x: Tensor, w: Tensor, counts: Tensor | list[int]) -> Tensor:
@@ -67,9 +68,9 @@ def choose_grouped_mm(x: Tensor, w: Tensor, counts: Tensor) -> str:
     if kernels == "triton" and kernels_forced():
         return "triton"
     aligned = all(n * x.element_size() % 16 == 0 for n in w.shape[1:])
-    names = ["library"] if x.dtype in LIBRARY_DTYPES and (x.is_cuda or aligned) else []
+    names = ["library"] if x.dtype in LIBRARY_DTYPES.get(x.device.type, ()) and (x.is_cuda or aligned) else []
     names += ["triton"] if kernels == "triton" else [] if x.is_cuda else ["loop"]
-    if not names:  # CUDA, torch path, a dtype F.grouped_mm lacks
+    if not names:  # CUDA, torch path, a dtype F.grouped_mm lacks: the loop (it reads the counts on the host)
         return "loop"
     key = ("grouped_mm", x.device.type, x.dtype, w.shape[0], w.shape[1], w.shape[2], max(x.shape[0], 1).bit_length())
     impls = _implementations(x, w, counts)
