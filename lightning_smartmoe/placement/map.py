@@ -143,6 +143,8 @@ class Placement:
         lo, hi = torch.aminmax(flat)
         require((lo >= EMPTY) & (hi < self.num_experts), f"route: expert id out of range [0, {self.num_experts})")
         num_replicas, replica_slots, _, _ = self._tables(flat.device)
+        if replica_slots.shape[1] == 1:  # no replicas: a lookup
+            return torch.where(flat >= 0, replica_slots[flat.clamp(min=0), 0], EMPTY).view_as(expert_ids)
         ids = torch.where(flat >= 0, flat, self.num_experts)  # dropped: a spare expert E with no slot
         num_replicas = torch.cat([num_replicas, num_replicas.new_ones(1)])
         replica_slots = torch.cat([replica_slots, replica_slots.new_full((1, replica_slots.shape[1]), EMPTY)])
