@@ -50,36 +50,37 @@ def expert_ffn_reference(x: Tensor, w1: Tensor, w2: Tensor, counts: Tensor) -> T
 
 
 class _LoopExpertFFN(torch.autograd.Function):
-    """Saves x and each group's pre-activations, as a tensor of its own: buffers of a group's size are reused by
-    the allocator from step to step, where one [N, h] buffer (32 MB at 8192 x 1024 fp32) would be fresh memory,
-    page-faulted in, every step. Backward recomputes each group's GELU output from its pre-activations."""
+    """Saves each group's pre-activations and GELU output as tensors of their own: buffers of a group's size are
+    reused by the allocator from step to step, where one [N, h] buffer (32 MB at 8192 x 1024 fp32) would be fresh
+    memory, page-faulted in, every step."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w1: Tensor, w2: Tensor, counts: tuple[int, ...]) -> Tensor:
         x = x.contiguous()
         out = x.new_empty(x.shape[0], w2.shape[2])
-        pre = []
+        pre, act = [], []
         start = 0
         for e, n in enumerate(counts):
             pre.append(torch.mm(x[start : start + n], w1[e]))
-            if n:
-                torch.mm(F.gelu(pre[-1]), w2[e], out=out[start : start + n])
+            act.append(F.gelu(pre[-1]))
+            torch.mm(act[-1], w2[e], out=out[start : start + n])
             start += n
         out[start:] = 0
-        ctx.save_for_backward(x, w1, w2, *pre)
+        ctx.save_for_backward(x, w1, w2, *pre, *act)
         ctx.counts = counts
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
-        x, w1, w2, *pre = ctx.saved_tensors
+        x, w1, w2, *saved = ctx.saved_tensors
+        pre, act = saved[: len(ctx.counts)], saved[len(ctx.counts) :]
         grad = grad.contiguous()
         gx, gw1, gw2 = torch.empty_like(x), torch.empty_like(w1), torch.empty_like(w2)
         start = 0
         for e, n in enumerate(ctx.counts):
             rows = slice(start, start + n)
             if n:
-                torch.mm(F.gelu(pre[e]).t(), grad[rows], out=gw2[e])
+                torch.mm(act[e].t(), grad[rows], out=gw2[e])
                 g_pre = torch.ops.aten.gelu_backward(grad[rows] @ w2[e].t(), pre[e])
                 torch.mm(x[rows].t(), g_pre, out=gw1[e])
                 torch.mm(g_pre, w1[e].t(), out=gx[rows])
