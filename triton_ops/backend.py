@@ -7,7 +7,6 @@ triton is first imported.
 
 import functools
 import os
-import statistics
 import time
 from collections.abc import Callable
 
@@ -52,38 +51,52 @@ def _triton_present() -> bool:
 
 
 _CHOSEN: dict[tuple, str] = {}
+REPEATS = 5
 
 
 def fastest(key: tuple, candidates: dict[str, Callable[[], object]], device: torch.device) -> str:
     """Name of the fastest of `candidates` (each a call with the real inputs), measured once per `key` at first use.
 
-    Each runs once to warm up, then 3 times; the lowest median wins. Calls run under no_grad and must not
-    change their inputs. Only speed is measured: every candidate must compute the same thing. A candidate that
-    raises RuntimeError (e.g. a library kernel this device lacks) is left out, unless all do.
+    Each runs once to warm up, then REPEATS times, the candidates taking turns so that a change in the machine's
+    speed hits them alike; the lowest minimum wins. Calls must not change their inputs (see `with_backward`).
+    Only speed is measured: every candidate must compute the same thing. A candidate that raises RuntimeError
+    (e.g. a library kernel this device lacks) is left out, unless all do.
     """
     if len(candidates) == 1:
         return next(iter(candidates))
     if key not in _CHOSEN:
-        times, errors = {}, []
-        with torch.no_grad():
-            for name, call in candidates.items():
-                try:
-                    call()
-                except RuntimeError as err:
-                    errors.append(err)
-                    continue
-                samples = []
-                for _ in range(3):
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    call()
-                    _sync(device)
-                    samples.append(time.perf_counter() - t0)
-                times[name] = statistics.median(samples)
-        if not times:
+        working, errors = {}, []
+        for name, call in candidates.items():
+            try:
+                call()
+                working[name] = call
+            except RuntimeError as err:
+                errors.append(err)
+        if not working:
             raise errors[0]
-        _CHOSEN[key] = min(times, key=times.get)
+        best = dict.fromkeys(working, float("inf"))
+        for _ in range(REPEATS):
+            for name, call in working.items():
+                _sync(device)
+                t0 = time.perf_counter()
+                call()
+                _sync(device)
+                best[name] = min(best[name], time.perf_counter() - t0)
+        _CHOSEN[key] = min(best, key=best.get)
     return _CHOSEN[key]
+
+
+def with_backward(fn: Callable[..., Tensor], *inputs) -> Callable[[], None]:
+    """A call of fn(*inputs) and its backward (output gradient ones) on detached copies of the floating-point
+    inputs, so that the measurement costs what training costs and no real gradient accumulates."""
+
+    def call() -> None:
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() if isinstance(t, Tensor) and t.is_floating_point() else t for t in inputs]
+            out = fn(*leaves)
+            out.backward(torch.ones_like(out))
+
+    return call
 
 
 def chosen() -> dict[tuple, str]:

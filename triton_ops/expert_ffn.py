@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from triton_ops.backend import fastest, kernels_for
+from triton_ops.backend import fastest, kernels_for, with_backward
 from triton_ops.grouped_mm import check_grouped, grouped_mm
 
 
@@ -32,16 +32,18 @@ def expert_ffn(x: Tensor, w1: Tensor, w2: Tensor, counts: Tensor | list[int]) ->
             f"expert_ffn: w2 must be [E={w1.shape[0]}, h={w1.shape[2]}, d_out] in {x.dtype} on {x.device}; "
             f"got {tuple(w2.shape)} {w2.dtype} on {w2.device}"
         )
-    impls = {
-        "loop": lambda: expert_ffn_reference(x, w1, w2, counts),
-        "grouped": lambda: grouped_mm(F.gelu(grouped_mm(x, w1, counts)), w2, counts),
-    }
     if x.dtype == torch.float64:
-        return impls["loop"]()
+        return expert_ffn_reference(x, w1, w2, counts)
     if x.is_cuda or kernels_for(x) == "triton":
-        return impls["grouped"]()
+        return _grouped(x, w1, w2, counts)
     key = ("expert_ffn", x.device.type, x.dtype, *w1.shape, w2.shape[2], max(x.shape[0], 1).bit_length())
-    return impls[fastest(key, impls, x.device)]()
+    impls = {"loop": expert_ffn_reference, "grouped": _grouped}
+    choice = fastest(key, {n: with_backward(f, x, w1, w2, counts) for n, f in impls.items()}, x.device)
+    return impls[choice](x, w1, w2, counts)
+
+
+def _grouped(x: Tensor, w1: Tensor, w2: Tensor, counts: Tensor) -> Tensor:
+    return grouped_mm(F.gelu(grouped_mm(x, w1, counts)), w2, counts)
 
 
 def expert_ffn_reference(x: Tensor, w1: Tensor, w2: Tensor, counts: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from triton_ops.backend import fastest, kernels_for, kernels_forced
+from triton_ops.backend import fastest, kernels_for, kernels_forced, with_backward
 from triton_ops.checks import check_counts
 from triton_ops.permute import zero_rows_from
 
@@ -33,7 +33,7 @@ def grouped_mm(x: Tensor, w: Tensor, counts: Tensor | list[int]) -> Tensor:
         with no rows gets a zero weight gradient.
     """
     counts = check_grouped(x, w, counts, "grouped_mm", "w")
-    return _implementations(x, w, counts)[choose_grouped_mm(x, w, counts)]()
+    return IMPLEMENTATIONS[choose_grouped_mm(x, w, counts)](x, w, counts)
 
 
 def check_grouped(x: Tensor, w: Tensor, counts: Tensor | list[int], op: str, w_name: str) -> Tensor:
@@ -73,21 +73,13 @@ def choose_grouped_mm(x: Tensor, w: Tensor, counts: Tensor) -> str:
     if not names:  # CUDA, torch path, a dtype F.grouped_mm lacks: the loop (it reads the counts on the host)
         return "loop"
     key = ("grouped_mm", x.device.type, x.dtype, w.shape[0], w.shape[1], w.shape[2], max(x.shape[0], 1).bit_length())
-    impls = _implementations(x, w, counts)
-    return fastest(key, {n: impls[n] for n in names}, x.device)
+    return fastest(key, {n: with_backward(IMPLEMENTATIONS[n], x, w, counts) for n in names}, x.device)
 
 
-def _implementations(x: Tensor, w: Tensor, counts: Tensor) -> dict:
-    def triton():
-        from triton_ops.kernels.grouped_gemm import grouped_mm_triton
+def _triton(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+    from triton_ops.kernels.grouped_gemm import grouped_mm_triton
 
-        return grouped_mm_triton(x, w, counts)
-
-    return {
-        "loop": lambda: grouped_mm_reference(x, w, counts),
-        "library": lambda: _LibraryGroupedMM.apply(x, w, counts),
-        "triton": triton,
-    }
+    return grouped_mm_triton(x, w, counts)
 
 
 def grouped_mm_reference(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
@@ -175,3 +167,6 @@ def _aligned(t: Tensor, dim: int, size: int | None = None) -> Tensor:
         return F.pad(t, pad)
     t = t.contiguous()
     return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+IMPLEMENTATIONS = {"loop": grouped_mm_reference, "library": _LibraryGroupedMM.apply, "triton": _triton}
