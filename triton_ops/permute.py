@@ -96,7 +96,8 @@ def zero_rows_from(t: Tensor, start: Tensor) -> Tensor:
     """Zero rows start.. of `t` [R, ...] in place and return it (start: 0-d tensor on t's device; read on the host
     only on CPU, where that costs nothing)."""
     if t.device.type == "cpu":
-        t[int(start) :] = 0
+        if int(start) < t.shape[0]:  # (an in-place write on an autograd output costs a gradient copy: only if needed)
+            t[int(start) :] = 0
         return t
     tail = torch.arange(t.shape[0], device=t.device) >= start
     return t.masked_fill_(tail.view(-1, *([1] * (t.dim() - 1))), 0)
