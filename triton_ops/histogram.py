@@ -12,7 +12,7 @@ def expert_histogram(ids: Tensor, num_bins: int) -> tuple[Tensor, Tensor]:
 
     Args:
         ids: integer tensor of any shape, values in [-1, num_bins).
-        num_bins: number of experts (or slots), >= 1.
+        num_bins: number of experts (or slots).
 
     Returns:
         counts: [num_bins] int64.
