@@ -98,7 +98,7 @@ def use_uniform_routing(layer: MoELayer, holder: dict) -> None:
     def forward(x):
         r = real(x)
         ids = holder["ids"]
-        return Routing(ids, r.weights, r.probs, r.logits, expert_histogram(ids, layer.cfg.num_experts), r.dropped)
+        return Routing(ids, r.weights, r.probs, r.lse, expert_histogram(ids, layer.cfg.num_experts)[0], r.dropped)
 
     layer.router.forward = forward
 

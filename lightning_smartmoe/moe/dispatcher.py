@@ -1,7 +1,8 @@
 """Token dispatcher: moves each (token, choice) assignment to the rank holding its expert slot and back.
 
 Global slot g lives on rank g // slots_per_rank of the expert-parallel group, in local slot
-g % slots_per_rank. Without a group every slot is local and dispatch is a permutation.
+g % slots_per_rank. Without a group every slot is local and dispatch is a permutation that never waits for
+the device; with one, the all-to-all needs the split sizes on the host (the one sync per dispatch).
 """
 
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from triton_ops import permute, unpermute
 class DispatchState:
     """What `combine` needs to undo a `dispatch`."""
 
-    order: Tensor  # [N] flat assignment index of each locally permuted row
+    order: Tensor  # [R] flat assignment index of each locally permuted row (-1: a dropped assignment's row)
     num_tokens: int
     send_splits: list[int] | None = None  # rows sent to each EP rank
     recv_splits: list[int] | None = None  # rows received from each EP rank
@@ -38,7 +39,7 @@ class TokenDispatcher:
         """Slots in the whole expert-parallel group."""
         return self.ep * self.slots_per_rank
 
-    def dispatch(self, x: Tensor, slot_ids: Tensor) -> tuple[Tensor, list[int], DispatchState]:
+    def dispatch(self, x: Tensor, slot_ids: Tensor) -> tuple[Tensor, Tensor, DispatchState]:
         """Send assignments to their slots.
 
         Args:
@@ -46,28 +47,33 @@ class TokenDispatcher:
             slot_ids: [T, k] global slot per assignment, -1 = dropped.
 
         Returns:
-            rows: [M, d] tokens for this rank's slots, grouped by local slot (differentiable).
-            counts: rows per local slot, len slots_per_rank.
+            rows: [M, d] tokens for this rank's slots, grouped by local slot (differentiable); without a group
+                M = T * k, and the rows past counts.sum() (dropped assignments) are zero.
+            counts: [slots_per_rank] int64 rows per local slot, on x's device.
             state: for `combine`.
         """
         rows, order, counts = permute(x, slot_ids, self.num_slots)
         state = DispatchState(order, x.shape[0])
         if self.ep_group is None:
-            return rows, counts.tolist(), state
+            return rows, counts, state
         # counts[i * S + s]: rows this rank sends to slot s of rank i; exchange them first.
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=self.ep_group)
         recv_counts = recv_counts.view(self.ep, self.slots_per_rank)  # [source rank, local slot]
         state.send_splits = counts.view(self.ep, self.slots_per_rank).sum(1).tolist()
         state.recv_splits = recv_counts.sum(1).tolist()
+        sent = sum(state.send_splits)  # the kept rows; the dropped ones after them stay here
+        state.order = order[:sent]
         received = wait_tensor(
-            all_to_all_single_autograd(rows, state.recv_splits, state.send_splits, self.ep_group)
+            all_to_all_single_autograd(rows[:sent], state.recv_splits, state.send_splits, self.ep_group)
         )
         # Received rows are ordered (source rank, local slot); the experts want (local slot, source rank).
-        block = torch.arange(recv_counts.numel(), device=x.device).repeat_interleave(recv_counts.reshape(-1))
+        block = torch.arange(recv_counts.numel(), device=x.device).repeat_interleave(
+            recv_counts.reshape(-1), output_size=sum(state.recv_splits)
+        )
         slot_major_key = (block % self.slots_per_rank) * self.ep + block // self.slots_per_rank
         state.to_slot_major = torch.argsort(slot_major_key, stable=True)
-        return received.index_select(0, state.to_slot_major), recv_counts.sum(0).tolist(), state
+        return received.index_select(0, state.to_slot_major), recv_counts.sum(0), state
 
     def combine(self, rows: Tensor, weights: Tensor, state: DispatchState) -> Tensor:
         """Return expert outputs to their tokens and sum them with the gate weights.

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_smartmoe import init
-from triton_ops import grouped_mm
+from triton_ops import expert_ffn
 
 
 class GroupedExperts(nn.Module):
@@ -29,22 +29,21 @@ class GroupedExperts(nn.Module):
     def num_slots(self) -> int:
         return self.w1.shape[0]
 
-    def forward(self, rows: Tensor, counts: list[int]) -> Tensor:
+    def forward(self, rows: Tensor, counts: Tensor | list[int]) -> Tensor:
         """Apply slot i's FFN to the i-th block of rows.
 
         Args:
-            rows: [N, d_model] tokens grouped by slot, N = sum(counts).
-            counts: rows per slot, len num_slots.
+            rows: [N, d_model] tokens grouped by slot, N >= sum(counts).
+            counts: [num_slots] rows per slot (int tensor or list).
 
         Returns:
-            [N, d_model].
+            [N, d_model]; rows past sum(counts) are zero.
         """
         device = rows.device.type
         autocast = torch.is_autocast_enabled(device)
         dtype = torch.get_autocast_dtype(device) if autocast else rows.dtype
         with torch.autocast(device, enabled=False):  # mixed precision: compute in the autocast dtype
-            hidden = nn.functional.gelu(grouped_mm(rows.to(dtype), self.w1.to(dtype), counts))
-            return grouped_mm(hidden, self.w2.to(dtype), counts)
+            return expert_ffn(rows.to(dtype), self.w1.to(dtype), self.w2.to(dtype), counts)
 
     @torch.no_grad()
     def shard_hidden(self, tp_group: dist.ProcessGroup) -> None:

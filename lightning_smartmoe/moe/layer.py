@@ -145,12 +145,12 @@ class MoELayer(nn.Module):
             routed = routed.clone()
             dist.all_reduce(routed, group=self.token_group)
         balance = load_balancing_loss(routing.probs, routed)
-        z = router_z_loss(routing.logits)
+        z = router_z_loss(routing.lse)
         slot_ids = self.placement.route(routing.expert_ids)
         rows, counts, state = self.dispatcher.dispatch(x.reshape(b * s, d), slot_ids)
         y = self.dispatcher.combine(self.experts(rows, counts), routing.weights, state)
         stats = MoEStats(
-            expert_load=expert_histogram(routing.expert_ids, self.cfg.num_experts),
+            expert_load=expert_histogram(routing.expert_ids, self.cfg.num_experts)[0],
             dropped=routing.dropped,
             assignments=routing.expert_ids.numel(),
             aux_loss=balance.detach(),

@@ -20,7 +20,7 @@ class Routing:
     expert_ids: [T, k] int64 logical expert per assignment, -1 where dropped (capacity or random routing).
     weights: [T, k] combine weights (differentiable).
     probs: [T, E] router probabilities (differentiable, for the aux loss).
-    logits: [T, E] router logits (differentiable, for the z-loss).
+    lse: [T] logsumexp of the router logits (differentiable, for the z-loss).
     (Router math runs in fp32, or fp64 for an fp64 model.)
     routed: [E] int64 assignments per expert before any drop (this rank's tokens).
     dropped: [] int64 assignments dropped for lack of capacity.
@@ -29,7 +29,7 @@ class Routing:
     expert_ids: Tensor
     weights: Tensor
     probs: Tensor
-    logits: Tensor
+    lse: Tensor
     routed: Tensor
     dropped: Tensor
 
@@ -91,8 +91,8 @@ class Router(nn.Module):
                 x = x * torch.empty_like(x).uniform_(1 - cfg.jitter_eps, 1 + cfg.jitter_eps)
         dtype = torch.promote_types(x.dtype, torch.float32)
         logits = nn.functional.linear(x.reshape(b * s, -1).to(dtype), self.weight.to(dtype))
-        probs, weights, expert_ids = topk_softmax(logits, cfg.top_k, renormalize=cfg.gate != "switch")
-        routed = expert_histogram(expert_ids, cfg.num_experts)
+        probs, weights, expert_ids, lse = topk_softmax(logits, cfg.top_k, renormalize=cfg.gate != "switch")
+        routed, _ = expert_histogram(expert_ids, cfg.num_experts)
         if cfg.gate == "gshard" and self.training and cfg.random_routing:
             with rank_random(self.seq_group, x.device):
                 keep_second = torch.rand(b * s, device=x.device) < 2 * weights[:, 1].detach()
@@ -102,7 +102,7 @@ class Router(nn.Module):
             keep = self._capacity_keep(expert_ids.reshape(b, s, -1)).reshape(b * s, -1)
             dropped = ((expert_ids >= 0) & ~keep).sum()
             expert_ids = expert_ids.where(keep, -1)
-        return Routing(expert_ids, weights, probs, logits, routed, dropped)
+        return Routing(expert_ids, weights, probs, lse, routed, dropped)
 
     def _capacity_keep(self, expert_ids: Tensor) -> Tensor:
         """[B, S, k] bool capacity mask of this rank's [B, S, k] choices, decided over whole sequences."""

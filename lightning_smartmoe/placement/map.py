@@ -13,6 +13,8 @@ from functools import cached_property
 
 import torch
 
+from triton_ops.checks import require
+
 EMPTY = -1
 
 
@@ -133,24 +135,26 @@ class Placement:
     def route(self, expert_ids: torch.Tensor) -> torch.Tensor:
         """Map routed experts to global slots. expert_ids: LongTensor [T, k] (any shape), -1 = dropped -> slot ids of
         the same shape, -1 kept. The i-th of the n assignments to an expert with r replicas (in flattened order) goes
-        to its replica floor(i * r / n): contiguous chunks of floor(n/r) or ceil(n/r) assignments. Vectorised; one
-        host sync (the range check)."""
+        to its replica floor(i * r / n): contiguous chunks of floor(n/r) or ceil(n/r) assignments. Vectorised, with
+        no host sync (the range check is asynchronous on accelerators)."""
         flat = expert_ids.reshape(-1)
-        keep = flat >= 0
-        ids = flat[keep]
-        out = torch.full_like(flat, EMPTY)
-        if ids.numel() == 0:
-            return out.view_as(expert_ids)
-        if int(ids.max()) >= self.num_experts:
-            raise ValueError(f"route: expert id {int(ids.max())} out of range [0, {self.num_experts})")
-        num_replicas, replica_slots, _, _ = self._tables(ids.device)
+        if flat.numel() == 0:
+            return expert_ids.clone()
+        lo, hi = torch.aminmax(flat)
+        require((lo >= EMPTY) & (hi < self.num_experts), f"route: expert id out of range [0, {self.num_experts})")
+        num_replicas, replica_slots, _, _ = self._tables(flat.device)
+        if replica_slots.shape[1] == 1:  # no replicas: a lookup
+            return torch.where(flat >= 0, replica_slots[flat.clamp(min=0), 0], EMPTY).view_as(expert_ids)
+        ids = torch.where(flat >= 0, flat, self.num_experts)  # dropped: a spare expert E with no slot
+        num_replicas = torch.cat([num_replicas, num_replicas.new_ones(1)])
+        replica_slots = torch.cat([replica_slots, replica_slots.new_full((1, replica_slots.shape[1]), EMPTY)])
         order = torch.sort(ids, stable=True).indices
-        counts = torch.bincount(ids, minlength=self.num_experts)
+        counts = torch.zeros(self.num_experts + 1, dtype=torch.long, device=flat.device)
+        counts.scatter_add_(0, ids, torch.ones_like(ids))
         starts = torch.cumsum(counts, 0) - counts
         occurrence = torch.empty_like(ids)  # i: how many earlier assignments went to the same expert
         occurrence[order] = torch.arange(ids.numel(), device=ids.device) - starts[ids[order]]
-        out[keep] = replica_slots[ids, occurrence * num_replicas[ids] // counts[ids]]
-        return out.view_as(expert_ids)
+        return replica_slots[ids, occurrence * num_replicas[ids] // counts[ids]].view_as(expert_ids)
 
     def rank_load(self, expert_load: torch.Tensor) -> torch.Tensor:
         """Expert load [..., E] -> rank load [..., ep] (float64, on the load's device); each replica carries
