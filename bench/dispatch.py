@@ -44,6 +44,7 @@ from distributed import run_distributed  # noqa: E402
 from machine import cpu_pressure  # noqa: E402
 
 from lightning_smartmoe.moe import MoEConfig, MoELayer, Routing  # noqa: E402
+from lightning_smartmoe.placement import Placement  # noqa: E402
 from triton_ops import expert_histogram  # noqa: E402
 
 TARGET_BYTES_RATIO = 1.05
@@ -127,7 +128,7 @@ def worker(cfg: dict) -> dict:
     dp = MoELayer(d, h, moe_cfg)
     torch.manual_seed(0)
     ep = MoELayer(d, h, moe_cfg)
-    ep.distribute(dist.group.WORLD, dist.group.WORLD)
+    ep.distribute(dist.group.WORLD, dist.group.WORLD, Placement.contiguous(E, world))
     dp.token_group = dist.group.WORLD  # DP training all-reduces the routed counts for the aux loss too
     holder: dict = {}
     use_uniform_routing(dp, holder)

@@ -92,9 +92,12 @@ def keep_share(module: nn.Module, layout: ParallelLayout, virtual_stages: int = 
         parallel_model(module).shard_tensor_parallel(layout.tp_group, sequence_parallel)
     if sizes.pp > 1:
         parallel_model(module).keep_stages(pipeline_stages(layout, virtual_stages), sizes.pp * virtual_stages)
-    if layout.mesh is not None:
-        for layer in (m for m in module.modules() if isinstance(m, MoELayer)):
-            layer.distribute(layout.ep_group, layout.plane_group, extra_slots, layout.tp_group, sequence_parallel,
+    for layer in (m for m in module.modules() if isinstance(m, MoELayer)):
+        if layout.mesh is None:
+            layer.relabel(Placement.contiguous(layer.cfg.num_experts, 1))
+        else:
+            placement = Placement.contiguous(layer.cfg.num_experts, dist.get_world_size(layout.ep_group), extra_slots)
+            layer.distribute(layout.ep_group, layout.plane_group, placement, layout.tp_group, sequence_parallel,
                              sizes.expert_tp)
 
 

@@ -19,6 +19,7 @@ from lightning_smartmoe.callbacks import ExpertPlacementCallback
 from lightning_smartmoe.data import TokenDataModule
 from lightning_smartmoe.models import GPTMoEModule, OptimConfig
 from lightning_smartmoe.moe import MoEConfig, MoELayer
+from lightning_smartmoe.placement import Placement
 
 
 class CountingStrategy(SmartMoEStrategy):
@@ -102,6 +103,7 @@ def test_replica_exchange_is_charged_net_of_later_backward_when_overlapped(monke
     layers = [MoELayer(8, 16, MoEConfig(num_experts=4, top_k=1)) for _ in range(3)]
     for i, layer in enumerate(layers):
         layer.index = i
+        layer.relabel(Placement.contiguous(4, 1))
     callback = ExpertPlacementCallback(policy="balanced", interval=1)
     callback.history = [torch.ones(3, 4)]
     trainer = SimpleNamespace(strategy=SimpleNamespace(replica_sync_overlapped=overlapped), lightning_module=_Module(layers))

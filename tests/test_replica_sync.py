@@ -24,7 +24,7 @@ def _sync() -> dict:
     rank = dist.get_rank()
     layer = MoELayer(D, H, MoEConfig(num_experts=8, top_k=1))
     group = dist.new_group(list(range(4)))
-    layer.distribute(group, group, extra_slots=2)  # contiguous first; then adopt the replicated table
+    layer.distribute(group, group, Placement.contiguous(8, 4, extra_slots=2))  # then adopt the replicated table
     placement = Placement(8, 4, TABLE)
     layer.relabel(placement)
     layer.experts.w1.grad, layer.experts.w2.grad = local_grads(rank)
@@ -62,7 +62,7 @@ def test_replicas_get_the_rank_ordered_sum():
 def _sync_without_replicas() -> int:
     layer = MoELayer(D, H, MoEConfig(num_experts=4, top_k=1))
     group = dist.new_group([0, 1])
-    layer.distribute(group, group, extra_slots=1)
+    layer.distribute(group, group, Placement.contiguous(4, 2, extra_slots=1))
     layer.experts.w1.grad = torch.ones_like(layer.experts.w1)
     return sync_replica_grads(layer)
 
@@ -78,7 +78,7 @@ def _overlapped_vs_blocking() -> dict:
     group = dist.new_group([0, 1])
     for i, layer in enumerate(layers):
         layer.index = i
-        layer.distribute(group, group, extra_slots=1)
+        layer.distribute(group, group, Placement.contiguous(2, 2, extra_slots=1))
         layer.relabel(Placement(2, 2, (0, 1, 1, 0)))  # both experts on both ranks
     x = torch.randn(2, 4, D, generator=torch.Generator().manual_seed(dist.get_rank()))
 

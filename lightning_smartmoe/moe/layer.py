@@ -11,7 +11,6 @@ from lightning_smartmoe.moe.dispatcher import TokenDispatcher
 from lightning_smartmoe.moe.experts import GroupedExperts
 from lightning_smartmoe.moe.losses import load_balancing_loss, router_z_loss
 from lightning_smartmoe.moe.router import Router
-from lightning_smartmoe.placement import Placement
 from lightning_smartmoe.recompute import is_recomputing
 from lightning_smartmoe.tensor_parallel import (
     all_gather_sequence,
@@ -54,8 +53,10 @@ class MoELayer(nn.Module):
 
     Built with all experts; `distribute` keeps this rank's share and wires the dispatcher to an
     expert-parallel group. The returned aux loss (aux_loss_coeff * balance + z_loss_coeff * z) must be
-    added to the training loss. `placement` says which global slot holds which logical expert; tokens of a
-    replicated expert are split among its replicas.
+    added to the training loss. `placement` (handed in by `distribute` or `relabel`: a
+    lightning_smartmoe.placement.Placement, or anything with its slot_expert, slots_per_rank, num_replicas
+    and route) says which global slot holds which logical expert; tokens of a replicated expert are split
+    among its replicas. Without one, slot e holds expert e.
 
     Under tensor parallelism the ranks of the TP group hold the same tokens; each routes and dispatches
     its own contiguous slice of every sequence, so no token is computed twice, and the outputs are
@@ -70,7 +71,7 @@ class MoELayer(nn.Module):
         self.cfg = cfg
         self.router = Router(d_model, cfg)
         self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.expert_hidden or ffn_hidden, out_std)
-        self.placement = Placement.contiguous(cfg.num_experts, 1)
+        self.placement = None
         self.dispatcher = TokenDispatcher(cfg.num_experts)
         self.ep_group: dist.ProcessGroup | None = None
         self.ep_rank = 0
@@ -86,16 +87,17 @@ class MoELayer(nn.Module):
         self,
         ep_group: dist.ProcessGroup,
         token_group: dist.ProcessGroup,
-        extra_slots: int = 0,
+        placement,
         tp_group: dist.ProcessGroup | None = None,
         sequence_parallel: bool = False,
         expert_tp: bool = False,
     ) -> None:
-        """Shard the experts contiguously over `ep_group`, with `extra_slots` empty slots per rank for replicas.
+        """Keep this rank's experts under `placement` (over `ep_group`'s ranks) and dispatch over `ep_group`.
 
         Args:
             ep_group: ranks that hold different experts.
             token_group: ranks whose tokens together form the global batch (for the aux-loss statistics).
+            placement: the initial slot table (its ep is ep_group's size; spare slots per rank hold replicas).
             tp_group: tensor-parallel ranks, which hold the same tokens (None or a group of one: none).
             sequence_parallel: the input and output are already this rank's slice of every sequence.
             expert_tp: shard each expert's hidden units over `tp_group` instead of slicing the tokens.
@@ -106,7 +108,7 @@ class MoELayer(nn.Module):
         if self.ep_group is not None:
             raise RuntimeError("this MoELayer is already sharded over another expert-parallel group")
         self.ep_group, self.ep_rank = ep_group, dist.get_rank(ep_group)
-        self.placement = Placement.contiguous(self.cfg.num_experts, dist.get_world_size(ep_group), extra_slots)
+        self.placement = placement
         self.experts.select(self.local_experts(self.placement))
         self.dispatcher = TokenDispatcher(self.placement.slots_per_rank, ep_group)
         self.token_group = token_group
@@ -119,7 +121,7 @@ class MoELayer(nn.Module):
             # each TP rank's router gradient is partial: its token slice's, or (expert_tp) its hidden slice's
             self.router.weight.tp_partial = True
 
-    def local_experts(self, placement: Placement) -> list[int]:
+    def local_experts(self, placement) -> list[int]:
         """Logical expert of each of this rank's slots under `placement` (-1 = empty)."""
         spr = placement.slots_per_rank
         return list(placement.slot_expert[self.ep_rank * spr : (self.ep_rank + 1) * spr])
@@ -127,11 +129,13 @@ class MoELayer(nn.Module):
     def slot_shares(self) -> Tensor:
         """[slots] float64: 1 / replicas of the expert in each local slot, 0 for an empty slot (to count each
         expert once in sums over the expert-parallel group)."""
+        if self.placement is None:
+            return torch.ones(self.experts.num_slots, dtype=torch.float64)
         replicas = self.placement.num_replicas.double()
         ids = torch.tensor(self.experts.logical_ids)
         return torch.where(ids >= 0, 1.0 / replicas[ids.clamp(min=0)], 0.0)
 
-    def relabel(self, placement: Placement) -> None:
+    def relabel(self, placement) -> None:
         """Adopt `placement` without moving data (the caller fills the slots, e.g. from a checkpoint)."""
         self.placement = placement
         self.experts.logical_ids = self.local_experts(placement)
@@ -146,7 +150,7 @@ class MoELayer(nn.Module):
             dist.all_reduce(routed, group=self.token_group)
         balance = load_balancing_loss(routing.probs, routed)
         z = router_z_loss(routing.lse)
-        slot_ids = self.placement.route(routing.expert_ids)
+        slot_ids = routing.expert_ids if self.placement is None else self.placement.route(routing.expert_ids)
         rows, counts, state = self.dispatcher.dispatch(x.reshape(b * s, d), slot_ids)
         y = self.dispatcher.combine(self.experts(rows, counts), routing.weights, state)
         stats = MoEStats(
