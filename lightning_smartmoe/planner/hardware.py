@@ -1,0 +1,167 @@
+"""What the cost model knows about a machine: compute rates, collective fits, memory. Either measured by
+smartmoe-profile (a YAML calibration file) or a built-in profile of datasheet figures.
+
+Collectives are fitted per operation, scope (`intra`: the group's ranks share a node; `inter`: they span nodes)
+and group size n as t = latency_s + payload / bytes_per_s, the payload being each rank's input: the tensor of an
+all-reduce, the local shard of an all-gather, the local full input of a reduce-scatter, the local send buffer of
+an all-to-all, the message of a point-to-point send. The algorithm (ring factors such as 2 (n - 1) / n) is inside
+the fitted rate, so nothing about it is assumed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from lightning_smartmoe.errors import ConfigError
+
+OPS = ("all_to_all", "all_reduce", "all_gather", "reduce_scatter", "p2p")
+SCOPES = ("intra", "inter")
+
+
+@dataclass(frozen=True)
+class Link:
+    latency_s: float
+    bytes_per_s: float
+
+    def time(self, payload: float) -> float:
+        """Seconds of one collective whose per-rank payload is `payload` bytes (0 bytes: nothing sent)."""
+        return 0.0 if payload <= 0 else self.latency_s + payload / self.bytes_per_s
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One device kind and its interconnect.
+
+    gemm_flops: dense matrix-multiply FLOP/s at transformer shapes, forward and backward alike.
+    expert_flops: expert FFN FLOP/s on large groups of rows; expert_group_s: seconds each non-empty expert group
+        adds per forward + backward (small groups run slower per row: this is where it shows).
+    attention_flops: FLOP/s of the attention core (scores and weighted sum).
+    optimizer_s_per_param: seconds of the AdamW step per parameter it steps.
+    collectives[op][scope][n]: the Link fit of `op` on a group of n ranks.
+    """
+
+    name: str
+    source: str  # "measured ..." or "datasheet ..."
+    gpus_per_node: int
+    memory_gb: float
+    gemm_flops: float
+    expert_flops: float
+    expert_group_s: float
+    attention_flops: float
+    optimizer_s_per_param: float
+    collectives: dict[str, dict[str, dict[int, Link]]] = field(default_factory=dict)
+
+    def link(self, op: str, n: int, inter: bool = False) -> Link:
+        """The fit of `op` on n ranks (inter: spanning nodes); the nearest measured size at or above n, else the
+        largest (a fit measured on fewer ranks is optimistic, which the name says)."""
+        if n < 2:
+            return Link(0.0, math.inf)
+        fits = self.collectives[op]["inter" if inter and "inter" in self.collectives[op] else "intra"]
+        sizes = sorted(fits)
+        above = [s for s in sizes if s >= n]
+        return fits[above[0] if above else sizes[-1]]
+
+    def to_yaml(self, path: str | Path) -> None:
+        data = asdict(self)
+        data["collectives"] = {op: {scope: {n: [l.latency_s, l.bytes_per_s] for n, l in fits.items()}
+                                    for scope, fits in scopes.items()} for op, scopes in self.collectives.items()}
+        Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+_NUMBERS = ("memory_gb", "gemm_flops", "expert_flops", "expert_group_s", "attention_flops", "optimizer_s_per_param")
+
+
+def from_dict(data: object, where: str) -> Hardware:
+    """A checked Hardware from a mapping (a calibration file's content); ConfigError naming the field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: a hardware calibration must be a mapping of fields, got {type(data).__name__}")
+    fields = {f for f in Hardware.__dataclass_fields__}
+    missing = sorted(fields - set(data))
+    if missing:
+        raise ConfigError(f"{where}: field {missing[0]!r} is missing; a calibration has {', '.join(sorted(fields))}")
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ConfigError(f"{where}: field {unknown[0]!r} is unknown; allowed: {', '.join(sorted(fields))}")
+    for key in ("name", "source"):
+        if not isinstance(data[key], str):
+            raise ConfigError(f"{where}: {key}={data[key]!r} must be a string")
+    if isinstance(data["gpus_per_node"], bool) or not isinstance(data["gpus_per_node"], int) or data["gpus_per_node"] < 1:
+        raise ConfigError(f"{where}: gpus_per_node={data['gpus_per_node']!r} must be an integer >= 1")
+    for key in _NUMBERS:
+        value = data[key]
+        zero_ok = key == "expert_group_s"
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+            raise ConfigError(f"{where}: {key}={value!r} must be a finite number {'>= 0' if zero_ok else '> 0'}")
+    collectives = data["collectives"]
+    if not isinstance(collectives, dict) or sorted(collectives) != sorted(OPS):
+        raise ConfigError(f"{where}: collectives must map exactly {', '.join(OPS)} to their fits")
+    parsed: dict[str, dict[str, dict[int, Link]]] = {}
+    for op, scopes in collectives.items():
+        if not isinstance(scopes, dict) or "intra" not in scopes or not set(scopes) <= set(SCOPES):
+            raise ConfigError(f"{where}: collectives.{op} must map 'intra' (and optionally 'inter') to fits by group size")
+        parsed[op] = {}
+        for scope, fits in scopes.items():
+            if not isinstance(fits, dict) or not fits:
+                raise ConfigError(f"{where}: collectives.{op}.{scope} must map group sizes to [latency_s, bytes_per_s]")
+            parsed[op][scope] = {}
+            for n, fit in fits.items():
+                ok = (isinstance(n, int) and not isinstance(n, bool) and n >= 2 and isinstance(fit, list | tuple)
+                      and len(fit) == 2 and all(isinstance(x, int | float) and not isinstance(x, bool) for x in fit)
+                      and fit[0] >= 0 and fit[1] > 0)
+                if not ok:
+                    raise ConfigError(f"{where}: collectives.{op}.{scope}.{n}={fit!r}: need a group size >= 2 mapped to "
+                                      "[latency_s >= 0, bytes_per_s > 0]")
+                parsed[op][scope][n] = Link(float(fit[0]), float(fit[1]))
+    values = {k: data[k] for k in fields if k != "collectives"}
+    return Hardware(**values, collectives=parsed)
+
+
+def load(path: str | Path) -> Hardware:
+    """A calibration file written by smartmoe-profile; ConfigError if unreadable or malformed."""
+    where = f"hardware={str(path)!r}"
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file; give a built-in name ({', '.join(BUILTIN)}) or a smartmoe-profile file") from None
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{where}: not a readable YAML calibration: {err}") from None
+    return from_dict(data, where)
+
+
+def _datasheet(name: str, flops: float, hbm_bytes_per_s: float, memory_gb: float, nvlink_bytes_per_s: float,
+               nic_bytes_per_s: float) -> Hardware:
+    """A profile from datasheet peaks, not measurements: every rate is the vendor's peak (no efficiency factor),
+    NVLink and NIC bandwidths per direction per GPU, collectives by ring algebra over them with 10 us (NVLink)
+    and 20 us (network) per call; AdamW's step reads and writes 28 bytes per parameter at the HBM rate."""
+
+    def ring(bandwidth: float, latency: float) -> dict[str, dict[int, Link]]:
+        sizes = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+        factor = {"all_to_all": lambda n: (n - 1) / n, "all_reduce": lambda n: 2 * (n - 1) / n,
+                  "all_gather": lambda n: n - 1, "reduce_scatter": lambda n: (n - 1) / n, "p2p": lambda n: 1.0}
+        return {op: {n: Link(latency, bandwidth / f(n)) for n in sizes} for op, f in factor.items()}
+
+    intra, inter = ring(nvlink_bytes_per_s, 10e-6), ring(nic_bytes_per_s, 20e-6)
+    collectives = {op: {"intra": intra[op], "inter": inter[op]} for op in OPS}
+    return Hardware(
+        name=name, source=f"datasheet peaks of the {name.upper()} (not measured); collectives by ring algebra",
+        gpus_per_node=8, memory_gb=memory_gb, gemm_flops=flops, expert_flops=flops, expert_group_s=0.0,
+        attention_flops=flops, optimizer_s_per_param=28 / hbm_bytes_per_s, collectives=collectives,
+    )
+
+
+BUILTIN = {  # SXM parts, bf16 dense tensor-core peak, HBM, NVLink per direction, one 400/200 Gb/s NIC per GPU
+    "h100": _datasheet("h100", 989e12, 3.35e12, 80, 450e9, 50e9),
+    "h200": _datasheet("h200", 989e12, 4.8e12, 141, 450e9, 50e9),
+    "a100": _datasheet("a100", 312e12, 2.0e12, 80, 300e9, 25e9),
+}
+
+
+def resolve(name_or_path: str) -> Hardware:
+    """`hardware=`: a built-in name or a smartmoe-profile calibration file."""
+    if name_or_path in BUILTIN:
+        return BUILTIN[name_or_path]
+    return load(name_or_path)
