@@ -40,12 +40,11 @@ reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatt
 STAGES = (0, 1, 2)
 
 
-def cut_dim(p: Tensor, expert: bool) -> int | None:
-    """The dimension of p to cut: its largest that is not tensor-parallel (for an expert stack, not the slot
-    dimension either); None if there is none."""
-    tp_dim = getattr(p, "tp_shard_dim", None)
-    dims = [d for d in range(1 if expert else 0, p.dim()) if d != tp_dim]
-    return max(dims, key=lambda d: p.shape[d]) if dims else None
+def cut_dim(shape: tuple[int, ...], tp_dim: int | None, expert: bool) -> int | None:
+    """The dimension to cut of a parameter of `shape`: its largest that is not tensor-parallel (`tp_dim`; for an
+    expert stack, not the slot dimension either); None if there is none."""
+    dims = [d for d in range(1 if expert else 0, len(shape)) if d != tp_dim]
+    return max(dims, key=lambda d: shape[d]) if dims else None
 
 
 @dataclass
@@ -117,7 +116,7 @@ class ZeroOptimizer:
         for params, group, cuttable in groups:
             n = 1 if group is None else dist.get_world_size(group)
             for p in (p for p in params if p.requires_grad):
-                dim = cut_dim(p, id(p) in expert_params) if n > 1 and cuttable else None
+                dim = cut_dim(tuple(p.shape), getattr(p, "tp_shard_dim", None), id(p) in expert_params) if n > 1 and cuttable else None
                 if dim is not None:
                     self.shards[id(p)] = Shard(p, dim, n, dist.get_rank(group), group)
                 elif bf16_masters:

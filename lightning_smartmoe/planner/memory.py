@@ -13,9 +13,10 @@ plus the fp32 master blocks of bf16 weights under ZeRO. Transient buffers (commu
 output) are not counted.
 """
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 import torch.distributed as dist
@@ -23,8 +24,8 @@ from torch import Tensor, nn
 
 from lightning_smartmoe.layout import ParallelLayout, ParallelSizes
 from lightning_smartmoe.models.gpt_moe import GPTMoE, GPTMoEConfig
-from lightning_smartmoe.strategy import expert_param_ids, keep_share, reduction_groups
-from lightning_smartmoe.zero import ZeroOptimizer
+from lightning_smartmoe.strategy import expert_param_ids, keep_share
+from lightning_smartmoe.zero import cut_dim
 
 PARAM_DTYPES = {"64-true": torch.float64, "32-true": torch.float32, "bf16-mixed": torch.float32, "bf16-true": torch.bfloat16}
 _INDEX = 8  # bytes of an int64 index
@@ -208,32 +209,58 @@ class SavedActivations:
 # ---- parameters, gradients, optimizer state --------------------------------------------------------------------
 
 
-def _nbytes(t: Tensor, numel: int | None = None) -> int:
-    return (t.numel() if numel is None else numel) * t.element_size()
+@dataclass(frozen=True)
+class ParamRecord:
+    """What the memory model needs of one tensor a rank holds (a parameter, or a buffer: trainable False)."""
+
+    shape: tuple[int, ...]
+    itemsize: int
+    expert: bool = False  # a stack of expert slots [slots, ...]
+    tp_dim: int | None = None  # the tensor-parallel dimension it is a shard of
+    tp_partial: bool = False  # its gradient is partial over tensor parallelism (never cut by ZeRO)
+    trainable: bool = True
 
 
-def state_bytes(module: nn.Module, zero: ZeroOptimizer | None, layout: Layout, dense_block: int = 0,
-                expert_block: int = 0) -> tuple[int, int, int]:
-    """(parameters, gradients, optimizer state) bytes of a rank holding `module` (its part) with the ZeRO blocks
-    of `zero` (built for block 0), had it blocks `dense_block` of the dense parameters and `expert_block` of the
-    experts instead."""
+def _record(p: nn.Parameter, expert: bool) -> ParamRecord:
+    return ParamRecord(tuple(p.shape), p.element_size(), expert, getattr(p, "tp_shard_dim", None),
+                       getattr(p, "tp_partial", False), p.requires_grad)
+
+
+def records_of(module: nn.Module) -> list[ParamRecord]:
+    """The records of every parameter and buffer of `module` (meta tensors are fine)."""
     expert = expert_param_ids(module)
+    out = [_record(p, id(p) in expert) for p in module.parameters()]
+    return out + [ParamRecord(tuple(b.shape), b.element_size(), trainable=False) for b in module.buffers()]
+
+
+def state_bytes(records: list[ParamRecord], layout: Layout, dense_block: int = 0, expert_block: int = 0) -> tuple[int, int, int]:
+    """(parameters, gradients, optimizer state) bytes of a rank holding `records`, with the ZeRO cuts the strategy
+    makes (zero.cut_dim over the data-parallel group for dense parameters, the expert-data-parallel group for
+    experts; this rank holding blocks `dense_block` and `expert_block`); under bf16-mixed with ZeRO every weight
+    is stored in bf16 and stepped through an fp32 master."""
+    sizes = layout.sizes
+    groups = {False: sizes.dp if layout.zero else 1, True: sizes.edp if layout.zero else 1}
+    bf16_masters = bool(layout.zero) and layout.precision == "bf16-mixed"
     micro = layout.accumulate * layout.microbatches > 1
-    params = sum(_nbytes(t) for t in (*module.parameters(), *module.buffers()))
-    grads = optim = 0
-    for p in module.parameters():
-        if not p.requires_grad:
+    params = grads = optim = 0
+    for r in records:
+        numel = math.prod(r.shape)
+        if not r.trainable:
+            params += numel * r.itemsize
             continue
-        shard = zero.shards.get(id(p)) if zero is not None else None
-        if shard is None:
-            stepped = zero.master(p) if zero is not None else p  # an fp32 master under bf16 weights
-            grads += _nbytes(p)
-            optim += 2 * _nbytes(stepped) + (0 if stepped is p else _nbytes(stepped))
+        stored = 2 if bf16_masters else r.itemsize  # bytes per weight and gradient element
+        master = 4 if bf16_masters else r.itemsize  # bytes per element of what the optimizer steps
+        n = groups[r.expert]
+        dim = cut_dim(r.shape, r.tp_dim, r.expert) if n > 1 and not r.tp_partial else None
+        params += numel * stored
+        if dim is None:
+            grads += numel * stored
+            optim += numel * (2 * master + (4 if bf16_masters else 0))
             continue
-        rows = shard.length(expert_block if id(p) in expert else dense_block)
-        block = rows * p.numel() // p.shape[shard.dim]
-        grads += _nbytes(p) if layout.zero == 1 or micro else _nbytes(shard.master, block)
-        optim += 2 * _nbytes(shard.master, block) + (0 if shard.master_is_view else _nbytes(shard.master, block))
+        rows = math.ceil(r.shape[dim] / n)
+        block = max(0, min(rows, r.shape[dim] - (expert_block if r.expert else dense_block) * rows)) * numel // r.shape[dim]
+        grads += numel * stored if layout.zero == 1 or micro else block * master
+        optim += block * (2 * master + (4 if bf16_masters else 0))
     return params, grads, optim
 
 
@@ -249,27 +276,68 @@ def fake_world(rank: int, world: int) -> Iterator[None]:
         dist.destroy_process_group()
 
 
+def _block_indices(sizes: ParallelSizes, j: int) -> tuple[int, int]:
+    """(dense, expert) ZeRO block of the rank at plane index j (= dp rank * tp + tp rank)."""
+    d = j // sizes.tp
+    return d, (d // sizes.ep if sizes.expert_tp else j // sizes.ep)
+
+
 def rank_memory(cfg: GPTMoEConfig, layout: Layout) -> list[RankMemory]:
-    """Every rank's memory, by rank."""
+    """Every rank's memory, by rank: each stage's part built as its ranks build it (on the meta device, under a fake
+    process group of the world's size)."""
     sizes = layout.sizes
     rows: list[RankMemory] = []
     for stage in range(sizes.pp):
-        rank = stage * sizes.plane  # this stage's first rank stands for the stage; blocks vary across it
-        with fake_world(rank, sizes.world_size):
+        with fake_world(stage * sizes.plane, sizes.world_size):  # the stage's first rank stands for the stage
             parallel = ParallelLayout.build(sizes, "cpu") if sizes.world_size > 1 else ParallelLayout(sizes)
             with torch.device("meta"):
                 model = GPTMoE(cfg).to(PARAM_DTYPES[layout.precision])
             keep_share(model, parallel, layout.virtual_stages, layout.sequence_parallel, layout.extra_slots)
-            zero = None
-            if layout.zero and sizes.world_size > 1:
-                zero = ZeroOptimizer(layout.zero, reduction_groups(model, parallel), expert_param_ids(model),
-                                     layout.precision == "bf16-mixed", 0)
-            activations = activation_bytes(cfg, layout, stage)
-            for j in range(sizes.plane):  # plane index = dp rank * tp + tp rank
-                d = j // sizes.tp
-                g = d // sizes.ep if sizes.expert_tp else j // sizes.ep  # the rank's block of its experts
-                rows.append(RankMemory(stage * sizes.plane + j, stage, *state_bytes(model, zero, layout, d, g), activations))
+        records, activations = records_of(model), activation_bytes(cfg, layout, stage)
+        for j in range(sizes.plane):
+            rows.append(RankMemory(stage * sizes.plane + j, stage, *state_bytes(records, layout, *_block_indices(sizes, j)), activations))
     return rows
+
+
+class ModelTable:
+    """The records of a whole model cut for `tp` tensor-parallel ranks (sequence parallelism and expert tensor
+    parallelism as given), each with the layer it belongs to ("embed" and "head" for the ends), to price any layout
+    of those without building it again: `stage_records(layout, stage)` is what `rank_memory` counts for that stage."""
+
+    def __init__(self, cfg: GPTMoEConfig, tp: int, sequence_parallel: bool, expert_tp: bool, precision: str) -> None:
+        self.cfg = cfg
+        with fake_world(0, tp):
+            with torch.device("meta"):
+                model = GPTMoE(cfg).to(PARAM_DTYPES[precision])
+            if tp > 1:
+                model.shard_tensor_parallel(dist.group.WORLD, sequence_parallel)
+                for layer in model.moe_layers():
+                    if expert_tp:
+                        layer.experts.shard_hidden(dist.group.WORLD)
+                    layer.router.weight.tp_partial = True
+        expert = expert_param_ids(model)
+        self.records: list[tuple[str | int, ParamRecord]] = []
+        for name, p in model.named_parameters():
+            where = int(name.split(".")[1]) if name.startswith("blocks.") else ("head" if name.startswith(("ln_f", "lm_head")) else "embed")
+            self.records.append((where, _record(p, id(p) in expert)))
+
+    def stage_records(self, layout: Layout, stage: int) -> list[ParamRecord]:
+        sizes, cfg = layout.sizes, self.cfg
+        chunks = [stage + i * sizes.pp for i in range(layout.virtual_stages)]
+        per = cfg.n_layers // (sizes.pp * layout.virtual_stages)
+        layers = {i for c in chunks for i in range(c * per, (c + 1) * per)}
+        keep = layers | ({"embed"} if 0 in chunks else set()) | ({"head"} if sizes.pp * layout.virtual_stages - 1 in chunks else set())
+        slots = cfg.moe.num_experts // sizes.ep + (layout.extra_slots if sizes.world_size > 1 else 0)  # as keep_share
+        out = []
+        for where, r in self.records:
+            if where in keep:
+                out.append(ParamRecord((slots, *r.shape[1:]), *astuple(r)[1:]) if r.expert else r)
+        return out
+
+    def largest_rank(self, layout: Layout) -> RankMemory:
+        """The rank with the largest total (ZeRO's block 0 is the largest of a group)."""
+        return largest([RankMemory(stage * layout.sizes.plane, stage, *state_bytes(self.stage_records(layout, stage), layout),
+                                   activation_bytes(self.cfg, layout, stage)) for stage in range(layout.sizes.pp)])
 
 
 def merge(rows: list[RankMemory]) -> list[RankMemory]:
