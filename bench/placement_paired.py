@@ -59,6 +59,7 @@ from placement_run import (  # noqa: E402
     THREADS,
     WORLD,
     StepTimer,
+    box_hardware,
     make_data,
     max_rank_load,
     measure_figures,
@@ -115,7 +116,7 @@ def fit_paired(name: str, cfg: dict, data: torch.Tensor, figures: dict) -> dict:
     policy, extra = CONFIGS[name]
     timer = OptimizerTimer()
     placement = AlternatingPlacement(policy=policy, interval=cfg["block"], window=cfg["window"], min_gain=0.0,
-                                     heatmap_every=0, cost={k: figures[k] for k in ("flops_per_s", "bandwidth")})
+                                     heatmap_every=0, hardware=box_hardware(figures))
     module, _ = train(cfg, data, extra, [timer, placement])
     steps = slowest_steps(timer)
     mine = {"expert_s": [e[0] for e in timer.expert_s], "rows": timer.rows, "optimizer_s": timer.optimizer_s,

@@ -75,7 +75,10 @@ import lightning.pytorch as pl  # noqa: E402
 from lightning_smartmoe import SmartMoEStrategy  # noqa: E402
 from lightning_smartmoe.callbacks import ExpertPlacementCallback  # noqa: E402
 from lightning_smartmoe.moe import GroupedExperts, MoEConfig, MoELayer  # noqa: E402
-from lightning_smartmoe.placement import CostModel, Placement, moves  # noqa: E402
+from lightning_smartmoe.layout import ParallelSizes  # noqa: E402
+from lightning_smartmoe.placement import Placement, moves, placement_time  # noqa: E402
+from lightning_smartmoe.planner.cost import ExpertLayerCost, expert_layer_cost  # noqa: E402
+from lightning_smartmoe.planner.hardware import BUILTIN, Hardware  # noqa: E402
 from lightning_smartmoe.planner.profile import agree, expert_flops_per_s, link_bandwidth  # noqa: E402
 
 THREADS = 1
@@ -226,11 +229,11 @@ class StepTimer(pl.Callback):
 
         def migrate(layer, placement):
             old = layer.placement
-            copies = sum(not m.local for m in moves(old, placement))
+            transfers = [(m.src_rank, m.dst_rank) for m in moves(old, placement) if not m.local]
             t0 = time.perf_counter()
             sent = real(layer, placement)
             self.migrations.append({"step": len(self.starts) - 1, "layer": self.layers.index(layer),
-                                    "s": time.perf_counter() - t0, "sent": int(sent), "remote_copies": copies,
+                                    "s": time.perf_counter() - t0, "sent": int(sent), "transfers": transfers,
                                     "new": placement.slot_expert})
             return sent
 
@@ -263,10 +266,15 @@ class StepTimer(pl.Callback):
         self.counts.append(torch.stack([layer.stats.expert_load.cpu() for layer in self.layers]))
 
 
+def box_hardware(figures: dict) -> Hardware:
+    """The cost model's machine with this box's measured expert FFN rate and all-to-all link (2 ranks)."""
+    return BUILTIN["h100"].calibrated(figures["flops_per_s"], figures["bandwidth"], (WORLD,))
+
+
 def placement_callback(policy: str, interval: int, window: int, figures: dict) -> ExpertPlacementCallback:
     """ExpertPlacementCallback with this box's measured cost figures."""
     return ExpertPlacementCallback(policy=policy, interval=interval, window=window, min_gain=0.0, heatmap_every=0,
-                                   cost=dict(figures))
+                                   hardware=box_hardware(figures))
 
 
 # ---- this box's cost figures -------------------------------------------------------------------------------------
@@ -341,11 +349,12 @@ def fit_one(name: str, cfg: dict, data: torch.Tensor, figures: dict) -> dict:
     for r, g in enumerate(gathered):
         for m in g["migrations"]:
             e = events.setdefault(m["step"], {"step": m["step"], "s_by_rank": [0.0] * WORLD, "sent_elements": 0,
-                                              "remote_copies": 0, "layers": []})
+                                              "remote_copies": 0, "transfers_by_layer": [], "layers": []})
             e["s_by_rank"][r] += m["s"]
             e["sent_elements"] += m["sent"]
             if r == 0:
-                e["remote_copies"] += m["remote_copies"]
+                e["remote_copies"] += len(m["transfers"])
+                e["transfers_by_layer"].append(m["transfers"])
                 e["layers"].append({"layer": m["layer"], "placement": list(m["new"])})
     return {
         "name": name, "policy": policy, "extra_slots": extra, "fit_s": fit_s,
@@ -405,7 +414,7 @@ def max_rank_load(placement: Placement, counts: torch.Tensor) -> float:
     return float(placement.rank_load(counts).max())
 
 
-def aggregate(cfg: dict, by_name: dict[str, list[dict]], select, static_counts: torch.Tensor, cost: CostModel) -> dict:
+def aggregate(cfg: dict, by_name: dict[str, list[dict]], select, static_counts: torch.Tensor, cost: ExpertLayerCost) -> dict:
     """Per config: figures over the steps `select(run)` returns, and speedups against static."""
     E, ep = cfg["experts"], WORLD
     contiguous = Placement.contiguous(E, ep, 0)
@@ -438,7 +447,7 @@ def aggregate(cfg: dict, by_name: dict[str, list[dict]], select, static_counts: 
                 v["foreign"].append(run["foreign_cores"][i])
                 used = [Placement(E, ep, tuple(p)) for p in run["placements"][i]]
                 v["peak"].append(sum(max_rank_load(p, static_counts[l]) for l, p in enumerate(used)))
-                v["pred"].append(sum(cost.step_time(p, static_counts[l]) for l, p in enumerate(used)))
+                v["pred"].append(sum(placement_time(cost, p, static_counts[l]) for l, p in enumerate(used)))
         steps = v["step"]
         if not steps:
             return {}
@@ -462,7 +471,7 @@ def aggregate(cfg: dict, by_name: dict[str, list[dict]], select, static_counts: 
             "rows_busiest_rank_mean": statistics.mean(v["rank_rows"]),
             "rank_imbalance_rows_mean": statistics.mean(v["imb"]),
             "predicted_peak_load": statistics.mean(v["peak"]),  # busiest rank's rows per step (both layers)
-            "cost_model_step_ms": statistics.mean(v["pred"]) * 1e3,  # CostModel.step_time, summed over layers
+            "cost_model_step_ms": statistics.mean(v["pred"]) * 1e3,  # placement_time, summed over layers
         }
     if "static" not in rows:
         return {}
@@ -522,8 +531,8 @@ def summarize(cfg: dict, out: dict) -> dict:
             n_static += 1
     static_counts /= max(n_static, 1)
     contiguous = Placement.contiguous(E, ep, 0)
-    cost = CostModel(expert_params=2 * cfg["d_model"] * cfg["hidden"], flops_per_s=figures["flops_per_s"],
-                     bandwidth=figures["bandwidth"])
+    cost = expert_layer_cost(box_hardware(figures), ParallelSizes(dp=WORLD, ep=WORLD), cfg["d_model"], cfg["hidden"],
+                             "32-true")
     all_steps = aggregate(cfg, by_name, measured, static_counts, cost)
     quiet_steps = aggregate(cfg, by_name, quiet, static_counts, cost)
     enough = bool(quiet_steps) and all(r["measured_steps"] >= cfg["min_quiet"] for r in quiet_steps.values())
@@ -539,7 +548,7 @@ def summarize(cfg: dict, out: dict) -> dict:
             "migrations": len(mig),
             "migration_steps_by_round": [run["migration_steps"] for run in rs],
             "migration_ms_slowest_rank": [max(m["s_by_rank"]) * 1e3 for m in mig],
-            "migration_predicted_ms": [m["remote_copies"] * cost.expert_bytes / cost.bandwidth * 1e3 for m in mig],
+            "migration_predicted_ms": [sum(map(cost.migration_time, m["transfers_by_layer"])) * 1e3 for m in mig],
             "migration_elements_sent": [m["sent_elements"] for m in mig],
             "migration_remote_copies": [m["remote_copies"] for m in mig],
             "callback_switches_by_round": [run["callback_switches"] for run in rs],

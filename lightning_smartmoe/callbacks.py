@@ -14,7 +14,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning_smartmoe import plots
 from lightning_smartmoe.errors import ConfigError
 from lightning_smartmoe.moe import MoELayer
-from lightning_smartmoe.placement import PLANNERS, CostModel, Placement, moves, plan, should_switch
+from lightning_smartmoe.placement import PLANNERS, Placement, SwitchRule, moves, plan
+from lightning_smartmoe.planner.cost import ExpertLayerCost, expert_layer_cost
+from lightning_smartmoe.planner.hardware import Hardware, resolve
 from lightning_smartmoe.planner.profile import agree, expert_flops_per_s, link_bandwidth
 
 
@@ -54,15 +56,15 @@ class ExpertPlacementCallback(pl.Callback):
     pipeline stage fills the rows of its own layers) totals the step's per-layer expert counts and dropped
     assignments. The last `window` steps' counts feed the planner
     (`policy`: static, greedy or balanced) every `interval` steps (or at each epoch end, interval="epoch").
-    A new placement is adopted if the cost model predicts that the time it saves over the next interval
-    exceeds its migration time by `min_gain` seconds; every rank computes the same decision. The cost
-    model takes the expert size from the layer and its hardware figures from `cost` (CostModel fields:
-    flops_per_s, bandwidth, grad_bytes_per_param, state_bytes_per_param); with `calibrate`, flops_per_s and
-    bandwidth are measured instead after the first step (planner/profile.py: the expert FFN at the layer's shape
-    and routed rows, an all-to-all of one expert's migration bytes inside the expert-parallel group) and agreed
-    over the ranks. When the strategy exchanges replica
+    A new placement is adopted if the online rule (placement/online.py) finds that the time it saves over its
+    expected lifetime exceeds its migration time by `min_gain` seconds; every rank computes the same decision.
+    Placements are priced by the planner's cost model (planner/cost.py ExpertLayerCost) for the layer's expert
+    shape and the strategy's layout on `hardware` (a built-in datasheet profile or a smartmoe-profile file);
+    with `calibrate`, the expert FFN's throughput and the expert-parallel group's link are measured instead after
+    the first step (planner/profile.py: the expert FFN at the layer's shape and routed rows, an all-to-all of one
+    expert's migration bytes inside the group) and agreed over the ranks. When the strategy exchanges replica
     gradients during backward, a layer's exchange is charged net of the backward of the MoE layers before it on
-    its rank (CostModel.hiding_layers = the layer's position among them).
+    its rank (the first min(position, 2) phases hide).
 
     Logged: `moe/layer<i>/rank_imbalance` (busiest rank's expert tokens over the mean rank's, under the
     current placement; every layer of the model, on every rank), `moe/layer<i>/dropped`, `placement/switches`,
@@ -79,7 +81,7 @@ class ExpertPlacementCallback(pl.Callback):
         window: int = 2,
         min_gain: float = 0.0,
         heatmap_every: int = 100,
-        cost: dict[str, float] | None = None,
+        hardware: str | Hardware = "h100",
         calibrate: bool = False,
         image_dir: str | Path | None = None,
     ) -> None:
@@ -91,13 +93,7 @@ class ExpertPlacementCallback(pl.Callback):
             raise ConfigError(f"placement.window={window!r} must be an integer >= 1")
         self.policy, self.interval, self.window, self.min_gain = policy, interval, window, min_gain
         self.heatmap_every = heatmap_every
-        self.cost = dict(cost or {})
-        if "hiding_layers" in self.cost:
-            raise ConfigError("placement.cost.hiding_layers is not a setting: each layer's comes from its position")
-        try:
-            CostModel(**self.cost)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"placement.cost: {err}") from err
+        self.hardware = hardware if isinstance(hardware, Hardware) else resolve(hardware)
         self.calibrate = calibrate
         self.measured: dict[str, float] = {}  # the calibrated figures, once measured
         self.image_dir = Path(image_dir) if image_dir is not None else None
@@ -108,6 +104,7 @@ class ExpertPlacementCallback(pl.Callback):
         self.imbalance: list[tuple[int, list[float]]] = []  # (step, rank imbalance of every layer), this fit
         self.placements: list[Placement] = []  # every layer's current placement (all pipeline stages)
         self.images: list[Path] = []  # heatmap PNGs written by this rank
+        self.rules: dict[int, SwitchRule] = {}  # per MoE layer index: the switch rule and its observed loads
         self._pending: torch.Tensor | None = None  # this rank's counts since the last step, [layers, E + 1]
         self._last_step = -1
 
@@ -144,6 +141,8 @@ class ExpertPlacementCallback(pl.Callback):
         self._pending = None
         load, dropped = total[:, :-1].double().cpu(), total[:, -1]
         self.history = (self.history + [load])[-self.window :]
+        for layer in self._layers(trainer):
+            self.rules.setdefault(layer.index, SwitchRule(self.min_gain)).observe(self._group_load(trainer, layer, load))
         if self.calibrate and not self.measured and self.policy != "static":
             self._calibrate(trainer)
         imbalance = [p.rank_imbalance(load[i, : p.num_experts]) for i, p in enumerate(self.placements)]
@@ -157,9 +156,9 @@ class ExpertPlacementCallback(pl.Callback):
             self.replan(trainer, steps=self.interval)
 
     def _calibrate(self, trainer: pl.Trainer) -> None:
-        """Measure flops_per_s and bandwidth on these ranks (collective) and use them in place of `cost`'s. A rank
-        whose pipeline stage holds no MoE layer measures nothing (nor do the others of its expert-parallel group,
-        which is that stage's too)."""
+        """Measure the expert FFN's FLOP/s and the expert-parallel link on these ranks (collective) and price
+        placements with them instead of the hardware profile's. A rank whose pipeline stage holds no MoE layer
+        measures nothing (nor do the others of its expert-parallel group, which is that stage's too)."""
         strategy, start = trainer.strategy, time.perf_counter()
         layers = self._layers(trainer)
         figures: dict[str, float | None] = {"flops_per_s": None, "bandwidth": None}
@@ -170,17 +169,28 @@ class ExpertPlacementCallback(pl.Callback):
             with trainer.precision_plugin.forward_context():
                 figures["flops_per_s"] = expert_flops_per_s(d_model, hidden, rows, strategy.root_device, layer.experts.w1.dtype)
             if strategy.layout.mesh is not None:
-                expert_bytes = CostModel(**{**self.cost, "expert_params": self._expert_params(layer)}).expert_bytes
-                figures["bandwidth"] = link_bandwidth(strategy.layout.ep_group, expert_bytes, strategy.root_device)
+                nbytes = round(self._layer_cost(trainer, layer, 0).state_bytes)
+                figures["bandwidth"] = link_bandwidth(strategy.layout.ep_group, nbytes, strategy.root_device)
         self.measured = {k: v for k, v in agree(figures, strategy.root_device).items() if v is not None}
-        self.cost.update(self.measured)
+        self.hardware = self.hardware.calibrated(self.measured["flops_per_s"], self.measured.get("bandwidth"),
+                                                 (2, strategy.sizes.ep))
         link = f", link {self.measured['bandwidth'] / 1e9:.2f} GB/s" if "bandwidth" in self.measured else ""
         rank_zero_info(f"placement: cost figures measured in {time.perf_counter() - start:.2f} s: expert FFN "
                        f"{self.measured['flops_per_s'] / 1e9:.1f} GFLOP/s per rank{link}")
 
+    def _layer_cost(self, trainer: pl.Trainer, layer: MoELayer, hidden_phases: int) -> ExpertLayerCost:
+        """The planner's price of `layer`'s placements under the strategy's layout."""
+        strategy = trainer.strategy
+        _, d_model, hidden = layer.experts.w1.shape  # this rank's share of each expert's hidden units
+        micro = getattr(strategy, "microbatches", 1) * trainer.accumulate_grad_batches
+        return expert_layer_cost(self.hardware, strategy.sizes, d_model, hidden, str(trainer.precision), micro,
+                                 hidden_phases=hidden_phases)
+
     @staticmethod
-    def _expert_params(layer: MoELayer) -> int:
-        return layer.experts.w1[0].numel() + layer.experts.w2[0].numel()
+    def _group_load(trainer: pl.Trainer, layer: MoELayer, load: torch.Tensor) -> torch.Tensor:
+        """[E] the rows per step one expert-parallel group computes for each expert of `layer`: the global counts
+        of the [layers, max E] table split over the stage's edp groups, which see the same experts."""
+        return load[layer.index, : layer.cfg.num_experts] / trainer.strategy.sizes.edp
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.interval == "epoch" and self.history:
@@ -194,11 +204,10 @@ class ExpertPlacementCallback(pl.Callback):
         overlapped = getattr(trainer.strategy, "replica_sync_overlapped", False)
         switched = False
         for position, layer in enumerate(self._layers(trainer)):
-            layer_load = self._load_of(layer, load)
-            hiding = position if overlapped else 0
-            cost = CostModel(**{**self.cost, "expert_params": self._expert_params(layer), "hiding_layers": hiding})
-            new = plan(self.policy, layer_load, layer.placement, cost)
-            if should_switch(cost, layer.placement, new, layer_load, steps, self.min_gain):
+            cost = self._layer_cost(trainer, layer, position if overlapped else 0)
+            new = plan(self.policy, self._group_load(trainer, layer, load), layer.placement, cost)
+            rule = self.rules.setdefault(layer.index, SwitchRule(self.min_gain))
+            if rule.should_switch(cost, layer.placement, new, len(self.history), steps_per_load=1, min_steps=steps):
                 self.moved_experts += sum(not m.local for m in moves(layer.placement, new))
                 self.switches += 1
                 trainer.strategy.migrate(layer, new)
@@ -209,11 +218,6 @@ class ExpertPlacementCallback(pl.Callback):
             self.switch_steps.append(trainer.global_step)
         trainer.lightning_module.log("placement/switches", float(self.switches))
         trainer.lightning_module.log("placement/moved_experts", float(self.moved_experts))
-
-    @staticmethod
-    def _load_of(layer: MoELayer, load: torch.Tensor) -> torch.Tensor:
-        """[E] this layer's row of the [layers, max E] load table."""
-        return load[layer.index, : layer.cfg.num_experts]
 
     def _log_heatmap(self, trainer: pl.Trainer, load: torch.Tensor) -> None:
         if not trainer.is_global_zero:
@@ -238,10 +242,13 @@ class ExpertPlacementCallback(pl.Callback):
                 logger.experiment.add_image("moe/expert_load", plots.rgb(fig), trainer.global_step, dataformats="HWC")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "switches": self.switches, "moved_experts": self.moved_experts}
+        return {"history": self.history, "switches": self.switches, "moved_experts": self.moved_experts,
+                "rule_loads": {i: rule.loads for i, rule in self.rules.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [h.cpu() for h in state_dict["history"]]
         self.switches = state_dict["switches"]
         self.moved_experts = state_dict["moved_experts"]
+        self.rules = {i: SwitchRule(self.min_gain, [x.cpu() for x in loads])
+                      for i, loads in state_dict.get("rule_loads", {}).items()}
 

@@ -25,15 +25,15 @@ from lightning_smartmoe.errors import ConfigError
 from lightning_smartmoe.layout import ParallelSizes
 from lightning_smartmoe.models import GPTMoEConfig, OptimConfig
 from lightning_smartmoe.moe import MoEConfig
-from lightning_smartmoe.placement import PLANNERS, CostModel
+from lightning_smartmoe.placement import PLANNERS
+from lightning_smartmoe.planner import hardware as hardware_profiles
 from lightning_smartmoe.planner import memory
 from lightning_smartmoe.planner.memory import Layout
 
 PACKAGE = Path(__file__).resolve().parent
 GROUPS = ("model", "moe", "parallel", "placement", "data", "optim", "trainer", "logger", "callbacks")
-TOP_LEVEL = ("seed", "ckpt_path", "checkpoint_every_n_steps", "dry_run", "memory_gb")
+TOP_LEVEL = ("seed", "ckpt_path", "checkpoint_every_n_steps", "dry_run", "memory_gb", "hardware")
 SET_BY_CLI = ("strategy", "logger", "callbacks")  # Trainer arguments that smartmoe-train fills in itself
-COST_KEYS = tuple(f.name for f in fields(CostModel) if f.name not in ("expert_params", "hiding_layers"))
 
 
 def _resource_dir(name: str) -> Path:
@@ -131,7 +131,6 @@ def _check_keys(cfg: DictConfig) -> None:
     _unknown("", cfg.keys(), (*GROUPS, *TOP_LEVEL))
     for group in ("parallel", "placement", "data"):
         _unknown(f"{group}.", cfg[group].keys(), _default_keys(group))
-    _unknown("placement.cost.", cfg.placement.cost.keys(), COST_KEYS)
     for key in cfg.trainer:
         if key in SET_BY_CLI:
             raise ConfigError(f"trainer.{key} is set by smartmoe-train (from parallel.*, logger and callbacks); remove it")
@@ -220,10 +219,6 @@ def _check_placement(p: DictConfig) -> None:
     _integer("placement.extra_slots", p.extra_slots, 0)
     _integer("placement.heatmap_every", p.heatmap_every, 0)
     _boolean("placement.calibrate", p.calibrate)
-    try:
-        CostModel(**OmegaConf.to_container(p.cost, resolve=True))
-    except ValueError as err:
-        raise ConfigError(f"placement.{err}") from err
 
 
 def _check_data(d: DictConfig) -> None:
@@ -247,6 +242,7 @@ def check_run(cfg: DictConfig) -> None:
     _integer("seed", cfg.seed, 0)
     _integer("checkpoint_every_n_steps", cfg.checkpoint_every_n_steps, 1, none_ok=True)
     _number("memory_gb", cfg.memory_gb, _positive, "> 0 (GiB per rank)", none_ok=True)
+    hardware(cfg)
     if cfg.ckpt_path is not None and not isinstance(cfg.ckpt_path, str):
         raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} must be a checkpoint folder, 'last' or null")
 
@@ -310,12 +306,19 @@ def check_memory(cfg: DictConfig, model: GPTMoEConfig, sizes: ParallelSizes) -> 
         )
 
 
+def hardware(cfg: DictConfig) -> hardware_profiles.Hardware:
+    """`hardware`: a built-in datasheet profile or a smartmoe-profile calibration file (ConfigError otherwise)."""
+    if not isinstance(cfg.hardware, str):
+        raise ConfigError(f"hardware={cfg.hardware!r} must be {', '.join(hardware_profiles.BUILTIN)} or a calibration file")
+    return hardware_profiles.resolve(cfg.hardware)
+
+
 def placement_callback(cfg: DictConfig, image_dir: Path | None = None) -> ExpertPlacementCallback:
     """The gate-histogram / placement-switching callback from `placement.*`."""
     p = cfg.placement
     return ExpertPlacementCallback(
         policy=p.policy, interval=p.interval, window=p.window, min_gain=p.min_gain,
-        heatmap_every=p.heatmap_every, cost=OmegaConf.to_container(p.cost, resolve=True), calibrate=p.calibrate,
+        heatmap_every=p.heatmap_every, hardware=hardware(cfg), calibrate=p.calibrate,
         image_dir=image_dir,
     )
 

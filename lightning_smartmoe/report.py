@@ -80,7 +80,7 @@ class RunReport(pl.Callback):
         if placement is not None:
             summary["placement"] = {
                 "policy": placement.policy, "switches": placement.switches, "moved_experts": placement.moved_experts,
-                "cost_measured": placement.measured, "cost": dict(placement.cost),
+                "cost_measured": placement.measured, "hardware": placement.hardware.name,
             }
             if placement.imbalance and placement.history:
                 (first_step, first), (last_step, last) = placement.imbalance[0], placement.imbalance[-1]

@@ -6,18 +6,23 @@ from dataclasses import replace
 import pytest
 import torch
 
+from lightning_smartmoe.layout import ParallelSizes
 from lightning_smartmoe.placement import (
-    CostModel,
     Placement,
+    SwitchRule,
+    migration_time,
     moves,
+    placement_time,
     plan,
     plan_balanced,
     plan_greedy,
     plan_static,
-    should_switch,
 )
+from lightning_smartmoe.planner.cost import ExpertLayerCost, expert_layer_cost
+from lightning_smartmoe.planner.hardware import BUILTIN, Link
 
-COST = CostModel()
+# an MoE layer of d_model 1024 x hidden 4096 experts on 4 expert-parallel H100s (datasheet figures), bf16-mixed
+COST = expert_layer_cost(BUILTIN["h100"], ParallelSizes(dp=4, ep=4), 1024, 4096, "bf16-mixed")
 
 
 def max_load(placement: Placement, load) -> float:
@@ -147,33 +152,85 @@ def test_moves_need_same_shape():
 
 # ---------------------------------------------------------------- cost model and the min_gain rule
 
-# 1 s per token, 1 s per expert gradient sent once, 2 s per migrated expert
-TOY = CostModel(expert_params=1000, flops_per_s=6000, bandwidth=1000, grad_bytes_per_param=1, state_bytes_per_param=2)
+# 1 s per row, 1 s per expert gradient sent once, 2 s per migrated expert, all-to-all free
+TOY = ExpertLayerCost(ep=2, row_s=1.0, exchange=Link(0.0, 1000.0), grad_bytes=1000.0, state_bytes=2000.0,
+                      move=Link(0.0, 1000.0))
 
 
-def test_cost_model_by_hand():
+def test_expert_layer_cost_by_hand():
     old = Placement.contiguous(4, 2, extra_slots=1)
     new = Placement(4, 2, (0, 1, -1, 2, 3, 0))  # expert 0 replicated onto rank 1
     load = torch.tensor([6.0, 1.0, 1.0, 0.0])
-    assert TOY.step_time(old, load) == pytest.approx(7.0)  # rank 0: 6 + 1 tokens
-    assert TOY.step_time(new, load) == pytest.approx(4.0 + 1.0)  # 3 + 1 | 1 + 0 + 3, plus one gradient exchange
-    assert TOY.migration_time(old, new) == pytest.approx(2.0)
-    assert TOY.switch_gain(old, new, load, steps=1) == pytest.approx(0.0)
-    assert not should_switch(TOY, old, new, load, steps=1, min_gain=0.0)  # gain must exceed min_gain
-    assert should_switch(TOY, old, new, load, steps=2, min_gain=1.5)
-    assert not should_switch(TOY, old, new, load, steps=2, min_gain=2.0)
-    assert not should_switch(TOY, old, old, load, steps=100, min_gain=float("-inf"))
+    assert placement_time(TOY, old, load) == pytest.approx(7.0)  # rank 0: 6 + 1 rows
+    assert placement_time(TOY, new, load) == pytest.approx(4.0 + 1.0)  # 3 + 1 | 1 + 0 + 3, plus one gradient exchange
+    assert migration_time(TOY, old, new) == pytest.approx(2.0)
+    assert migration_time(TOY, old, old) == 0.0
     # three replicas: reduce-scatter + all-gather send 2 (r - 1) / r of the gradient per replica
     everywhere = Placement(3, 3, (0, 1, 0, 2, 0, -1))
-    assert TOY.step_time(everywhere, torch.tensor([3.0, 1.0, 1.0])) == pytest.approx(2.0 + 4.0 / 3.0)
+    assert placement_time(replace(TOY, ep=3), everywhere, [3.0, 1.0, 1.0]) == pytest.approx(2.0 + 4.0 / 3.0)
     # backward hides each phase (half the traffic) under one more MoE layer's backward, 2/3 of compute at most
-    hidden_once, hidden_twice = replace(TOY, hiding_layers=1), replace(TOY, hiding_layers=2)
-    assert hidden_once.step_time(new, load) == pytest.approx(4.0 + 0.5)
-    assert hidden_twice.step_time(new, load) == pytest.approx(4.0)
-    slow_link = replace(TOY, hiding_layers=2, bandwidth=200)  # each phase takes 2.5 s; 8/3 s of backward hide it
-    assert slow_link.step_time(new, load) == pytest.approx(4.0)
-    slower = replace(TOY, hiding_layers=5, bandwidth=100)  # 5 s per phase, 8/3 s hidden each
-    assert slower.step_time(new, load) == pytest.approx(4.0 + 2 * (5.0 - 8.0 / 3.0))
+    assert placement_time(replace(TOY, hidden_phases=1), new, load) == pytest.approx(4.0 + 0.5)
+    assert placement_time(replace(TOY, hidden_phases=2), new, load) == pytest.approx(4.0)
+    slow_link = replace(TOY, hidden_phases=2, exchange=Link(0.0, 200.0))  # 2.5 s per phase; 8/3 s of backward hide it
+    assert placement_time(slow_link, new, load) == pytest.approx(4.0)
+    slower = replace(TOY, hidden_phases=2, exchange=Link(0.0, 100.0))  # 5 s per phase, 8/3 s hidden each
+    assert placement_time(slower, new, load) == pytest.approx(4.0 + 2 * (5.0 - 8.0 / 3.0))
+    # over 4 micro-batches, only the last one's backward is left to hide under: 2/3 of 4 s / 4
+    micro = replace(TOY, hidden_phases=2, exchange=Link(0.0, 200.0), micro=4)
+    assert placement_time(micro, new, load) == pytest.approx(4.0 + 2 * (2.5 - 2.0 / 3.0))
+
+
+def test_all_to_all_follows_the_busiest_ranks_traffic():
+    # 4 calls per step of 1 s latency each, 1 byte per row at 1 byte/s
+    cost = ExpertLayerCost(ep=2, row_s=0.0, a2a=Link(1.0, 1.0), calls=4, row_bytes=1.0)
+    # 8 rows on rank 0, none on rank 1: rank 0 receives the half of them routed from rank 1 (4 rows)
+    assert placement_time(cost, Placement.contiguous(4, 2), [6.0, 2.0, 0.0, 0.0]) == pytest.approx(4 * 1.0 + 4.0)
+    # balanced: each rank receives 2 of its 4 rows and sends 2 away
+    assert placement_time(cost, Placement.contiguous(4, 2), [2.0, 2.0, 2.0, 2.0]) == pytest.approx(4 * 1.0 + 2.0)
+    assert cost.ideal_time([6.0, 2.0, 0.0, 0.0]) == pytest.approx(4 * 1.0 + 2.0)
+    assert replace(cost, ep=1).ideal_time([6.0, 2.0]) == 0.0  # one rank: nothing crosses
+
+
+def test_migration_runs_in_one_all_to_all_as_long_as_the_busiest_rank():
+    cost = replace(TOY, ep=4)  # 2 s per expert a rank sends or receives
+    assert cost.migration_time([(0, 1), (1, 0)]) == pytest.approx(2.0)  # a swap: both directions at once
+    assert cost.migration_time([(0, 1), (0, 2), (3, 2)]) == pytest.approx(4.0)  # rank 0 sends 2, rank 2 receives 2
+    nodes = replace(cost, ranks_per_node=2, move_inter=Link(0.5, 500.0))  # across nodes: 0.5 + 4 s per expert
+    assert nodes.migration_time([(0, 1), (0, 2)]) == pytest.approx(2.0 + 4.5)  # rank 0: one in its node, one out
+    assert nodes.migration_time([(2, 3)]) == pytest.approx(2.0)
+
+
+def test_replicas_on_one_node_exchange_inside_it():
+    cost = replace(TOY, ep=4, ranks_per_node=2, exchange_inter=Link(0.0, 100.0))  # 10x slower across nodes
+    load = [4.0, 4.0, 0.0, 0.0]
+    inside = Placement(4, 4, (0, 2, 0, 3, 1, -1, 1, -1))  # expert 0 on ranks 0, 1; expert 1 on ranks 2, 3
+    across = Placement(4, 4, (0, 2, 1, 3, 0, -1, 1, -1))  # expert 0 on ranks 0, 2; expert 1 on ranks 1, 3
+    assert placement_time(cost, inside, load) == pytest.approx(2.0 + 1.0)
+    assert placement_time(cost, across, load) == pytest.approx(2.0 + 10.0)
+    assert cost.exchange_time(2, inter=False) == pytest.approx(1.0) and cost.exchange_time(1, inter=True) == 0.0
+    got = plan_balanced(torch.tensor(load), Placement.contiguous(4, 4, 1), cost)  # the planner keeps them together
+    assert all(len({r // 2 for r in got.ranks_of(e)}) == 1 for e in (0, 1)) and got.num_replicas[0] == 2
+
+
+def test_slots_add_a_fixed_cost_per_non_empty_group():
+    cost = replace(TOY, group_s=0.5)
+    p = Placement(4, 2, (0, 1, -1, 2, 3, 0))
+    assert placement_time(cost, p, [6.0, 1.0, 1.0, 0.0]) == pytest.approx(1.0 + max(3 + 1 + 2 * 0.5, 1 + 0 + 3 + 3 * 0.5))
+
+
+def test_expert_layer_cost_from_hardware_by_hand():
+    hw = BUILTIN["h100"]
+    cost = expert_layer_cost(hw, ParallelSizes(dp=8, ep=8), 1024, 4096, "bf16-mixed", micro=2)
+    assert cost.row_s == pytest.approx(3 * 2 * 2 * 1024 * 4096 / 989e12)  # forward + backward, two matmuls
+    assert cost.row_bytes == 1024 * 2  # bf16 activations
+    assert cost.grad_bytes == 2 * 1024 * 4096 * 4  # fp32 gradients under bf16-mixed
+    assert cost.state_bytes == 3 * cost.grad_bytes  # weight and two AdamW moments
+    assert cost.calls == 4 * 2  # dispatch and combine, forward and backward, per micro-batch
+    assert cost.a2a == hw.link("all_to_all", 8, inter=False)
+    spanning = expert_layer_cost(hw, ParallelSizes(dp=16, ep=16), 1024, 4096, "bf16-mixed")
+    assert spanning.a2a == hw.link("all_to_all", 16, inter=True)  # 16 ranks span two nodes of 8
+    recomputed = expert_layer_cost(hw, ParallelSizes(dp=8, ep=8), 1024, 4096, "bf16-mixed", recompute=True)
+    assert recomputed.row_s == pytest.approx(cost.row_s * 4 / 3) and recomputed.calls == 6
 
 
 def test_time_bound_is_a_lower_bound():
@@ -181,23 +238,92 @@ def test_time_bound_is_a_lower_bound():
     for _ in range(50):
         E, ep = 16, 4
         load = [float(rng.randint(0, 1000)) for _ in range(E)]
-        p = plan_balanced(torch.tensor(load), Placement.contiguous(E, ep, 2), CostModel(grad_bytes_per_param=0.5))
+        base = replace(TOY, ep=ep, exchange=Link(0.0, 2000.0))
+        p = plan_balanced(torch.tensor(load), Placement.contiguous(E, ep, 2), base)
         replicas = p.num_replicas.tolist()
-        for cost in (TOY, replace(TOY, hiding_layers=1), replace(TOY, hiding_layers=2, bandwidth=30)):
-            assert cost.time_bound(replicas, load, ep) <= cost.step_time(p, torch.tensor(load)) + 1e-9
+        for cost in (base, replace(base, hidden_phases=1, group_s=3.0),
+                     replace(base, hidden_phases=2, exchange=Link(0.0, 30.0), a2a=Link(0.1, 5.0), row_bytes=1.0)):
+            assert cost.time_bound(replicas, load, ep) <= placement_time(cost, p, load) + 1e-9
 
 
-@pytest.mark.parametrize("field", ["flops_per_s", "bandwidth", "state_bytes_per_param", "expert_params"])
-def test_cost_model_refuses_non_positive(field):
-    with pytest.raises(ValueError, match=f"cost.{field}"):
-        CostModel(**{field: 0})
+@pytest.mark.parametrize("key", ["row_s", "group_s", "row_bytes", "grad_bytes", "state_bytes"])
+def test_expert_layer_cost_refuses_negative_or_infinite(key):
+    for value in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=f"cost.{key}"):
+            replace(TOY, **{key: value})
 
 
 @pytest.mark.parametrize("value", [-1, 1.5, True])
-def test_cost_model_refuses_bad_hiding_layers(value):
-    with pytest.raises(ValueError, match="cost.hiding_layers"):
-        CostModel(hiding_layers=value)
+def test_expert_layer_cost_refuses_bad_hidden_phases(value):
+    with pytest.raises(ValueError, match="cost.hidden_phases"):
+        replace(TOY, hidden_phases=value)
 
+
+# ---------------------------------------------------------------- the online rule
+
+
+def test_switch_rule_weighs_migration_against_the_expected_lifetime():
+    old = Placement.contiguous(4, 2, extra_slots=1)
+    new = Placement(4, 2, (0, 1, -1, 2, 3, 0))  # saves 2 s per step on this load, costs 2 s to move to
+    load = [6.0, 1.0, 1.0, 0.0]
+    rule = SwitchRule()
+    assert not rule.should_switch(TOY, old, new, 0, steps_per_load=1, min_steps=10)  # no load seen: no known gain
+    rule.observe(load)
+    assert rule.lifetime(TOY, old, new, planned_from=0) == (1, pytest.approx(2.0))
+    assert rule.lifetime(TOY, old, new, planned_from=1) == (0, 0.0)  # the load it was planned from is no evidence
+    assert rule.expected_gain(TOY, old, new, 0, steps_per_load=1, min_steps=1) == pytest.approx(0.0)
+    assert not rule.should_switch(TOY, old, new, 0, steps_per_load=1, min_steps=1)  # the gain must exceed min_gain
+    assert rule.should_switch(TOY, old, new, 0, steps_per_load=1, min_steps=2)
+    for _ in range(4):  # better on 4 loads in a row before the one planned from: expected to stay better 4 steps
+        rule.observe(load)
+    assert rule.expected_gain(TOY, old, new, 1, steps_per_load=1, min_steps=1) == pytest.approx(4 * 2.0 - 2.0)
+    assert rule.expected_gain(TOY, old, new, 1, steps_per_load=10, min_steps=1) == pytest.approx(40 * 2.0 - 2.0)
+    strict = SwitchRule(min_gain=6.0, loads=rule.loads)
+    assert not strict.should_switch(TOY, old, new, 1, steps_per_load=1, min_steps=1)
+    assert not rule.should_switch(TOY, old, old, 1, steps_per_load=1, min_steps=100)
+    rule.observe([0.0, 0.0, 6.0, 1.0])  # on the newest load the proposal is no better: its streak ends
+    assert rule.lifetime(TOY, old, new, planned_from=0) == (0, 0.0)
+
+
+def _online(loads: list[list[float]], ep: int = 4, extra: int = 1, cost: ExpertLayerCost = COST) -> list[Placement]:
+    """The callback's loop on a synthetic trace: observe each step's load, plan from the newest, let the rule
+    decide."""
+    rule, current, held = SwitchRule(), Placement.contiguous(len(loads[0]), ep, extra), []
+    for load in loads:
+        rule.observe(load)
+        proposal = plan_balanced(torch.tensor(load), current, cost)
+        if rule.should_switch(cost, current, proposal, 1, steps_per_load=1, min_steps=1):
+            current = proposal
+        held.append(current)
+    return held
+
+
+ROWS = 64e3  # rows per step of 4 ranks x 8192 tokens x top-2
+
+
+def _hot(E: int, hot: int, rows: float, rng: random.Random, noise: float = 0.05) -> list[float]:
+    """Expert load [E]: 60% of `rows` on expert `hot`, the rest spread evenly, each jittered by +-noise."""
+    base = [0.4 * rows / (E - 1)] * E
+    base[hot] = 0.6 * rows
+    return [x * (1 + noise * (2 * rng.random() - 1)) for x in base]
+
+
+def test_online_rule_keeps_a_placement_under_a_stable_load():
+    rng = random.Random(0)
+    held = _online([_hot(8, 5, ROWS, rng) for _ in range(60)])
+    switches = [i for i in range(1, len(held)) if held[i] != held[i - 1]]
+    assert 1 <= len(switches) <= 2 and switches[-1] < 10  # it settles within a few steps; noise never pays a move
+    assert held[-1].num_replicas[5] > 1
+
+
+def test_online_rule_follows_a_drifting_load():
+    rng = random.Random(1)
+    trace = [_hot(8, block, ROWS, rng) for block in range(4) for _ in range(20)]  # the hot expert moves every 20 steps
+    held = _online(trace)
+    for block in range(4):  # within each block the rule has moved replicas onto its hot expert
+        assert held[block * 20 + 19].num_replicas[block] > 1
+    switches = [i for i in range(1, len(held)) if held[i] != held[i - 1]]
+    assert 4 <= len(switches) <= 6
 
 # ---------------------------------------------------------------- planners
 
@@ -248,17 +374,17 @@ def _random_case(rng: random.Random):
 @pytest.mark.parametrize("grad_bytes", [0, 4])
 def test_balanced_never_worse_than_greedy_respects_budget_and_is_deterministic(grad_bytes):
     rng = random.Random(grad_bytes)
-    cost = CostModel(grad_bytes_per_param=grad_bytes)
     for _ in range(150):
         E, ep, extra, load = _random_case(rng)
         current = Placement.contiguous(E, ep, extra)
+        cost = replace(COST, ep=ep, grad_bytes=COST.grad_bytes * grad_bytes / 4)
         if rng.random() < 0.5:  # start from an earlier balanced answer, replicas included
             current = plan_balanced(torch.tensor([rng.random() * 1e5 for _ in range(E)]), current, cost)
         loads = torch.tensor(load)
         got = plan_balanced(loads, current, cost)
         greedy = plan_greedy(loads, current, cost)
         assert max_load(got, load) <= max_load(greedy, load)
-        assert cost.step_time(got, loads) <= cost.step_time(greedy, loads)
+        assert placement_time(cost, got, loads) <= placement_time(cost, greedy, loads)
         assert (got.ep, got.slots_per_rank, got.num_experts) == (ep, current.slots_per_rank, E)
         assert int(got.num_replicas.sum()) <= ep * current.slots_per_rank
         if extra == 0:
@@ -281,7 +407,7 @@ def test_balanced_skips_replicas_whose_all_reduce_costs_more():
     load = torch.tensor([800.0, 50, 50, 50, 50, 50, 50, 50])  # so few tokens that a gradient sync outweighs them
     got = plan_balanced(load, Placement.contiguous(8, 4, extra_slots=2), COST)
     assert got.num_replicas.tolist() == [1] * 8
-    assert plan_balanced(load, Placement.contiguous(8, 4, 2), CostModel(grad_bytes_per_param=0)).num_replicas[0] > 1
+    assert plan_balanced(load, Placement.contiguous(8, 4, 2), replace(COST, grad_bytes=0.0)).num_replicas[0] > 1
 
 
 def test_plan_dispatch_and_unknown_policy():

@@ -8,18 +8,29 @@ import numpy as np
 import pytest
 
 from lightning_smartmoe import replay as replay_cli
+from lightning_smartmoe.planner.hardware import OPS, Hardware, Link
 
 # Traces of 3 samples x 2 data-parallel ranks x 2 layers x 2 micro-batches x 4 experts, iterations 1, 11, 21.
 # Layer 0 totals per sample: [1, 1, 4, 2], [1, 1, 4, 2], [2, 2, 2, 2]; layer 1: [2, 2, 2, 2] throughout.
 LAYER0 = [[1, 1, 4, 2], [1, 1, 4, 2], [2, 2, 2, 2]]
 LAYER1 = [[2, 2, 2, 2]] * 3
-# 1 s of compute per token, 12 s per migrated expert (1000 params x 12 bytes at 1000 bytes/s)
-TOY_COST = [
-    "expert_params=1000",
-    "placement.cost.flops_per_s=6000",
-    "placement.cost.bandwidth=1000",
-    "placement.cost.grad_bytes_per_param=1",
-]
+
+
+def toy_hardware(tmp_path, a2a: float = 40.0, p2p: float = 160.0) -> list[str]:
+    """Overrides for a toy machine and expert: experts of 10 x 2 (40 parameters, fp32), 240 FLOP/s, so 1 s of
+    forward + backward per row; a row's 40 bytes over the all-to-all at `a2a` bytes/s (40: on 2 ranks the busiest
+    rank's traffic is half its rows, so the all-to-all adds 0.5 s per row of the busiest rank; a migrated expert's
+    weight and moments, 480 bytes, take 12 s); one expert's 160-byte gradient over point-to-point at `p2p` bytes/s
+    (160: 1 s)."""
+    fits = {"all_to_all": Link(0.0, a2a), "p2p": Link(0.0, p2p)}
+    collectives = {op: {"intra": {2: fits.get(op, Link(0.0, 1e30))}} for op in OPS}
+    hw = Hardware("toy", "test figures", 8, 1.0, 1.0, 240.0, 0.0, 1.0, 1.0, collectives)
+    path = tmp_path / f"toy_{a2a:g}_{p2p:g}.yaml"
+    hw.to_yaml(path)
+    return [f"hardware={path}", "d_model=10", "expert_hidden=2", "precision=32-true"]
+
+
+A2A = 1.5  # seconds per row of the busiest rank on the toy machine: 1 of compute, 0.5 of all-to-all
 
 
 def split(total: list[int]) -> np.ndarray:
@@ -70,18 +81,22 @@ def summary(monkeypatch, capsys, tmp_path, *overrides) -> dict:
 
 
 def test_static_figures_by_hand(monkeypatch, capsys, tmp_path, tiny_trace):
-    got = summary(monkeypatch, capsys, tmp_path, f"trace={tiny_trace}", "ranks=2", *TOY_COST)
+    got = summary(monkeypatch, capsys, tmp_path, f"trace={tiny_trace}", "ranks=2", *toy_hardware(tmp_path))
     # layer 0, ranks {0, 1} | {2, 3}: max 6 / 4, 6 / 4, 4 / 4; layer 1: 1 throughout
     assert got["per_layer"] == pytest.approx([4 / 3, 1.0], abs=1e-6)
     assert got["max_over_perfect"] == pytest.approx(7 / 6, abs=1e-6)
     assert (got["switches"], got["moved_experts"], got["moved_bytes"]) == (0, 0, 0)
-    assert got["step_ms"] == pytest.approx(1e3 * (6 + 6 + 4 + 4 * 3) / 6)  # busiest rank's tokens x 1 s
+    assert got["step_ms"] == pytest.approx(1e3 * A2A * (6 + 6 + 4 + 4 * 3) / 6)  # busiest rank's rows
+    # perfect balance: half the rows on each rank, which receives half of them from the other: 8 rows, 2 ranks
+    assert got["ideal_step_ms"] == pytest.approx(1e3 * A2A * 4)
+    assert got["total_ms_per_step"] == got["step_ms"]
+    assert got["total_over_ideal"] == pytest.approx(got["step_ms"] / got["ideal_step_ms"], rel=1e-5)
     assert (got["samples"], got["layers"], got["experts"]) == (3, 2, 4)
 
 
 def test_greedy_figures_by_hand(monkeypatch, capsys, tmp_path, tiny_trace):
     got = summary(monkeypatch, capsys, tmp_path, f"trace={tiny_trace}", "ranks=2", "placement.policy=greedy",
-                  "placement.interval=1", "placement.window=1", "placement.min_gain=-inf", *TOY_COST)
+                  "placement.interval=1", "placement.window=1", "placement.min_gain=-inf", *toy_hardware(tmp_path))
     # layer 0: before sample 1, loads [1, 1, 4, 2] give 4 -> rank 1 (tie, its rank), 2 -> rank 0, 1 -> rank 0,
     # 1 -> rank 1 (rank 0 full): {0, 3} | {2, 1}, max 5 < 6, taken, two experts swap ranks. Sample 1 scores 5 / 4;
     # before sample 2 the same answer is not strictly better and is kept; sample 2 scores 4 / 4.
@@ -89,9 +104,11 @@ def test_greedy_figures_by_hand(monkeypatch, capsys, tmp_path, tiny_trace):
     assert got["per_layer"] == pytest.approx([(1.5 + 1.25 + 1.0) / 3, 1.0], abs=1e-6)
     assert got["max_over_perfect"] == pytest.approx((1.5 + 1.25 + 1.0 + 3) / 6, abs=1e-6)
     assert (got["switches"], got["moved_experts"], got["local_copies"]) == (1, 2, 0)
-    assert got["moved_bytes"] == 2 * 1000 * 12
-    assert got["step_ms"] == pytest.approx(1e3 * (6 + 5 + 4 + 4 * 3) / 6)
-    assert got["migration_ms_per_step"] == pytest.approx(1e3 * 24 / (2 * 30))  # 24 s over 2 layers x 30 steps
+    assert got["moved_bytes"] == 2 * 40 * 3 * 4  # weight and two moments of 40 fp32 parameters each
+    assert got["step_ms"] == pytest.approx(1e3 * A2A * (6 + 5 + 4 + 4 * 3) / 6)
+    # the two experts swap ranks in one all-to-all: each rank sends one and receives one, 12 s, over 2 layers x 30 steps
+    assert got["migration_ms_per_step"] == pytest.approx(1e3 * 12 / (2 * 30))
+    assert got["total_ms_per_step"] == pytest.approx(got["step_ms"] + got["migration_ms_per_step"])
     assert got["decision_ms"] > 0
 
 
@@ -118,21 +135,26 @@ def test_window_averages_the_samples_before_a_decision(monkeypatch, capsys, tmp_
     assert got["per_layer"][0] == pytest.approx((1.5 + 5 / 3.5 + last) / 3, abs=1e-6)
 
 
-def test_min_gain_rule_gates_switches(monkeypatch, capsys, tmp_path, tiny_trace):
-    base = [f"trace={tiny_trace}", "ranks=2", "placement.policy=greedy", "placement.interval=1",
-            "placement.window=1", *TOY_COST]
-    # greedy's switch saves 1 token = 1 s per step for the 10 steps to the next decision, but moving two experts
-    # costs 24 s: refused at min_gain=0; at 10x the bandwidth it costs 2.4 s and goes through.
-    assert summary(monkeypatch, capsys, tmp_path, *base)["switches"] == 0
-    assert summary(monkeypatch, capsys, tmp_path, *base, "placement.cost.bandwidth=10000")["switches"] == 1
-    assert summary(monkeypatch, capsys, tmp_path, *base, "placement.cost.bandwidth=10000",
-                   "placement.min_gain=8")["switches"] == 0
+def test_online_rule_gates_switches(monkeypatch, capsys, tmp_path, tiny_trace):
+    base = [f"trace={tiny_trace}", "ranks=2", "placement.policy=greedy", "placement.interval=1", "placement.window=1"]
+    # Before sample 1 greedy's answer was planned from sample 0, the only load seen: no evidence, no switch.
+    # Before sample 2 it is planned from sample 1 and judged on sample 0, where it saves one row of the busiest
+    # rank (1.5 s), expected for the 10 steps sample 0 stands for: 15 s; the two experts swap ranks in 12 s.
+    # At 10x the all-to-all bandwidth a row costs 1.05 s and the swap 1.2 s: 10.5 - 1.2 = 9.3 s.
+    toy, fast = toy_hardware(tmp_path), toy_hardware(tmp_path, a2a=400.0)
+    assert summary(monkeypatch, capsys, tmp_path, *base, *toy)["switches"] == 1
+    assert summary(monkeypatch, capsys, tmp_path, *base, *toy, "placement.min_gain=2.9")["switches"] == 1
+    assert summary(monkeypatch, capsys, tmp_path, *base, *toy, "placement.min_gain=3.1")["switches"] == 0
+    assert summary(monkeypatch, capsys, tmp_path, *base, *fast, "placement.min_gain=9.2")["switches"] == 1
+    assert summary(monkeypatch, capsys, tmp_path, *base, *fast, "placement.min_gain=9.4")["switches"] == 0
+    only_first = [*base[:3], "placement.interval=2", "placement.window=1"]  # one decision, before sample 1
+    assert summary(monkeypatch, capsys, tmp_path, *only_first, *fast, "placement.min_gain=-1.1")["switches"] == 0  # -1.2 s
 
 
 def test_balanced_figures_by_hand(monkeypatch, capsys, tmp_path):
     trace = make_trace(tmp_path / "hot.npz", [[6, 1, 1, 0]] * 3, LAYER1)
     common = [f"trace={trace}", "ranks=2", "placement.interval=1", "placement.window=1", "placement.min_gain=-inf",
-              "placement.extra_slots=1", *TOY_COST, "placement.cost.grad_bytes_per_param=0"]
+              "placement.extra_slots=1", *toy_hardware(tmp_path, p2p=1e30)]  # replica exchange free
     greedy = summary(monkeypatch, capsys, tmp_path, *common, "placement.policy=greedy")
     balanced = summary(monkeypatch, capsys, tmp_path, *common, "placement.policy=balanced")
     # sample 0, contiguous: 7 / 4. greedy: {0, 3} | {1, 2}, 6 / 4 on samples 1 and 2.
@@ -141,19 +163,21 @@ def test_balanced_figures_by_hand(monkeypatch, capsys, tmp_path):
     # rank 1's extra slot. Layer 1 is uniform: nothing beats the contiguous placement, no switch.
     assert balanced["per_layer"] == pytest.approx([(1.75 + 1.0 + 1.0) / 3, 1.0], abs=1e-6)
     assert (balanced["switches"], balanced["moved_experts"], balanced["local_copies"]) == (1, 1, 0)
-    assert balanced["step_ms"] == pytest.approx(1e3 * (7 + 4 + 4 + 4 * 3) / 6)
+    assert balanced["step_ms"] == pytest.approx(1e3 * A2A * (7 + 4 + 4 + 4 * 3) / 6)
 
 
-@pytest.mark.parametrize("overlap,layer1_s", [("true", 4 + 0.5), ("false", 4 + 1)])
-def test_later_layers_hide_replica_exchange_under_backward(monkeypatch, capsys, tmp_path, overlap, layer1_s):
+@pytest.mark.parametrize("overlap,exposed", [("true", 0.5), ("false", 1.0)])
+def test_later_layers_hide_replica_exchange_under_backward(monkeypatch, capsys, tmp_path, overlap, exposed):
     """One gradient copy costs 1 s, half in each phase; with overlap, layer 1's reduce-scatter hides under layer
-    0's backward (2/3 of its 4 s of compute), layer 0's exchange is charged in full."""
+    0's backward in the last of the 2 micro-batches (2/3 of 4 s / 2), layer 0's exchange is charged in full."""
     trace = make_trace(tmp_path / "hot2.npz", [[6, 1, 1, 0]] * 3, [[6, 1, 1, 0]] * 3)
     figures = summary(monkeypatch, capsys, tmp_path, f"trace={trace}", "ranks=2", "placement.interval=1",
-                      "placement.window=1", "placement.min_gain=-inf", "placement.extra_slots=1", *TOY_COST,
-                      "placement.policy=balanced", f"overlap_replica_sync={overlap}")
+                      "placement.window=1", "placement.min_gain=-inf", "placement.extra_slots=1",
+                      *toy_hardware(tmp_path), "placement.policy=balanced", f"overlap_replica_sync={overlap}")
     assert figures["overlap_replica_sync"] is (overlap == "true")
-    assert figures["step_ms"] == pytest.approx(1e3 * ((7 + 5 + 5) + (7 + 2 * layer1_s)) / 6)
+    layer0 = A2A * 7 + 2 * (A2A * 4 + 1.0)  # contiguous, then replicated 4 | 4 with its exchange in full
+    layer1 = A2A * 7 + 2 * (A2A * 4 + exposed)
+    assert figures["step_ms"] == pytest.approx(1e3 * (layer0 + layer1) / 6)
 
 
 def npz(tmp_path, name, **arrays):
@@ -181,8 +205,12 @@ STEPS = np.array([1, 11, 21])
          "placement.policy='lpt' is unknown; allowed: static, greedy, balanced"),
         (lambda p: npz(p, "ok", counts=GOOD_COUNTS, iterations=STEPS), ["placement.interval=epoch"],
          "placement.interval='epoch' must be an integer >= 1"),
-        (lambda p: npz(p, "ok", counts=GOOD_COUNTS, iterations=STEPS), ["placement.cost.bandwidth=0"],
-         "placement.cost.bandwidth=0 must be a number > 0"),
+        (lambda p: npz(p, "ok", counts=GOOD_COUNTS, iterations=STEPS), ["hardware=h900"],
+         r"hardware='h900': no such file; give a built-in name \(h100, h200, a100\)"),
+        (lambda p: npz(p, "ok", counts=GOOD_COUNTS, iterations=STEPS), ["d_model=0"],
+         r"d_model=0 must be an integer >= 1"),
+        (lambda p: npz(p, "ok", counts=GOOD_COUNTS, iterations=STEPS), ["precision=fp8"],
+         r"precision='fp8' is unknown; allowed: 32-true"),
         (lambda p: npz(p, "ok", counts=GOOD_COUNTS, iterations=STEPS), ["overlap_replica_sync=2"],
          "overlap_replica_sync=2 must be true or false"),
     ],

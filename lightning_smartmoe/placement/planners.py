@@ -8,23 +8,28 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from lightning_smartmoe.placement.cost import CostModel
-from lightning_smartmoe.placement.map import Placement
+from lightning_smartmoe.placement.map import Placement, moves
+from lightning_smartmoe.placement.online import placement_time
 
-Planner = Callable[[torch.Tensor, Placement, CostModel], Placement]
+if TYPE_CHECKING:  # the planner's cost model comes in as an argument
+    from lightning_smartmoe.planner.cost import ExpertLayerCost
+
+Planner = Callable[[torch.Tensor, Placement, "ExpertLayerCost"], Placement]
 SPLIT_TARGETS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.55, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25)  # balanced: of the mean rank load
+CLOSE = 0.01  # balanced: packings within this fraction of the best predicted time count as equally good
 
 
-def plan_static(load: torch.Tensor, current: Placement, cost: CostModel) -> Placement:
+def plan_static(load: torch.Tensor, current: Placement, cost: ExpertLayerCost) -> Placement:
     """The contiguous placement with `current`'s shape, whatever the load."""
     extra = current.slots_per_rank - current.num_experts // current.ep
     return Placement.contiguous(current.num_experts, current.ep, extra)
 
 
-def plan_greedy(load: torch.Tensor, current: Placement, cost: CostModel) -> Placement:
+def plan_greedy(load: torch.Tensor, current: Placement, cost: ExpertLayerCost) -> Placement:
     """SmartMoE's online rule: experts by load descending (ties: lower index first), each to the least-loaded rank
     with a free slot among its E/ep base slots (ties: a rank that holds it now, then the lower rank); accepted only
     if the maximum rank load strictly drops, else `current` is kept. One replica per expert."""
@@ -34,48 +39,50 @@ def plan_greedy(load: torch.Tensor, current: Placement, cost: CostModel) -> Plac
     return candidate if _max_load(candidate, loads) < _max_load(current, loads) else current
 
 
-def plan_balanced(load: torch.Tensor, current: Placement, cost: CostModel) -> Placement:
+def plan_balanced(load: torch.Tensor, current: Placement, cost: ExpertLayerCost) -> Placement:
     """Replicas of hot experts plus permutation over all ep * slots_per_rank slots, chosen by the cost model.
 
     Candidate replica counts come from one sequence: extra replicas go one at a time to the expert with the largest
     load per replica (at most one replica per rank, ties: lower index); it is cut where that largest load first
     falls to each fraction SPLIT_TARGETS of the mean rank load, and where the slots run out. Each candidate is
     packed: replicas by load per replica descending onto the least-loaded rank with a free slot that does not hold
-    the expert yet (ties: a rank that holds it now, then the lower rank). The packing with the lowest predicted step
-    time (compute + replica gradient exchange, CostModel.layout_time) wins; candidates whose CostModel.time_bound
-    cannot beat the best so far are not packed. The winner is returned if its max rank load is no higher than
-    greedy's answer and its step time lower; otherwise greedy's answer is.
+    the expert yet (ties: a rank that holds it now, then the lower rank). Of the packings whose predicted step time
+    (ExpertLayerCost.layout_time) is within CLOSE of the lowest, the one that moves the fewest experts away from
+    `current` wins (then the faster); candidates whose ExpertLayerCost.time_bound cannot come that close are not
+    packed. The winner is returned if its max rank load is no higher than greedy's answer and its step time
+    lower; otherwise greedy's answer is.
     """
     loads = _loads(load, current)
     load_list = loads.tolist()
     spr = current.slots_per_rank
     options = _replica_options(loads, current.ep, current.ep * spr)
-    best_time, best = float("inf"), None
+    best_time, packed = float("inf"), []
     for bound, _, replicas in sorted((cost.time_bound(r, load_list, current.ep), i, r) for i, r in enumerate(options)):
-        if bound >= best_time:  # this and all later options cannot win
+        if bound > best_time * (1 + CLOSE):  # this and all later options cannot come close
             break
-        rank_experts = _pack(loads, replicas, spr, current)
+        rank_experts = _pack(loads, replicas, spr, current, cost)
         step = cost.layout_time(rank_experts, load_list)
-        if step < best_time:
-            best_time, best = step, rank_experts
-    candidate = Placement.from_rank_experts(best, current.num_experts, spr, current)
+        packed.append((step, Placement.from_rank_experts(rank_experts, current.num_experts, spr, current)))
+        best_time = min(best_time, step)
+    near = [(sum(not m.local for m in moves(current, p)), step, p) for step, p in packed if step <= best_time * (1 + CLOSE)]
+    _, best_time, candidate = min(near, key=lambda x: x[:2])
     peak = _max_load(candidate, loads)
     # Greedy answers `current` or a one-replica layout, whose max rank load is at least `floor`: if the candidate
     # beats both bounds it beats greedy's answer, which need not be computed.
     floor = max(max(load_list), sum(load_list) / current.ep)
     if peak <= min(floor, _max_load(current, loads)) and best_time < min(
-        cost.token_time * floor, cost.step_time(current, loads)
+        cost.token_time * floor, placement_time(cost, current, loads)
     ):
         return candidate
     fallback = plan_greedy(load, current, cost)
     no_worse = peak <= _max_load(fallback, loads)
-    return candidate if no_worse and cost.step_time(candidate, loads) < cost.step_time(fallback, loads) else fallback
+    return candidate if no_worse and placement_time(cost, candidate, loads) < placement_time(cost, fallback, loads) else fallback
 
 
 PLANNERS: dict[str, Planner] = {"static": plan_static, "greedy": plan_greedy, "balanced": plan_balanced}
 
 
-def plan(policy: str, load: torch.Tensor, current: Placement, cost: CostModel) -> Placement:
+def plan(policy: str, load: torch.Tensor, current: Placement, cost: ExpertLayerCost) -> Placement:
     """Dispatch to PLANNERS[policy]."""
     if policy not in PLANNERS:
         raise ValueError(f"placement.policy={policy!r} is unknown; allowed: {', '.join(PLANNERS)}")
@@ -123,25 +130,48 @@ def _replica_options(loads: torch.Tensor, ep: int, budget: int) -> list[list[int
     return options
 
 
-def _pack(loads: torch.Tensor, replicas: Sequence[int], capacity: int, current: Placement) -> list[list[int]]:
+def _pack(loads: torch.Tensor, replicas: Sequence[int], capacity: int, current: Placement,
+          cost: ExpertLayerCost | None = None) -> list[list[int]]:
     """Longest-processing-time packing (see plan_balanced) of each expert's replicas, load / replicas each, onto
     distinct ranks with fewer than `capacity` experts. Returns the experts of each rank. An expert gets fewer
-    replicas only if fewer ranks have room for it."""
+    replicas only if fewer ranks have room for it.
+
+    Where the group spans nodes (cost.ranks_per_node < ep), an expert's replicas may instead go to the least-loaded
+    ranks of one node: the choice whose busiest chosen rank finishes first, its rows (cost.row_s each) plus the
+    expert's gradient exchange over the link it would use (ExpertLayerCost.exchange_time), wins; ties: one node."""
     load = loads.tolist()
     ep, spr = current.ep, current.slots_per_rank
+    per_node = min(ep, cost.ranks_per_node) if cost is not None else ep
     home: list[list[int]] = [[] for _ in load]
     for slot, e in enumerate(current.slot_expert):
         if e >= 0:
             home[e].append(slot // spr)
     rank_load = [0.0] * ep
     version = [0] * ep  # a heap entry (load, rank, version) is stale once its rank's version moved on
-    heap = [(0.0, r, 0) for r in range(ep)]
+    heaps = [[(0.0, r, 0) for r in range(n, min(ep, n + per_node))] for n in range(0, ep, per_node)]
     rank_experts: list[list[int]] = [[] for _ in range(ep)]
-    for e in sorted(range(len(load)), key=lambda e: (-load[e] / replicas[e], e)):
-        taken: list[int] = []
-        while heap and len(taken) < replicas[e]:
+
+    def pop(heap: list) -> int | None:
+        while heap:
             _, r, v = heapq.heappop(heap)
             if v == version[r]:
+                return r
+        return None
+
+    def push(r: int) -> None:
+        heapq.heappush(heaps[r // per_node], (rank_load[r], r, version[r]))
+
+    def finish(taken: list[int], share: float, inter: bool) -> float:
+        return (rank_load[taken[-1]] + share) * cost.row_s + cost.exchange_time(len(taken), inter)
+
+    for e in sorted(range(len(load)), key=lambda e: (-load[e] / replicas[e], e)):
+        taken: list[int] = []
+        while len(taken) < replicas[e]:  # the least-loaded ranks over all nodes
+            tops = [(h[0][0], h[0][1], i) for i, h in enumerate(heaps) if h]
+            if not tops:
+                break
+            r = pop(heaps[min(tops)[2]])
+            if r is not None and r not in taken:  # a rank may have two live entries (pushed back twice)
                 taken.append(r)
         if not taken:
             break
@@ -152,12 +182,27 @@ def _pack(loads: torch.Tensor, replicas: Sequence[int], capacity: int, current: 
             if not strangers:
                 break
             taken.remove(strangers[-1])
-            heapq.heappush(heap, (edge, strangers[-1], version[strangers[-1]]))
+            push(strangers[-1])
             taken.append(h)
+        if len(heaps) > 1 and len(taken) > 1 and len({r // per_node for r in taken}) > 1:
+            for r in taken:  # back in their heaps while the nodes are searched; taking a rank below retires its entry
+                push(r)
+            share, spread = load[e] / len(taken), sorted(taken, key=rank_load.__getitem__)
+            best, best_s = spread, finish(spread, share, True)
+            for heap in heaps:  # the same number of ranks inside one node, if one has room
+                local: list[int] = []
+                while len(local) < len(taken) and (r := pop(heap)) is not None:
+                    if r not in local:
+                        local.append(r)
+                for r in local:
+                    push(r)
+                if len(local) == len(taken) and finish(local, share, False) <= best_s:
+                    best, best_s = local, finish(local, share, False)
+            taken = best
         for r in taken:
             rank_load[r] += load[e] / len(taken)
             rank_experts[r].append(e)
             version[r] += 1
             if len(rank_experts[r]) < capacity:
-                heapq.heappush(heap, (rank_load[r], r, version[r]))
+                push(r)
     return rank_experts

@@ -11,7 +11,7 @@ the fitted rate, so nothing about it is assumed.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -64,6 +64,15 @@ class Hardware:
         sizes = sorted(fits)
         above = [s for s in sizes if s >= n]
         return fits[above[0] if above else sizes[-1]]
+
+    def calibrated(self, expert_flops: float, link_bytes_per_s: float | None = None, group_sizes: tuple[int, ...] = (2,)) -> Hardware:
+        """This machine with the expert FFN rate, and optionally the all-to-all and point-to-point links of the given
+        group sizes, replaced by figures measured in place (placement.calibrate: no latency term, one scope)."""
+        changes: dict = {"name": f"{self.name} (calibrated)", "expert_flops": expert_flops}
+        if link_bytes_per_s is not None:
+            fits = {n: Link(0.0, link_bytes_per_s) for n in group_sizes}
+            changes["collectives"] = {**self.collectives, **{op: {"intra": fits} for op in ("all_to_all", "p2p")}}
+        return replace(self, **changes)
 
     def to_yaml(self, path: str | Path) -> None:
         data = asdict(self)

@@ -334,11 +334,6 @@ class ModelTable:
                 out.append(ParamRecord((slots, *r.shape[1:]), *astuple(r)[1:]) if r.expert else r)
         return out
 
-    def largest_rank(self, layout: Layout) -> RankMemory:
-        """The rank with the largest total (ZeRO's block 0 is the largest of a group)."""
-        return largest([RankMemory(stage * layout.sizes.plane, stage, *state_bytes(self.stage_records(layout, stage), layout),
-                                   activation_bytes(self.cfg, layout, stage)) for stage in range(layout.sizes.pp)])
-
 
 def merge(rows: list[RankMemory]) -> list[RankMemory]:
     """Ranks of a stage with equal figures as one row (the first rank, and their count)."""

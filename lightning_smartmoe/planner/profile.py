@@ -1,4 +1,4 @@
-"""Quick measurements of this machine, in the units of `placement.CostModel` (each well under a second at the
+"""Quick measurements of this machine, in the units of planner/hardware.py (each well under a second at the
 sizes training uses): expert FFN forward + backward throughput at a layer's expert shape, and the point-to-point
 bandwidth inside a process group. `agree` makes every rank hold the same figures, so that every rank reaches the
 same placement decisions."""
@@ -28,7 +28,7 @@ def expert_flops_per_s(
     experts: int = 4, repeats: int = 5,
 ) -> float:
     """Effective FLOP/s of `GroupedExperts` forward + backward on `rows` rows split over `experts` experts of shape
-    d_model x hidden: 6 * (2 * d_model * hidden) * rows / median time, the rate `CostModel.token_time` assumes."""
+    d_model x hidden: 6 * (2 * d_model * hidden) * rows / median time, the rate `Hardware.expert_flops` is."""
     torch.manual_seed(0)
     module = GroupedExperts(experts, d_model, hidden).to(device=device, dtype=dtype)
     x = torch.randn(rows, d_model, device=device, dtype=dtype, requires_grad=True)

@@ -1,0 +1,455 @@
+"""The one cost model: a layout's predicted step time, term by term, and its memory (planner.memory), from the
+model config, the layout, the expert placement, the per-expert load and the machine (planner.hardware).
+
+Per micro-batch, each pipeline stage's ranks run their layers forward and backward (3x a forward's FLOPs; full
+recomputation adds a forward of each block, selective one of the attention core):
+  dense      attention projections, dense FFN layers, router and LM head: FLOPs / gemm_flops (1/tp each);
+  attention  the attention core (2 S d FLOPs per token forward, causal): / attention_flops;
+  experts    the busiest rank of each MoE layer's expert-parallel group under its placement: its rows x the
+             FLOPs per row / expert_flops + its non-empty slots x expert_group_s;
+  all_to_all each MoE layer's dispatch and combine, forward and backward (again when recomputed), each as long as
+             the busiest rank's traffic: max(rows it receives from others, rows it sends away) x d x bytes;
+  tp         the tensor-parallel all-reduces (all-gathers and reduce-scatters under sequence parallelism) of each
+             layer, the embedding's, the MoE layer's token gather;
+  p2p        a pipeline stage's sends of activations forward and their gradients backward.
+A step is the pipeline of those stage times over the micro-batches: m x (the slowest stage) plus the bubble
+(the other stages once, /virtual stages for interleaved 1F1B), times the accumulation steps; then
+  grad_sync  each stage's gradient all-reduce (reduce-scatter at ZeRO 2) over its data-parallel groups, the part
+             the last micro-batch's backward cannot hide (at least the last bucket's);
+  replicas   the replicated experts' gradient exchange (placement/replica_sync.py), net of what later MoE
+             layers' backward hides when it overlaps;
+  zero       the all-gather of the updated ZeRO blocks after the step;
+  optimizer  the AdamW step over what this rank steps;
+  migration  the seconds a placement policy spends moving experts, per step (from a simulation over the load).
+Every rank of a stage runs the same dense work, so the stage time is its ranks' common work plus its busiest
+expert-parallel rank's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+
+from lightning_smartmoe.layout import ParallelSizes
+from lightning_smartmoe.models.gpt_moe import GPTMoEConfig
+from lightning_smartmoe.planner.hardware import Hardware, Link
+from lightning_smartmoe.planner.memory import (
+    PARAM_DTYPES, Layout, ModelTable, RankMemory, activation_bytes, largest, state_bytes,
+)
+
+_INDEX = 8
+
+
+def itemsizes(precision: str) -> tuple[int, int]:
+    """(bytes per activation element, bytes per weight / gradient / optimizer-state element the optimizer steps)
+    under a Lightning precision: mixed precisions compute in 16 bits and step fp32."""
+    precision = str(precision)
+    if precision in PARAM_DTYPES:
+        master = PARAM_DTYPES[precision].itemsize
+        return (2 if precision.startswith("bf16") else master), master
+    half = precision.startswith(("16", "bf16"))
+    return (2 if half else 4), (2 if precision.endswith("-true") and half else 4)
+
+
+def activation_itemsize(precision: str) -> int:
+    return itemsizes(precision)[0]
+
+
+@dataclass(frozen=True)
+class Scopes:
+    """Whether each group of a layout spans nodes (ranks are laid out (pp, dp, tp), tp fastest)."""
+
+    sizes: ParallelSizes
+    gpus_per_node: int
+
+    def _inter(self, span: int) -> bool:
+        return span > self.gpus_per_node
+
+    @property
+    def tp(self) -> bool:
+        return self._inter(self.sizes.tp)
+
+    @property
+    def dp(self) -> bool:  # same tp rank, consecutive dp ranks: they span dp * tp ranks
+        return self._inter(self.sizes.plane)
+
+    @property
+    def ep(self) -> bool:  # consecutive plane indices (dp ranks with expert_tp)
+        return self._inter(self.sizes.ep * (self.sizes.tp if self.sizes.expert_tp else 1))
+
+    @property
+    def edp(self) -> bool:
+        return self._inter(self.sizes.plane)
+
+    @property
+    def pp(self) -> bool:  # a stage's peer is plane ranks away; some boundary crosses nodes once the stages do
+        return self.sizes.plane >= self.gpus_per_node or self._inter(self.sizes.pp * self.sizes.plane)
+
+
+@dataclass(frozen=True)
+class ExpertLayerCost:
+    """The seconds per optimizer step of one MoE layer that depend on where its experts are, for one
+    expert-parallel group of `ep` ranks; `load` arguments are rows per step computed by each expert (tokens
+    routed to it, summed over the group and the step's micro-batches).
+
+    row_s: expert forward + backward (+ recomputation) per row; group_s: per non-empty slot per step.
+    a2a: the group's all-to-all fit, `calls` calls per step each moving 1/calls of the busiest rank's traffic
+        (rows x row_bytes).
+    exchange, exchange_inter: the replica-gradient links inside a node and across nodes
+        (placement/replica_sync.py: each replica of an expert with r replicas sends 2 (r - 1) / r of its gradient
+        of grad_bytes, half in each of two phases, point to point among the replicas' ranks; an expert whose
+        replicas all sit on one node's `ranks_per_node` consecutive ranks of the group exchanges inside it); under
+        the overlapped exchange the first `hidden_phases` phases hide under one later MoE layer's backward each,
+        taken as 2/3 of this layer's compute in the last of the step's `micro` micro-batches.
+    state_bytes: bytes one migrated expert sends (weights and optimizer state), in one all-to-all over `move`
+        inside a node and `move_inter` across nodes.
+    """
+
+    ep: int
+    row_s: float
+    group_s: float = 0.0
+    a2a: Link = Link(0.0, math.inf)
+    calls: int = 4
+    row_bytes: float = 0.0
+    exchange: Link = Link(0.0, math.inf)
+    exchange_inter: Link | None = None  # None: the same as `exchange`
+    ranks_per_node: int = 1 << 30
+    grad_bytes: float = 0.0
+    hidden_phases: int = 0
+    micro: int = 1
+    state_bytes: float = 0.0
+    move: Link = Link(0.0, math.inf)
+    move_inter: Link | None = None  # None: the same as `move`
+
+    def __post_init__(self) -> None:
+        for key in ("row_s", "group_s", "row_bytes", "grad_bytes", "state_bytes"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0 or math.isinf(value):
+                raise ValueError(f"cost.{key}={value!r} must be a finite number >= 0")
+        for key, low in (("ep", 1), ("calls", 0), ("micro", 1), ("hidden_phases", 0), ("ranks_per_node", 1)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"cost.{key}={value!r} must be an integer >= {low}")
+
+    @property
+    def token_time(self) -> float:
+        """Seconds of expert compute per routed row (the planners' unit)."""
+        return self.row_s
+
+    def _a2a(self, rows: Sequence[float], total: float) -> float:
+        """All-to-all seconds per step: rank r receives its rows from the others ((ep - 1) / ep of them) and sends
+        away the share of its own tokens (total / ep) routed to the other ranks' slots."""
+        if self.ep == 1 or total <= 0:
+            return 0.0
+        busiest = max(max(r * (self.ep - 1) / self.ep, total / self.ep * (1 - r / total)) for r in rows)
+        return self.calls * self.a2a.time(busiest * self.row_bytes / self.calls)
+
+    def _exposed(self, copies: float, compute: float, inter_copies: float = 0.0) -> float:
+        """Exposed replica-exchange seconds for a rank sending `copies` experts' gradients inside its node and
+        `inter_copies` across nodes (see the class doc); non-decreasing in every argument."""
+        if not copies and not inter_copies:
+            return 0.0
+        inter = self.exchange_inter or self.exchange
+        phase = self.exchange.time(copies / 2 * self.grad_bytes) + inter.time(inter_copies / 2 * self.grad_bytes)
+        hide = 2 / 3 * compute / self.micro
+        return sum(max(0.0, phase - hide) if i < self.hidden_phases else phase for i in range(2))
+
+    def exchange_time(self, replicas: int, inter: bool) -> float:
+        """Seconds one replica of an expert with `replicas` replicas spends exchanging its gradient, none of it hidden."""
+        if replicas < 2:
+            return 0.0
+        link = (self.exchange_inter or self.exchange) if inter else self.exchange
+        return 2 * link.time((replicas - 1) / replicas * self.grad_bytes)
+
+    def terms(self, rank_experts: Sequence[Sequence[int]], load: Sequence[float]) -> tuple[float, float, float]:
+        """(expert compute, all-to-all, exposed replica exchange) seconds per step when rank r holds the experts
+        rank_experts[r] (replicas split their load evenly): the busiest rank's compute, the busiest rank's
+        traffic, the rank whose exchange is exposed longest."""
+        replicas = _replicas(rank_experts, len(load))
+        nodes: list[set[int]] = [set() for _ in load]
+        for r, experts in enumerate(rank_experts):
+            for e in experts:
+                nodes[e].add(r // self.ranks_per_node)
+        rows = [sum(load[e] / replicas[e] for e in experts) for experts in rank_experts]
+        compute = max(r * self.row_s + len(experts) * self.group_s for r, experts in zip(rows, rank_experts))
+        exposed = 0.0
+        for experts in rank_experts:
+            intra = inter = 0.0
+            for e in experts:
+                if replicas[e] > 1:
+                    share = 2 * (replicas[e] - 1) / replicas[e]
+                    if len(nodes[e]) > 1:
+                        inter += share
+                    else:
+                        intra += share
+            exposed = max(exposed, self._exposed(intra, compute, inter))
+        return compute, self._a2a(rows, sum(load)), exposed
+
+    def layout_time(self, rank_experts: Sequence[Sequence[int]], load: Sequence[float]) -> float:
+        """Seconds per step when rank r holds the experts rank_experts[r] (the sum of `terms`)."""
+        return sum(self.terms(rank_experts, load))
+
+    def time_bound(self, replicas: Sequence[int], load: Sequence[float], ep: int) -> float:
+        """A lower bound of layout_time over layouts with replicas[e] replicas of expert e on ep ranks: the busiest
+        rank carries at least the mean and the largest replica's rows, and receives their (ep - 1) / ep; the busiest
+        link at least the mean exchange, all of it inside nodes (the faster link)."""
+        total = sum(load)
+        busiest = max(total / ep, max(x / r for x, r in zip(load, replicas)))
+        compute = max(total / ep * self.row_s + sum(replicas) / ep * self.group_s, busiest * self.row_s + self.group_s)
+        a2a = self.calls * self.a2a.time(busiest * (ep - 1) / ep * self.row_bytes / self.calls) if ep > 1 and total else 0.0
+        copies = sum(2 * (r - 1) for r in replicas) / ep
+        return compute + a2a + self._exposed(copies, compute)
+
+    def ideal_time(self, load: Sequence[float]) -> float:
+        """Perfect balance: every rank the mean rows and slots, balanced traffic, no replica exchange."""
+        total, slots = sum(load), math.ceil(len(load) / self.ep)
+        return total / self.ep * self.row_s + slots * self.group_s + self._a2a([total / self.ep] * self.ep, total)
+
+    def migration_time(self, transfers: Sequence[tuple[int, int]]) -> float:
+        """Seconds of one migration moving an expert (weights and optimizer state) along each (source rank,
+        destination rank) of `transfers`: all of them in one all-to-all, as long as the rank that sends or receives
+        the most, its same-node and cross-node bytes one after the other."""
+        if not transfers:
+            return 0.0
+        inter_link = self.move_inter or self.move
+        volume: dict[tuple[int, str, bool], int] = {}
+        for src, dst in transfers:
+            inter = src // self.ranks_per_node != dst // self.ranks_per_node
+            for key in ((src, "send", inter), (dst, "recv", inter)):
+                volume[key] = volume.get(key, 0) + 1
+        ends = {(rank, way) for rank, way, _ in volume}
+        return max(self.move.time(volume.get((rank, way, False), 0) * self.state_bytes)
+                   + inter_link.time(volume.get((rank, way, True), 0) * self.state_bytes) for rank, way in ends)
+
+
+def expert_layer_cost(hardware: Hardware, sizes: ParallelSizes, d_model: int, hidden: int, precision: str,
+                      micro: int = 1, recompute: bool = False, hidden_phases: int = 0) -> ExpertLayerCost:
+    """ExpertLayerCost of an MoE layer whose experts are d_model x `hidden` (this rank's share of each expert's hidden
+    units) FFNs, on the expert-parallel group of `sizes`, `micro` micro-batches per step (recompute: each block's
+    forward runs again in backward)."""
+    scopes = Scopes(sizes, hardware.gpus_per_node)
+    passes = 4 if recompute else 3  # forward + backward (2x), + the recomputed forward
+    master = itemsizes(precision)[1]
+    expert_params = 2 * d_model * hidden
+    link = hardware.link("all_to_all", sizes.ep, scopes.ep)
+    stride = sizes.tp if sizes.expert_tp else 1  # global ranks between consecutive ranks of the group
+    per_node = max(1, hardware.gpus_per_node // stride)
+    return ExpertLayerCost(
+        ep=sizes.ep, row_s=passes * 2 * 2 * d_model * hidden / hardware.expert_flops,  # two matmuls per row
+        group_s=hardware.expert_group_s * passes / 3 * micro, a2a=link, calls=(6 if recompute else 4) * micro,
+        row_bytes=d_model * activation_itemsize(precision), exchange=hardware.link("p2p", 2, False),
+        exchange_inter=hardware.link("p2p", 2, True), ranks_per_node=per_node,
+        grad_bytes=expert_params * master, hidden_phases=min(hidden_phases, 2), micro=micro,
+        state_bytes=expert_params * 3 * master,  # weight and AdamW's two moments
+        move=hardware.link("all_to_all", min(sizes.ep, per_node), False), move_inter=link,
+    )
+
+
+def _replicas(rank_experts: Sequence[Sequence[int]], num_experts: int) -> list[int]:
+    replicas = [0] * num_experts
+    for experts in rank_experts:
+        for e in experts:
+            replicas[e] += 1
+    return replicas
+
+
+TERMS = ("dense", "attention", "experts", "all_to_all", "tp", "p2p", "bubble", "grad_sync", "replicas", "zero",
+         "optimizer", "migration")
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """Seconds per optimizer step by term (see the module docstring); the terms add up to `step_s`."""
+
+    dense: float = 0.0
+    attention: float = 0.0
+    experts: float = 0.0
+    all_to_all: float = 0.0
+    tp: float = 0.0
+    p2p: float = 0.0
+    bubble: float = 0.0
+    grad_sync: float = 0.0
+    replicas: float = 0.0
+    zero: float = 0.0
+    optimizer: float = 0.0
+    migration: float = 0.0
+
+    @property
+    def step_s(self) -> float:
+        return sum(getattr(self, f.name) for f in fields(self))
+
+    def scaled(self, factor: float) -> Breakdown:
+        return Breakdown(**{f.name: getattr(self, f.name) * factor for f in fields(self)})
+
+    def __add__(self, other: Breakdown) -> Breakdown:
+        return Breakdown(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+    def as_dict(self) -> dict[str, float]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class LayerPlacement:
+    """One MoE layer as the step sees it: the experts each rank of its expert-parallel group holds, and the rows
+    per step each expert computes there."""
+
+    rank_experts: tuple[tuple[int, ...], ...]
+    load: tuple[float, ...]
+
+
+@dataclass
+class CostModel:
+    """Step time and memory of layouts of one model on one machine (see the module docstring).
+
+    `tables` caches a ModelTable per tensor-parallel cut, so pricing many layouts builds each cut once."""
+
+    cfg: GPTMoEConfig
+    hardware: Hardware
+    tables: dict = field(default_factory=dict)
+
+    # ---- per-layer pieces ---------------------------------------------------------------------------------------
+
+    def tokens(self, layout: Layout) -> int:
+        """Tokens of one micro-batch on one rank (whole sequences)."""
+        return layout.micro_sequences * self.cfg.seq_len
+
+    def expert_layer(self, layout: Layout, hidden_phases: int = 0) -> ExpertLayerCost:
+        """The placement-dependent cost of one MoE layer under `layout` (hidden_phases: phases of its replica
+        exchange that later MoE layers' backward can hide, 0-2)."""
+        cfg, sizes = self.cfg, layout.sizes
+        hidden = (cfg.moe.expert_hidden or cfg.hidden) // (sizes.tp if sizes.expert_tp else 1)
+        return expert_layer_cost(self.hardware, sizes, cfg.d_model, hidden, layout.precision,
+                                 layout.microbatches * layout.accumulate, cfg.recompute == "full", hidden_phases)
+
+    def rows_per_step(self, layout: Layout) -> float:
+        """Assignments one expert-parallel group computes per step: its ranks' tokens x top_k."""
+        sizes = layout.sizes
+        routed = self.tokens(layout) / (1 if sizes.expert_tp else sizes.tp)
+        return sizes.ep * routed * self.cfg.moe.top_k * layout.microbatches * layout.accumulate
+
+    # ---- the step ---------------------------------------------------------------------------------------------
+
+    def _dense_layer(self, layout: Layout, moe: bool) -> Breakdown:
+        """Per micro-batch, one layer's common work on a rank (everything but its experts and all-to-all)."""
+        cfg, hw, sizes = self.cfg, self.hardware, layout.sizes
+        scopes = Scopes(sizes, hw.gpus_per_node)
+        d, tp, T = cfg.d_model, sizes.tp, self.tokens(layout)
+        b = activation_itemsize(layout.precision)
+        full, selective = cfg.recompute == "full", cfg.recompute == "selective"
+        passes = 4 if full else 3
+        linear = 2 * 4 * d * d / tp * T  # qkv and output projection, forward
+        if moe:
+            routed = T if sizes.expert_tp else T / tp
+            linear += 2 * d * cfg.moe.num_experts * routed
+        else:
+            linear += 2 * 2 * d * cfg.hidden / tp * T
+        core = 2 * cfg.seq_len * d / tp * T  # QK^T and AV, causal (half of 4 S d)
+        dense = passes * linear / hw.gemm_flops
+        attention = (passes + (1 if selective else 0)) * core / hw.attention_flops
+        if tp == 1:
+            return Breakdown(dense=dense, attention=attention)
+        ar, ag, rs = (hw.link(op, tp, scopes.tp) for op in ("all_reduce", "all_gather", "reduce_scatter"))
+        full_bytes, slice_bytes = T * d * b, T / tp * d * b
+        again = 2 if full else 1  # forward collectives, run again when recomputed
+        if layout.sequence_parallel:
+            pairs = 2 if (not moe or sizes.expert_tp) else 1  # (all-gather, reduce-scatter) pairs: attention, FFN
+            comm = pairs * (again + 1) * (ag.time(slice_bytes) + rs.time(full_bytes))
+        else:
+            regions = 2 if (not moe or sizes.expert_tp) else 1  # attention, dense FFN / expert-TP output
+            comm = regions * (again + 1) * ar.time(full_bytes)
+            if moe and not sizes.expert_tp:  # the MoE layer's token slices: gathered forward, gathered back in backward
+                comm += (again + 1) * ag.time(slice_bytes)
+        if moe and cfg.moe.capacity_factor is not None and not sizes.expert_tp:
+            comm += again * ag.time(T / tp * cfg.moe.top_k * _INDEX)  # expert choices, for capacity
+        return Breakdown(dense=dense, attention=attention, tp=comm)
+
+    def _stage(self, layout: Layout, stage: int, experts: dict[int, Breakdown]) -> Breakdown:
+        """One rank of `stage` (all its virtual stages), one micro-batch: forward and backward of its layers."""
+        cfg, hw, sizes = self.cfg, self.hardware, layout.sizes
+        chunks = [stage + i * sizes.pp for i in range(layout.virtual_stages)]
+        per = cfg.n_layers // (sizes.pp * layout.virtual_stages)
+        out = Breakdown()
+        for c in chunks:
+            for i in range(c * per, (c + 1) * per):
+                out = out + self._dense_layer(layout, cfg.is_moe_layer(i)) + experts.get(i, Breakdown())
+        d, T, b = cfg.d_model, self.tokens(layout), activation_itemsize(layout.precision)
+        last = sizes.pp * layout.virtual_stages - 1
+        if last in chunks:  # LM head
+            out = out + Breakdown(dense=3 * 2 * d * cfg.vocab_size / sizes.tp * T / hw.gemm_flops)
+        if 0 in chunks and sizes.tp > 1:  # the vocab-parallel embedding's all-reduce
+            out = out + Breakdown(tp=hw.link("all_reduce", sizes.tp, Scopes(sizes, hw.gpus_per_node).tp).time(T * d * b))
+        if sizes.pp > 1:
+            p2p = hw.link("p2p", 2, Scopes(sizes, hw.gpus_per_node).pp)
+            sends = sum((c != last) + (c != 0) for c in chunks)
+            out = out + Breakdown(p2p=sends * p2p.time(T * d * b / (sizes.tp if layout.sequence_parallel else 1)))
+        return out
+
+    def step(self, layout: Layout, placements: dict[int, LayerPlacement], migration_s: float = 0.0) -> Breakdown:
+        """Seconds per optimizer step of `layout`, given each MoE layer's placement and load (layer index ->
+        LayerPlacement; loads in rows per step of the layer's expert-parallel group) and the migration seconds per
+        step of the placement policy."""
+        cfg, sizes = self.cfg, layout.sizes
+        moe_layers = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
+        m = layout.microbatches
+        experts: dict[int, Breakdown] = {}
+        exchange = [0.0] * sizes.pp  # exposed replica exchange of each stage's layers
+        per = cfg.n_layers // (sizes.pp * layout.virtual_stages)
+        overlap = self.replica_overlap(layout)
+        for stage in range(sizes.pp):
+            layers = [i for i in moe_layers if (i // per) % sizes.pp == stage]
+            for position, i in enumerate(sorted(layers, reverse=True)):  # backward order: the last layer first
+                cost = self.expert_layer(layout, hidden_phases=position if overlap else 0)
+                compute, a2a, exposed = cost.terms(placements[i].rank_experts, placements[i].load)
+                micro = m * layout.accumulate
+                experts[i] = Breakdown(experts=compute / micro, all_to_all=a2a / micro)
+                exchange[stage] += exposed
+        stages = [self._stage(layout, s, experts) for s in range(sizes.pp)]
+        slowest = max(range(sizes.pp), key=lambda s: stages[s].step_s)
+        pipe = stages[slowest].scaled(m)
+        bubble = (sum(t.step_s for t in stages) - stages[slowest].step_s) / layout.virtual_stages
+        out = (pipe + Breakdown(bubble=bubble)).scaled(layout.accumulate)
+        return out + self._after_backward(layout, stages[slowest].step_s) + Breakdown(replicas=max(exchange), migration=migration_s)
+
+    def replica_overlap(self, layout: Layout) -> bool:
+        """Whether the strategy sums replica gradients during backward (one copy of each slot: edp = 1)."""
+        return layout.sizes.edp == 1 and layout.sizes.ep > 1
+
+    def _after_backward(self, layout: Layout, stage_s: float) -> Breakdown:
+        """Gradient reduction net of the last micro-batch's backward, the ZeRO all-gather and the optimizer step,
+        on the busiest stage."""
+        sizes, hw = layout.sizes, self.hardware
+        scopes = Scopes(sizes, hw.gpus_per_node)
+        table = self.table(layout)
+        stage = max(range(sizes.pp), key=lambda s: sum(math.prod(r.shape) for r in table.stage_records(layout, s)))
+        records = table.stage_records(layout, stage)
+        bf16_masters = bool(layout.zero) and layout.precision == "bf16-mixed"
+        reduce_op = "reduce_scatter" if layout.zero == 2 else "all_reduce"
+        dense = sum(math.prod(r.shape) * (2 if bf16_masters else r.itemsize) for r in records if r.trainable and not r.expert)
+        expert = sum(math.prod(r.shape) * (2 if bf16_masters else r.itemsize) for r in records if r.trainable and r.expert)
+        dense_s = hw.link(reduce_op, sizes.dp, scopes.dp).time(dense) if sizes.dp > 1 else 0.0
+        expert_s = hw.link(reduce_op, sizes.edp, scopes.edp).time(expert) if sizes.edp > 1 else 0.0
+        reduce_s = dense_s + expert_s
+        bucket = 25 * 2**20
+        exposed = max(reduce_s - 2 / 3 * stage_s, reduce_s * min(1.0, bucket / max(1.0, dense + expert)))
+        zero_s = 0.0
+        stepped = sum(math.prod(r.shape) for r in records if r.trainable)
+        if layout.zero:
+            zero_s = (hw.link("all_gather", sizes.dp, scopes.dp).time(dense / sizes.dp) if sizes.dp > 1 else 0.0) + (
+                hw.link("all_gather", sizes.edp, scopes.edp).time(expert / sizes.edp) if sizes.edp > 1 else 0.0)
+            stepped = sum(math.prod(r.shape) / (sizes.edp if r.expert else sizes.dp) for r in records if r.trainable)
+        return Breakdown(grad_sync=exposed, zero=zero_s, optimizer=stepped * hw.optimizer_s_per_param)
+
+    # ---- memory -------------------------------------------------------------------------------------------------
+
+    def table(self, layout: Layout) -> ModelTable:
+        key = (layout.sizes.tp, layout.sequence_parallel, layout.sizes.expert_tp, layout.precision)
+        if key not in self.tables:
+            self.tables[key] = ModelTable(self.cfg, *key)
+        return self.tables[key]
+
+    def memory(self, layout: Layout) -> RankMemory:
+        """The largest rank's memory (planner.memory; ZeRO's block 0 is its group's largest)."""
+        table = self.table(layout)
+        return largest([RankMemory(stage * layout.sizes.plane, stage, *state_bytes(table.stage_records(layout, stage), layout),
+                                   activation_bytes(self.cfg, layout, stage)) for stage in range(layout.sizes.pp)])
