@@ -302,11 +302,13 @@ class LayerPlacement:
 class CostModel:
     """Step time and memory of layouts of one model on one machine (see the module docstring).
 
-    `tables` caches a ModelTable per tensor-parallel cut, so pricing many layouts builds each cut once."""
+    `tables` caches a ModelTable per tensor-parallel cut, so pricing many layouts builds each cut once;
+    `memories` each layout's memory."""
 
     cfg: GPTMoEConfig
     hardware: Hardware
     tables: dict = field(default_factory=dict)
+    memories: dict = field(default_factory=dict)
 
     # ---- per-layer pieces ---------------------------------------------------------------------------------------
 
@@ -450,6 +452,9 @@ class CostModel:
 
     def memory(self, layout: Layout) -> RankMemory:
         """The largest rank's memory (planner.memory; ZeRO's block 0 is its group's largest)."""
-        table = self.table(layout)
-        return largest([RankMemory(stage * layout.sizes.plane, stage, *state_bytes(table.stage_records(layout, stage), layout),
-                                   activation_bytes(self.cfg, layout, stage)) for stage in range(layout.sizes.pp)])
+        if layout not in self.memories:
+            table = self.table(layout)
+            self.memories[layout] = largest([
+                RankMemory(stage * layout.sizes.plane, stage, *state_bytes(table.stage_records(layout, stage), layout),
+                           activation_bytes(self.cfg, layout, stage)) for stage in range(layout.sizes.pp)])
+        return self.memories[layout]

@@ -16,7 +16,7 @@ output) are not counted.
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -317,22 +317,23 @@ class ModelTable:
                     layer.router.weight.tp_partial = True
         expert = expert_param_ids(model)
         self.records: list[tuple[str | int, ParamRecord]] = []
+        self._stages: dict[tuple, list[ParamRecord]] = {}  # stage_records by (pp, virtual stages, stage, slots)
         for name, p in model.named_parameters():
             where = int(name.split(".")[1]) if name.startswith("blocks.") else ("head" if name.startswith(("ln_f", "lm_head")) else "embed")
             self.records.append((where, _record(p, id(p) in expert)))
 
     def stage_records(self, layout: Layout, stage: int) -> list[ParamRecord]:
         sizes, cfg = layout.sizes, self.cfg
-        chunks = [stage + i * sizes.pp for i in range(layout.virtual_stages)]
-        per = cfg.n_layers // (sizes.pp * layout.virtual_stages)
-        layers = {i for c in chunks for i in range(c * per, (c + 1) * per)}
-        keep = layers | ({"embed"} if 0 in chunks else set()) | ({"head"} if sizes.pp * layout.virtual_stages - 1 in chunks else set())
         slots = cfg.moe.num_experts // sizes.ep + (layout.extra_slots if sizes.world_size > 1 else 0)  # as keep_share
-        out = []
-        for where, r in self.records:
-            if where in keep:
-                out.append(ParamRecord((slots, *r.shape[1:]), *astuple(r)[1:]) if r.expert else r)
-        return out
+        key = (sizes.pp, layout.virtual_stages, stage, slots)
+        if key not in self._stages:
+            chunks = [stage + i * sizes.pp for i in range(layout.virtual_stages)]
+            per = cfg.n_layers // (sizes.pp * layout.virtual_stages)
+            layers = {i for c in chunks for i in range(c * per, (c + 1) * per)}
+            keep = layers | ({"embed"} if 0 in chunks else set()) | ({"head"} if sizes.pp * layout.virtual_stages - 1 in chunks else set())
+            self._stages[key] = [replace(r, shape=(slots, *r.shape[1:])) if r.expert else r
+                                 for where, r in self.records if where in keep]
+        return self._stages[key]
 
 
 def merge(rows: list[RankMemory]) -> list[RankMemory]:

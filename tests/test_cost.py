@@ -1,0 +1,226 @@
+"""CostModel.step and CostModel.memory against the module docstring's formulas, worked by hand on a toy machine
+(round rates, one Link per collective) and a tiny GPT-MoE (layer 0 dense, layer 1 MoE)."""
+
+import dataclasses
+
+import pytest
+
+from lightning_smartmoe.layout import ParallelSizes
+from lightning_smartmoe.models.gpt_moe import GPTMoE, GPTMoEConfig
+from lightning_smartmoe.moe import MoEConfig
+from lightning_smartmoe.planner.cost import TERMS, CostModel, LayerPlacement
+from lightning_smartmoe.planner.hardware import OPS, Hardware, Link
+from lightning_smartmoe.planner.memory import Layout, largest, rank_memory
+
+LINKS = {  # every group size and scope gets the n=2 fit
+    "all_to_all": Link(0.5, 1024.0),
+    "all_reduce": Link(1.0, 4096.0),
+    "all_gather": Link(0.0, 2048.0),
+    "reduce_scatter": Link(0.0, 1024.0),
+    "p2p": Link(1.0, 2048.0),
+}
+HW = Hardware(name="toy", source="test", gpus_per_node=8, memory_gb=1.0, gemm_flops=1e6, expert_flops=2e6,
+              expert_group_s=1e-3, attention_flops=5e5, optimizer_s_per_param=1e-6,
+              collectives={op: {"intra": {2: LINKS[op]}} for op in OPS})
+
+
+def config(n_layers: int = 2, vocab_size: int = 64) -> GPTMoEConfig:
+    """d 32, 4 heads, seq 16, dense FFN 128, 4 experts of hidden 64, top-2, MoE in every 2nd layer (1, 3, ...)."""
+    return GPTMoEConfig(vocab_size=vocab_size, seq_len=16, n_layers=n_layers, d_model=32, n_heads=4,
+                        moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=64, every=2))
+
+
+CFG = config()
+
+# Every layout below gives a rank T = 2 sequences x 16 = 32 tokens per micro-batch. Forward FLOPs at tp=1:
+ATTN_PROJ = 2 * 4 * 32 * 32 * 32  # qkv + output projection: 2 x 4 d^2 x T = 262144
+FFN = 2 * 2 * 32 * 128 * 32  # dense FFN: 2 x 2 d H x T = 524288
+ROUTER = 2 * 32 * 4 * 32  # 2 d E x T = 8192
+HEAD = 2 * 32 * 64 * 32  # LM head: 2 d V x T = 131072
+CORE = 2 * 16 * 32 * 32  # attention core: 2 S d x T = 32768
+DENSE0 = 3 * (ATTN_PROJ + FFN) / 1e6  # forward + backward of layer 0 at gemm_flops: 2.359296 s
+DENSE1 = 3 * (ATTN_PROJ + ROUTER) / 1e6  # layer 1 (MoE) without its experts: 0.811008 s
+HEAD_S = 3 * HEAD / 1e6  # 0.393216 s
+CORE_S = 3 * CORE / 5e5  # one layer's attention core at attention_flops: 0.196608 s
+ROW_S = 3 * 2 * 2 * 32 * 64 / 2e6  # one routed row through an expert, forward + backward: 0.012288 s
+BYTES = 32 * 32 * 4  # one micro-batch's hidden states [T, d] in fp32: 4096
+
+# Parameters, counted from the config (biases: ln, attn.proj, ffn.fc, ffn.proj; none on qkv, router, lm_head)
+EMBED_P = 64 * 32 + 16 * 32  # token + position embeddings: 2560
+ATTN_P = 2 * 32 + 3 * 32 * 32 + 32 * 32 + 32  # ln1, qkv, proj: 4192
+BLOCK0_P = ATTN_P + 2 * 32 + (32 * 128 + 128) + (128 * 32 + 32)  # + ln2, fc, proj: 12608
+BLOCK1_P = ATTN_P + 2 * 32 + 4 * 32  # + ln2, router (experts apart): 4384
+EXPERT_P = 2 * 32 * 64  # w1 + w2 of one expert: 4096
+HEAD_P = 2 * 32 + 64 * 32  # ln_f, lm_head: 2112
+DENSE_P = EMBED_P + BLOCK0_P + BLOCK1_P + HEAD_P  # 21664
+
+
+def even(experts: int = 4, rows: float = 16.0, ranks: int = 1) -> LayerPlacement:
+    """Experts split contiguously over `ranks`, each computing `rows` rows per step."""
+    per = experts // ranks
+    return LayerPlacement(tuple(tuple(range(r * per, (r + 1) * per)) for r in range(ranks)), (rows,) * experts)
+
+
+def only(breakdown, **terms) -> None:
+    """The breakdown has exactly these non-zero terms (the others 0)."""
+    want = {k: 0.0 for k in TERMS} | terms
+    assert breakdown.as_dict() == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
+def test_one_rank_step_is_compute_plus_optimizer():
+    assert sum(p.numel() for p in GPTMoE(CFG).parameters()) == DENSE_P + 4 * EXPERT_P == 38048
+    layout = Layout(ParallelSizes(), global_batch=2)
+    got = CostModel(CFG, HW).step(layout, {1: LayerPlacement(((0, 1, 2, 3),), (40.0, 8.0, 8.0, 8.0))})
+    only(got,
+         dense=DENSE0 + DENSE1 + HEAD_S,  # 3 x (786432 + 270336 + 131072) / 1e6 = 3.56352
+         attention=2 * CORE_S,
+         experts=64 * ROW_S + 4 * 1e-3,  # the one rank computes all 64 rows, 4 non-empty slots x expert_group_s
+         optimizer=38048 * 1e-6)
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_tensor_parallel_collectives(sequence_parallel):
+    layout = Layout(ParallelSizes(tp=2), sequence_parallel=sequence_parallel, global_batch=2)
+    got = CostModel(CFG, HW).step(layout, {1: even(rows=8.0)})  # 16 routed tokens per rank x top-2 = 32 rows
+    ar = 1.0 + BYTES / 4096  # all-reduce of [T, d]: 2 s
+    ag = BYTES / 2 / 2048  # all-gather of a [T/2, d] slice: 1 s
+    rs = BYTES / 1024  # reduce-scatter of [T, d]: 4 s
+    if sequence_parallel:  # (ag, rs) pairs forward and backward: layer 0 attention + FFN, layer 1 attention
+        tp = 2 * 2 * (ag + rs) + 1 * 2 * (ag + rs) + ar  # + the embedding's all-reduce: 32 s
+    else:  # layer 0: 2 regions x 2 all-reduces; layer 1: attention's 2 and the token slices gathered both ways
+        tp = 2 * 2 * ar + 2 * ar + 2 * ag + ar  # 16 s
+    assert got.tp == pytest.approx(tp)
+    # the dense GEMMs split over tp; the router sees this rank's 16 tokens, the attention core its heads
+    assert got.dense == pytest.approx(3 * (ATTN_PROJ / 2 + FFN / 2 + ATTN_PROJ / 2 + ROUTER / 2 + HEAD / 2) / 1e6)
+    assert got.attention == pytest.approx(2 * CORE_S / 2)
+    assert got.experts == pytest.approx(32 * ROW_S + 4 * 1e-3) and got.p2p == 0.0
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_pipeline_is_microbatches_times_the_slowest_stage_plus_the_bubble(accumulate):
+    layout = Layout(ParallelSizes(pp=2), microbatches=2, accumulate=accumulate, global_batch=4 * accumulate)
+    micro = 2 * accumulate  # micro-batches per step, 32 tokens x top-2 = 64 rows each
+    got = CostModel(CFG, HW).step(layout, {1: even(rows=64.0 * micro / 4)})
+    p2p = 1.0 + BYTES / 2048  # one send per micro-batch and stage: 3 s
+    stage0 = DENSE0 + CORE_S + p2p  # layer 0 + embedding, activations forward: 5.555904 s
+    experts = (64 * micro * ROW_S + 4 * 1e-3 * micro) / micro  # the step's rows and slots, per micro-batch
+    stage1 = DENSE1 + HEAD_S + CORE_S + experts + p2p  # layer 1 + head, gradients backward: 5.191264 s
+    assert stage0 > stage1
+    only(got, dense=micro * DENSE0, attention=micro * CORE_S, p2p=micro * p2p,  # m x the slowest stage ...
+         bubble=accumulate * stage1,  # ... + the other stage once, per accumulation step
+         optimizer=(BLOCK1_P + 4 * EXPERT_P + HEAD_P) * 1e-6)  # the stage with the most parameters: 22880
+
+
+def test_interleaved_bubble_is_divided_by_the_virtual_stages():
+    cfg = config(n_layers=4)  # layers 1 and 3 MoE; rank 0 holds chunks 0, 2 (layers 0, 2), rank 1 chunks 1, 3
+    layout = Layout(ParallelSizes(pp=2), microbatches=2, pp_schedule="interleaved_1f1b", virtual_stages=2, global_batch=4)
+    got = CostModel(cfg, HW).step(layout, {1: even(rows=32.0), 3: even(rows=32.0)})
+    p2p = 1.0 + BYTES / 2048
+    stage0 = 2 * DENSE0 + 2 * CORE_S + 3 * p2p  # chunk 0 sends forward, chunk 2 both ways: 14.111808 s
+    stage1 = 2 * DENSE1 + HEAD_S + 2 * CORE_S + 2 * (128 * ROW_S + 4 * 2e-3) / 2 + 3 * p2p  # chunk 1 both, 3 back
+    assert stage0 > stage1
+    assert got.dense == pytest.approx(2 * 2 * DENSE0) and got.p2p == pytest.approx(2 * 3 * p2p)
+    assert got.bubble == pytest.approx(stage1 / 2)  # 12.989312 s / 2
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2])
+def test_data_parallel_gradient_sync_zero_and_optimizer(zero):
+    layout = Layout(ParallelSizes(dp=2), zero=zero, global_batch=4)  # ep=1: experts reduced over edp = 2 too
+    got = CostModel(CFG, HW).step(layout, {1: even()})
+    dense, expert = DENSE_P * 4, 4 * EXPERT_P * 4  # gradient bytes: 86656 and 65536
+    if zero == 2:  # reduce-scatter
+        reduce_s = dense / 1024 + expert / 1024  # 148.625 s
+    else:
+        reduce_s = (1.0 + dense / 4096) + (1.0 + expert / 4096)  # 39.15625 s
+    # one bucket holds it all: none of it hides under the last backward
+    assert got.grad_sync == pytest.approx(reduce_s)
+    if zero:
+        assert got.zero == pytest.approx(dense / 2 / 2048 + expert / 2 / 2048)  # all-gather of each rank's half
+        assert got.optimizer == pytest.approx((DENSE_P + 4 * EXPERT_P) / 2 * 1e-6)
+    else:
+        assert got.zero == 0.0 and got.optimizer == pytest.approx((DENSE_P + 4 * EXPERT_P) * 1e-6)
+
+
+def test_zero_cuts_experts_over_their_expert_data_parallel_group():
+    layout = Layout(ParallelSizes(dp=2, ep=2), zero=1, global_batch=4)  # edp = 1: each rank the only copy of its 2
+    got = CostModel(CFG, HW).step(layout, {1: even(rows=32.0, ranks=2)})
+    assert got.zero == pytest.approx(DENSE_P * 4 / 2 / 2048)  # only the dense half is gathered
+    assert got.optimizer == pytest.approx((DENSE_P / 2 + 2 * EXPERT_P) * 1e-6)
+
+
+@pytest.mark.parametrize("gemm_flops", [1e6, 1e5])
+def test_gradient_sync_hides_under_the_last_backward_but_its_last_bucket(gemm_flops):
+    v = 2**17  # a vocabulary of 131072: 32 MiB of embedding and head gradients, more than one 25 MiB bucket
+    cfg, hw = config(vocab_size=v), dataclasses.replace(HW, gemm_flops=gemm_flops)
+    layout = Layout(ParallelSizes(dp=2), global_batch=4)
+    got = CostModel(cfg, hw).step(layout, {1: even()})
+    head = 2 * 32 * v * 32  # the head's forward FLOPs
+    stage = 3 * (ATTN_PROJ + FFN + ATTN_PROJ + ROUTER + head) / gemm_flops + 2 * CORE_S + 64 * ROW_S + 4e-3
+    dense = (v * 32 + 16 * 32 + BLOCK0_P + BLOCK1_P + 2 * 32 + v * 32) * 4  # 33624704 bytes
+    expert = 4 * EXPERT_P * 4
+    reduce_s = (1.0 + dense / 4096) + (1.0 + expert / 4096)
+    last_bucket = reduce_s * 25 * 2**20 / (dense + expert)
+    want = max(reduce_s - 2 / 3 * stage, last_bucket)
+    assert want == (reduce_s - 2 / 3 * stage if gemm_flops == 1e6 else last_bucket)  # each case takes one side
+    assert got.grad_sync == pytest.approx(want)
+
+
+def test_expert_parallel_busiest_rank_and_all_to_all():
+    layout = Layout(ParallelSizes(dp=2, ep=2), global_batch=4)  # 2 ranks x 32 tokens x top-2 = 128 rows
+    got = CostModel(CFG, HW).step(layout, {1: LayerPlacement(((0, 1), (2, 3)), (80.0, 16.0, 16.0, 16.0))})
+    assert got.experts == pytest.approx(96 * ROW_S + 2 * 1e-3)  # rank 0: 80 + 16 rows, 2 slots
+    # rank 0 receives 96 / 2 of its rows from rank 1; rank 1 sends away 64 x 3/4 of its tokens' rows: 48 rows each
+    # of d x 4 = 128 bytes, in 4 calls (dispatch, combine, forward and backward) of 1536 bytes
+    assert got.all_to_all == pytest.approx(4 * (0.5 + 48 * 128 / 4 / 1024))  # 8 s
+    assert got.replicas == 0.0
+    assert got.optimizer == pytest.approx((DENSE_P + 2 * EXPERT_P) * 1e-6)  # 2 of the 4 experts per rank
+    assert got.grad_sync == pytest.approx(1.0 + DENSE_P * 4 / 4096)  # edp = 1: only dense gradients reduced
+
+
+def test_a_replicated_expert_exchanges_its_gradient():
+    layout = Layout(ParallelSizes(dp=2, ep=2), extra_slots=1, global_batch=4)
+    got = CostModel(CFG, HW).step(layout, {1: LayerPlacement(((0, 1, 2), (0, 3)), (80.0, 16.0, 16.0, 16.0))})
+    assert got.experts == pytest.approx((40 + 16 + 16) * ROW_S + 3 * 1e-3)  # expert 0's rows split over its replicas
+    # rows per rank 72 and 56: rank 0 receives 36, rank 1 sends away 64 x (1 - 56/128) = 36
+    assert got.all_to_all == pytest.approx(4 * (0.5 + 36 * 128 / 4 / 1024))  # 6.5 s
+    # each replica sends its 2 x 32 x 64 x 4 = 16384 gradient bytes, half in each phase; one MoE layer: none hidden
+    assert got.replicas == pytest.approx(2 * (1.0 + 16384 / 2 / 2048))  # 10 s
+
+
+REPLICATED = LayerPlacement(((0, 1, 2), (0, 3)), (80.0, 16.0, 16.0, 16.0))
+PHASE = 1.0 + 16384 / 2 / 2048  # one phase of expert 0's exchange: 5 s
+HIDE = 2 / 3 * ((40 + 16 + 16) * ROW_S + 3 * 1e-3)  # the backward of one MoE layer that hides a phase
+
+
+def test_replica_exchange_hides_a_phase_under_a_later_layers_backward():
+    cfg = config(n_layers=4)  # MoE layers 1 and 3
+    layout = Layout(ParallelSizes(dp=2, ep=2), extra_slots=1, global_batch=4)
+    got = CostModel(cfg, HW).step(layout, {1: REPLICATED, 3: REPLICATED})
+    assert got.replicas == pytest.approx(2 * PHASE + (PHASE - HIDE + PHASE))  # one of the two hides a phase
+
+
+@pytest.mark.xfail(strict=True, reason="step() gives the hidden phases to the layers last in backward order: layer 1's "
+                   "exchange (nothing runs backward after it) is hidden, layer 3's (layer 1's backward follows) is not")
+@pytest.mark.parametrize(("layer", "replicas"), [(3, PHASE - HIDE + PHASE), (1, 2 * PHASE)])
+def test_the_first_layer_in_backward_is_the_one_that_hides(layer, replicas):
+    cfg = config(n_layers=4)
+    layout = Layout(ParallelSizes(dp=2, ep=2), extra_slots=1, global_batch=4)
+    placements = {1: even(rows=32.0, ranks=2), 3: even(rows=32.0, ranks=2)} | {layer: REPLICATED}
+    assert CostModel(cfg, HW).step(layout, placements).replicas == pytest.approx(replicas)
+
+
+def test_migration_passes_through_and_the_terms_add_up():
+    layout = Layout(ParallelSizes(dp=2, ep=2), extra_slots=1, global_batch=4)
+    model = CostModel(CFG, HW)
+    got, without = model.step(layout, {1: REPLICATED}, migration_s=2.5), model.step(layout, {1: REPLICATED})
+    assert got.migration == 2.5 and got.step_s == pytest.approx(without.step_s + 2.5)
+    assert tuple(got.as_dict()) == TERMS
+    assert got.step_s == pytest.approx(sum(got.as_dict().values()))
+
+
+@pytest.mark.parametrize("layout", [
+    Layout(ParallelSizes(dp=2, ep=2), zero=1, extra_slots=1, global_batch=4),
+    Layout(ParallelSizes(tp=2, pp=2), microbatches=2, sequence_parallel=True, global_batch=4),
+], ids=["dp2_ep2_zero1", "tp2_pp2_sp"])
+def test_memory_is_the_dry_runs_largest_rank(layout):
+    assert CostModel(CFG, HW).memory(layout) == largest(rank_memory(CFG, layout))
