@@ -10,6 +10,7 @@ temporary file, then renamed). Exit codes: 0 when the file is written; 2 for bad
 any process starts).
 """
 
+import functools
 import hashlib
 import os
 import socket
@@ -64,12 +65,12 @@ def summary(hw: Hardware, shapes: ModelShapes, times: dict[str, float], seconds:
 
 
 def measure_on_rank(strategy: SmartMoEStrategy, shapes: ModelShapes, settings: ProfileSettings, out: Path,
-                    source: str) -> Hardware:
+                    source: str) -> None:
     """On every rank: join the process group, measure (planner.profile.profile), and on rank 0 write `out`. Every
     rank prints a digest of the figures it holds, which is the same on all."""
-    start = time.perf_counter()
     _set_num_threads_if_needed(num_processes=strategy.num_processes)  # every rank, not only the launching one
     strategy.setup_environment()
+    start = time.perf_counter()  # once every rank has joined
     try:
         hw, times = profile(shapes, settings, strategy.root_device, strategy.num_processes, source)
         dist.barrier()
@@ -81,7 +82,6 @@ def measure_on_rank(strategy: SmartMoEStrategy, shapes: ModelShapes, settings: P
         print(f"wrote {out}")
     digest = hashlib.sha256(repr(hw).encode()).hexdigest()[:16]
     print(f"smartmoe-profile: rank {strategy.global_rank} of {strategy.world_size} holds figures {digest}", flush=True)
-    return hw
 
 
 def run(cfg: DictConfig) -> None:
@@ -93,11 +93,11 @@ def run(cfg: DictConfig) -> None:
         strategy = train.make_trainer(cfg, strategy, logger=False).strategy
         source = (f"measured on {socket.gethostname()} {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by smartmoe-profile "
                   + " ".join(HydraConfig.get().overrides.task))
-        args = (strategy, shapes, settings, out, source)
+        measure = functools.partial(measure_on_rank, strategy, shapes, settings, out, source)  # spawn: passed whole
         if strategy.launcher is not None:
-            strategy.launcher.launch(measure_on_rank, *args)
+            strategy.launcher.launch(measure)
         else:
-            measure_on_rank(*args)
+            measure()
     except ConfigError as err:
         if rank_zero_only.rank == 0:
             print(f"smartmoe-profile: error: {err}", file=sys.stderr)
