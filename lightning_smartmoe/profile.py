@@ -91,8 +91,9 @@ def run(cfg: DictConfig) -> None:
         out, settings = config.profile_settings(cfg)
         shapes = ModelShapes.of(model_cfg, config.memory_layout(cfg, sizes), config.optim_config(cfg))
         strategy = train.make_trainer(cfg, strategy, logger=False).strategy
-        source = (f"measured on {socket.gethostname()} {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by smartmoe-profile "
-                  + " ".join(HydraConfig.get().overrides.task))
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        command = " ".join(["smartmoe-profile", *HydraConfig.get().overrides.task])
+        source = f"measured on {socket.gethostname()} {when} by {command}"
         measure = functools.partial(measure_on_rank, strategy, shapes, settings, out, source)  # spawn: passed whole
         if strategy.launcher is not None:
             strategy.launcher.launch(measure)

@@ -5,7 +5,8 @@ training uses: `expert_flops_per_s` (the expert FFN forward + backward at a laye
 all-to-all inside a process group). smartmoe-profile calls `profile`, which measures every field of a
 `planner.hardware.Hardware` at the shapes one rank of a layout computes (`ModelShapes`) and fits the collectives
 and the expert FFN's per-group cost. Every timing is the median of timed samples (calls back to back for
-SAMPLE_S at least) after warm-up calls; `agree` makes every rank hold the same figures (the mean over the ranks, rank 0's copy everywhere), so that every rank plans alike.
+SAMPLE_S at least) after warm-up calls; `agree` makes every rank hold the same figures (the mean over the ranks,
+rank 0's copy everywhere), so that every rank plans alike.
 """
 
 from __future__ import annotations
@@ -121,7 +122,8 @@ def expert_flops_per_s(
     d_model x hidden: 6 * (2 * d_model * hidden) * rows / median time, the rate `CostModel.token_time` assumes."""
     module, x = experts_and_input(experts, d_model, hidden, rows, device, dtype)
     counts = [rows // experts + (e < rows % experts) for e in range(experts)]
-    return 6 * 2 * d_model * hidden * rows / median_seconds({"": expert_ffn_step(module, x, counts)}, device, repeats)[""]
+    seconds = median_seconds({"": expert_ffn_step(module, x, counts)}, device, repeats)[""]
+    return 6 * 2 * d_model * hidden * rows / seconds
 
 
 def linear_step(rows: int, d_in: int, d_out: int, device: torch.device, dtype: torch.dtype) -> Callable[[], None]:
@@ -269,7 +271,7 @@ def agree(figures: Mapping[str, float | None], device: torch.device) -> dict[str
 
 @dataclass(frozen=True)
 class ProfileSettings:
-    repeats: int  # timed calls per figure (median), after warm-up calls
+    repeats: int  # timed samples per figure (median), after warm-up calls
     payload_bytes: tuple[int, ...]  # per-rank payloads of every collective fit
 
 
@@ -300,7 +302,8 @@ class ModelShapes:
         moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
         dense_layers = cfg.n_layers - moe_layers
         linears = [("qkv", tokens, d, 3 * d // tp, cfg.n_layers), ("attn.proj", tokens, d // tp, d, cfg.n_layers),
-                   ("ffn.fc", tokens, d, cfg.hidden // tp, dense_layers), ("ffn.proj", tokens, cfg.hidden // tp, d, dense_layers),
+                   ("ffn.fc", tokens, d, cfg.hidden // tp, dense_layers),
+                   ("ffn.proj", tokens, cfg.hidden // tp, d, dense_layers),
                    ("lm_head", tokens, d, cfg.vocab_size // tp, 1)]
         routed = tokens // (tp if tp > 1 and not sizes.expert_tp else 1) * cfg.moe.top_k  # TP ranks route a slice each
         slots = cfg.moe.num_experts // sizes.ep
@@ -377,8 +380,9 @@ def _collective_dtype(op: str, shapes: ModelShapes) -> torch.dtype:
 def _fit_collective(op: str, group: dist.ProcessGroup, shapes: ModelShapes, settings: ProfileSettings,
                     device: torch.device) -> Link:
     """`op`'s fit inside `group` (collective over the world: every rank fits its own group's, all at once, a world
-    barrier before each timed sample, the payloads in turn); the times agreed over the ranks. A fit that finds no growth of time with
-    payload measures again at 4x the largest payload, at most PAYLOAD_EXTENSIONS times, then raises ConfigError."""
+    barrier before each timed sample, the payloads in turn); the times agreed over the ranks. A fit that finds no
+    growth of time with payload measures again at 4x the largest payload, at most PAYLOAD_EXTENSIONS times, then
+    raises ConfigError."""
     n, dtype = dist.get_world_size(group), _collective_dtype(op, shapes)
     payloads, times = list(settings.payload_bytes), {}
     for extension in range(PAYLOAD_EXTENSIONS + 1):
@@ -438,7 +442,8 @@ def profile(shapes: ModelShapes, settings: ProfileSettings, device: torch.device
     times = _compute_times(shapes, settings.repeats, device)
     times["memory_gb"] = device_memory_gb(device, per_node)
     t = agree(times, device)
-    weights = [(calls * 6 * rows * d_in * d_out, calls * t[f"gemm/{name}"]) for name, rows, d_in, d_out, calls in shapes.linears]
+    weights = [(calls * 6 * rows * d_in * d_out, calls * t[f"gemm/{name}"])
+               for name, rows, d_in, d_out, calls in shapes.linears]
     cases = shapes.expert_cases
     try:
         expert_flops, expert_group_s = fit_expert(
