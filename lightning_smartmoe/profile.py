@@ -34,10 +34,13 @@ from lightning_smartmoe.strategy import SmartMoEStrategy
 
 
 def write(hw: Hardware, out: Path) -> None:
-    """`hw` to `out` as YAML, whole or not at all: written to a temporary file beside it, then renamed."""
+    """`hw` to `out` as YAML, whole or not at all: written to a temporary file beside it, flushed to disk, then
+    renamed."""
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         hw.to_yaml(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
