@@ -3,6 +3,7 @@ in any group are refused with the allowed ones, and every value is type- and ran
 
 import inspect
 import math
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -29,10 +30,12 @@ from lightning_smartmoe.placement import PLANNERS
 from lightning_smartmoe.planner import hardware as hardware_profiles
 from lightning_smartmoe.planner import memory
 from lightning_smartmoe.planner.memory import Layout
+from lightning_smartmoe.planner.profile import ProfileSettings
 
 PACKAGE = Path(__file__).resolve().parent
 GROUPS = ("model", "moe", "parallel", "placement", "data", "optim", "trainer", "logger", "callbacks")
 TOP_LEVEL = ("seed", "ckpt_path", "checkpoint_every_n_steps", "dry_run", "memory_gb", "hardware")
+PROFILE_KEYS = ("out", "repeats", "payload_bytes")  # smartmoe-profile's own top-level keys (conf/profile.yaml)
 SET_BY_CLI = ("strategy", "logger", "callbacks")  # Trainer arguments that smartmoe-train fills in itself
 
 
@@ -127,8 +130,8 @@ def trainer_arguments() -> list[str]:
     return [n for n in names if n not in ("self", *SET_BY_CLI)]
 
 
-def _check_keys(cfg: DictConfig) -> None:
-    _unknown("", cfg.keys(), (*GROUPS, *TOP_LEVEL))
+def _check_keys(cfg: DictConfig, tool_keys: typing.Iterable[str]) -> None:
+    _unknown("", cfg.keys(), (*GROUPS, *TOP_LEVEL, *tool_keys))
     for group in ("parallel", "placement", "data"):
         _unknown(f"{group}.", cfg[group].keys(), _default_keys(group))
     for key in cfg.trainer:
@@ -230,10 +233,10 @@ def _check_data(d: DictConfig) -> None:
     _integer("data.seed", d.seed, 0)
 
 
-def check_run(cfg: DictConfig) -> None:
-    """Every key known and every value of the run settings in range (the model, moe and optim dataclasses check
-    their own when built)."""
-    _check_keys(cfg)
+def check_run(cfg: DictConfig, tool_keys: typing.Iterable[str] = ()) -> None:
+    """Every key known (those of smartmoe-train, and a tool's own top-level `tool_keys`) and every value of the run
+    settings in range (the model, moe and optim dataclasses check their own when built)."""
+    _check_keys(cfg, tool_keys)
     _boolean("dry_run", cfg.dry_run)
     _check_trainer(cfg.trainer, here=not cfg.dry_run)
     _check_parallel(cfg.parallel)
@@ -352,3 +355,34 @@ def loggers(cfg: DictConfig) -> list[Logger]:
 def callbacks(cfg: DictConfig) -> list[pl.Callback]:
     """The `callbacks` group: every entry instantiated from its `_target_` (a Lightning callback each)."""
     return _instantiate_group(cfg, "callbacks", pl.Callback)
+
+
+def profile_settings(cfg: DictConfig) -> tuple[Path, ProfileSettings]:
+    """smartmoe-profile's own keys, checked (the file to write: its folder exists and is writable; what to
+    measure), and a run it can measure (two processes per node at least, a precision it knows). Returns the
+    file's absolute path and the settings."""
+    if OmegaConf.is_missing(cfg, "out"):
+        raise ConfigError("out is required: out=PATH, the calibration YAML to write")
+    if not isinstance(cfg.out, str) or not cfg.out:
+        raise ConfigError(f"out={cfg.out!r} must be the path of the YAML file to write")
+    out = Path(cfg.out).expanduser().absolute()
+    if out.is_dir():
+        raise ConfigError(f"out={cfg.out!r} is a directory; give the path of the YAML file to write")
+    if not out.parent.is_dir():
+        raise ConfigError(f"out={cfg.out!r}: there is no directory {out.parent}")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"out={cfg.out!r}: directory {out.parent} is not writable")
+    _integer("repeats", cfg.repeats, 1)
+    payloads = cfg.payload_bytes
+    if (not OmegaConf.is_list(payloads) or not all(_is(b, int) and b >= 1 for b in payloads)
+            or len(set(payloads)) < 2):
+        shown = OmegaConf.to_container(payloads) if OmegaConf.is_list(payloads) else payloads
+        raise ConfigError(f"payload_bytes={shown!r} must be a list of at least 2 different integers >= 1 (bytes "
+                          "per rank of each collective call)")
+    if cfg.trainer.devices < 2:
+        raise ConfigError(f"trainer.devices={cfg.trainer.devices}: smartmoe-profile fits collectives between the "
+                          "processes of a node; give trainer.devices >= 2")
+    if str(cfg.trainer.precision) not in memory.PARAM_DTYPES:
+        raise ConfigError(f"trainer.precision={cfg.trainer.precision!r}: smartmoe-profile measures at "
+                          f"{', '.join(memory.PARAM_DTYPES)}")
+    return out, ProfileSettings(cfg.repeats, tuple(sorted(set(payloads))))

@@ -39,10 +39,10 @@ def _strategy(cfg: DictConfig, sizes) -> SmartMoEStrategy:
     )
 
 
-def _check(cfg: DictConfig, load_data: bool):
-    """Every check of the config, before anything starts: (model config, sizes, strategy, data). Raises
-    ConfigError."""
-    config.check_run(cfg)
+def check(cfg: DictConfig, load_data: bool, tool_keys: tuple[str, ...] = ()):
+    """Every check of the config, before anything starts: (model config, sizes, strategy, data). `tool_keys`: the
+    top-level keys of another command that takes smartmoe-train's config (smartmoe-profile). Raises ConfigError."""
+    config.check_run(cfg, tool_keys)
     model_cfg = config.model_config(cfg)
     config.optim_config(cfg)
     sizes = config.parallel_sizes(cfg)
@@ -56,7 +56,7 @@ def _check(cfg: DictConfig, load_data: bool):
 
 def dry_run(cfg: DictConfig) -> str:
     """Every rank's predicted memory as each would build it (planner.memory): a table, then one JSON line."""
-    model_cfg, sizes, _, _ = _check(cfg, load_data=False)
+    model_cfg, sizes, _, _ = check(cfg, load_data=False)
     rows = memory.rank_memory(model_cfg, config.memory_layout(cfg, sizes))
     return memory.table(rows) + "\n" + json.dumps(memory.report(rows))
 
@@ -64,7 +64,7 @@ def dry_run(cfg: DictConfig) -> str:
 def build(cfg: DictConfig, output_dir: Path) -> tuple[pl.Trainer, GPTMoEModule, pl.LightningDataModule, Path | None]:
     """Check the whole config and the checkpoint to resume, and build trainer, module and data. Returns them and
     the checkpoint to resume from (None: start fresh). Raises ConfigError on bad input."""
-    model_cfg, sizes, strategy, dm = _check(cfg, load_data=True)
+    model_cfg, sizes, strategy, dm = check(cfg, load_data=True)
     checkpoints = output_dir / "checkpoints"
     if rank_zero_only.rank == 0:
         for line in checkpoint.recover(checkpoints):
@@ -84,12 +84,16 @@ def build(cfg: DictConfig, output_dir: Path) -> tuple[pl.Trainer, GPTMoEModule, 
         RunReport(output_dir),
         *config.callbacks(cfg),
     ]
-    loggers = config.loggers(cfg)
+    trainer = make_trainer(cfg, strategy, logger=config.loggers(cfg) or False, callbacks=callbacks)
+    return trainer, module, dm, ckpt
+
+
+def make_trainer(cfg: DictConfig, strategy: SmartMoEStrategy, **arguments) -> pl.Trainer:
+    """pl.Trainer(strategy, the `trainer.*` arguments and `arguments`); ConfigError if Lightning refuses them."""
     try:
-        trainer = pl.Trainer(strategy=strategy, logger=loggers or False, callbacks=callbacks, **cfg.trainer)
+        return pl.Trainer(strategy=strategy, **arguments, **cfg.trainer)
     except (ValueError, TypeError, MisconfigurationException) as err:
         raise ConfigError(f"trainer: {err}") from err
-    return trainer, module, dm, ckpt
 
 
 def run(cfg: DictConfig) -> None:

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 
 STAGES = (0, 1, 2)
@@ -175,7 +175,7 @@ class ZeroOptimizer:
                 out.view(s.padded_shape).narrow(s.dim, 0, s.length(rank)).copy_(s.master)
             offset += s.padded_numel
         received = send.new_empty(n * size)
-        _all_gather_single(received, send, group=group)
+        all_gather_single(received, send, group=group)
         for q in range(n):
             offset = q * size
             for s in run:

@@ -96,6 +96,17 @@ def test_tensor_parallel_collectives(sequence_parallel):
     assert got.experts == pytest.approx(32 * ROW_S + 4 * 1e-3) and got.p2p == 0.0
 
 
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_embedding_all_reduce_and_sliced_sends_under_a_pipeline(sequence_parallel):
+    layout = Layout(ParallelSizes(tp=2, pp=2), microbatches=2, sequence_parallel=sequence_parallel, global_batch=4)
+    got = CostModel(CFG, HW).step(layout, {1: even(rows=16.0)})
+    ar, ag, rs = 1.0 + BYTES / 4096, BYTES / 2 / 2048, BYTES / 1024
+    # stage 0 (layer 0 and the embedding, the only one with its all-reduce) is the slowest: 2 micro-batches of it
+    stage0_tp = 2 * 2 * (ag + rs) + ar if sequence_parallel else 2 * 2 * ar + ar
+    assert got.tp == pytest.approx(2 * stage0_tp)
+    assert got.p2p == pytest.approx(2 * (1.0 + BYTES / (2 if sequence_parallel else 1) / 2048))  # SP sends a slice
+
+
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_pipeline_is_microbatches_times_the_slowest_stage_plus_the_bubble(accumulate):
     layout = Layout(ParallelSizes(pp=2), microbatches=2, accumulate=accumulate, global_batch=4 * accumulate)

@@ -1,26 +1,117 @@
-"""Quick measurements of this machine, in the units of planner/hardware.py (each well under a second at the
-sizes training uses): expert FFN forward + backward throughput at a layer's expert shape, and the point-to-point
-bandwidth inside a process group. `agree` makes every rank hold the same figures, so that every rank reaches the
-same placement decisions."""
+"""Measurements of this machine, in the units of the cost models.
 
+Two users. `placement.calibrate` (callbacks.py) takes quick start-up figures, each well under a second at the sizes
+training uses: `expert_flops_per_s` (the expert FFN forward + backward at a layer's shape) and `link_bandwidth` (an
+all-to-all inside a process group). smartmoe-profile calls `profile`, which measures every field of a
+`planner.hardware.Hardware` at the shapes one rank of a layout computes (`ModelShapes`) and fits the collectives
+and the expert FFN's per-group cost. Every timing is the median of timed samples (calls back to back for
+SAMPLE_S at least) after warm-up calls; `agree` makes every rank hold the same figures (the mean over the ranks,
+rank 0's copy everywhere), so that every rank plans alike.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
 
+from lightning_smartmoe.errors import ConfigError
+from lightning_smartmoe.models import GPTMoEConfig, OptimConfig
 from lightning_smartmoe.moe.experts import GroupedExperts
+from lightning_smartmoe.planner import memory
+from lightning_smartmoe.planner.hardware import OPS, Hardware, Link
+from lightning_smartmoe.zero import all_gather_single, reduce_scatter_single
+
+OPTIMIZER_MAX_PARAMS = 2**26  # the AdamW step is timed on at most this many parameters (1 GiB of fp32 state)
+EXPERT_MAX_GROUPS = 8  # the expert FFN fit uses 1, 2, 4 ... up to this many groups (or the rank's experts)
+EXPERT_MIN_ROWS = 16  # its smallest group
+SAMPLE_S = 0.02  # a timed sample runs calls back to back for this long at least: on a shared or oversubscribed CPU,
+# a millisecond call's own time mostly says whether the scheduler ran it; over 20 ms it averages to its share
+PAYLOAD_EXTENSIONS = 2  # a collective fit that sees no growth with payload measures again at 4x, this often at most
 
 
-def _median_seconds(run: Callable[[], None], repeats: int, warmup: int = 2) -> float:
-    times = []
-    for i in range(warmup + repeats):
-        start = time.perf_counter()
+def _seconds_per_call(run: Callable[[], object], device: torch.device, calls: int) -> float:
+    """Wall seconds per call of `calls` back-to-back calls of `run`, device work included (and nothing before)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
         run()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / calls
+
+
+def calls_per_sample(seconds: float) -> int:
+    """Back-to-back calls of a `seconds`-long call that make one timed sample last SAMPLE_S at least."""
+    return max(1, math.ceil(SAMPLE_S / seconds))
+
+
+def median_seconds(runs: Mapping[str, Callable[[], object]], device: torch.device, repeats: int,
+                   calls: Mapping[str, int] | None = None, before: Callable[[], object] | None = None,
+                   warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each of `runs`: `warmup` single calls each, then `repeats` rounds that time one
+    sample of every run in turn, `calls[name]` back-to-back calls (None: `calls_per_sample` of the last warm-up
+    call's time; local work only, as a collective's calls must be the same number on every rank). `before`
+    (untimed) precedes every call and sample, e.g. a barrier. Taking the runs in turn spreads a change of the
+    machine's load (other processes) over all of them alike."""
+    counts = {}
+    for name, run in runs.items():
+        last = 0.0
+        for _ in range(warmup):
+            if before is not None:
+                before()
+            last = _seconds_per_call(run, device, 1)
+        counts[name] = calls[name] if calls is not None else calls_per_sample(last)
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            if before is not None:
+                before()
+            samples[name].append(_seconds_per_call(run, device, counts[name]))
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+# ---- compute -------------------------------------------------------------------------------------------------------
+
+
+def _forward_backward(forward: Callable[[], Tensor], leaves: Sequence[Tensor]) -> Callable[[], None]:
+    """A training step of `forward`: its gradients on `leaves` cleared, then forward and backward (the output
+    gradient a real tensor of ones, of the output's dtype)."""
+    with torch.no_grad():
+        grad = torch.ones_like(forward())
+
+    def step() -> None:
+        for t in leaves:
+            t.grad = None
+        forward().backward(grad)
+
+    return step
+
+
+def experts_and_input(experts: int, d_model: int, hidden: int, rows: int, device: torch.device,
+                      dtype: torch.dtype) -> tuple[GroupedExperts, Tensor]:
+    """`GroupedExperts` of `experts` experts of d_model x hidden and an input of `rows` rows, in `dtype`, seeded."""
+    torch.manual_seed(0)
+    module = GroupedExperts(experts, d_model, hidden).to(device=device, dtype=dtype)
+    return module, torch.randn(rows, d_model, device=device, dtype=dtype)
+
+
+def expert_ffn_step(module: GroupedExperts, x: Tensor, counts: Sequence[int]) -> Callable[[], None]:
+    """`module`'s forward + backward (the layer's expert path, triton_ops.expert_ffn) on the first sum(counts) rows
+    of x, counts[e] of them for expert e."""
+    x = x[: sum(counts)].detach().requires_grad_()
+    return _forward_backward(lambda: module(x, list(counts)), [x, *module.parameters()])
 
 
 def expert_flops_per_s(
@@ -29,18 +120,75 @@ def expert_flops_per_s(
 ) -> float:
     """Effective FLOP/s of `GroupedExperts` forward + backward on `rows` rows split over `experts` experts of shape
     d_model x hidden: 6 * (2 * d_model * hidden) * rows / median time, the rate `Hardware.expert_flops` is."""
-    torch.manual_seed(0)
-    module = GroupedExperts(experts, d_model, hidden).to(device=device, dtype=dtype)
-    x = torch.randn(rows, d_model, device=device, dtype=dtype, requires_grad=True)
+    module, x = experts_and_input(experts, d_model, hidden, rows, device, dtype)
     counts = [rows // experts + (e < rows % experts) for e in range(experts)]
+    seconds = median_seconds({"": expert_ffn_step(module, x, counts)}, device, repeats)[""]
+    return 6 * 2 * d_model * hidden * rows / seconds
 
-    def step() -> None:
-        module.zero_grad(set_to_none=True)
-        module(x, counts).sum().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
-    return 6 * 2 * d_model * hidden * rows / _median_seconds(step, repeats)
+def linear_step(rows: int, d_in: int, d_out: int, device: torch.device, dtype: torch.dtype) -> Callable[[], None]:
+    """A bias-free linear layer's forward + backward (input and weight gradients: 6 * rows * d_in * d_out FLOPs),
+    input and weight in `dtype`."""
+    x = torch.randn(rows, d_in, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(d_out, d_in, device=device, dtype=dtype, requires_grad=True)
+    return _forward_backward(lambda: F.linear(x, w), [x, w])
+
+
+def attention_step(batch: int, heads: int, seq_len: int, head_dim: int, device: torch.device,
+                   dtype: torch.dtype) -> Callable[[], None]:
+    """Causal `scaled_dot_product_attention` forward + backward on q, k, v [batch, heads, seq_len, head_dim]."""
+    qkv = [torch.randn(batch, heads, seq_len, head_dim, device=device, dtype=dtype, requires_grad=True)
+           for _ in range(3)]
+    return _forward_backward(lambda: F.scaled_dot_product_attention(*qkv, is_causal=True), qkv)
+
+
+def adamw_step(params: int, device: torch.device, dtype: torch.dtype, optim: OptimConfig) -> Callable[[], object]:
+    """One torch.optim.AdamW step (the settings of `optim`, as training makes it) on one tensor of `params`
+    parameters in `dtype`."""
+    p = nn.Parameter(torch.zeros(params, device=device, dtype=dtype))
+    p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW([p], lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay)
+    return opt.step
+
+
+# ---- communication -------------------------------------------------------------------------------------------------
+
+
+def payload_elements(op: str, nbytes: int, n: int, element_size: int) -> int:
+    """Elements of `op`'s per-rank payload (hardware.py's convention) for about `nbytes` bytes on n ranks: rounded
+    down to whole elements, for all_to_all and reduce_scatter to a multiple of n; at least one per rank."""
+    count = max(1, nbytes // element_size)
+    if op in ("all_to_all", "reduce_scatter"):
+        count = max(n, count - count % n)
+    return count
+
+
+def collective_call(op: str, group: dist.ProcessGroup, nbytes: int, device: torch.device,
+                    dtype: torch.dtype) -> Callable[[], None]:
+    """One call of `op` inside `group` (every rank of the group makes it) with a payload of
+    `payload_elements(op, nbytes, ...)` elements of `dtype`. p2p: a ring shift, every rank sending to the next
+    rank of the group while receiving from the previous one."""
+    n = dist.get_world_size(group)
+    send = torch.zeros(payload_elements(op, nbytes, n, dtype.itemsize), dtype=dtype, device=device)
+    if op == "all_to_all":
+        recv = torch.empty_like(send)
+        return lambda: dist.all_to_all_single(recv, send, group=group)
+    if op == "all_reduce":
+        return lambda: dist.all_reduce(send, group=group)
+    if op == "all_gather":
+        gathered = send.new_empty(n * send.numel())
+        return lambda: all_gather_single(gathered, send, group=group)
+    if op == "reduce_scatter":
+        block = send.new_empty(send.numel() // n)
+        return lambda: reduce_scatter_single(block, send, group=group)
+    if op == "p2p":
+        ranks = dist.get_process_group_ranks(group)
+        i = ranks.index(dist.get_rank())
+        recv = torch.empty_like(send)
+        shift = [dist.P2POp(dist.isend, send, ranks[(i + 1) % n], group),
+                 dist.P2POp(dist.irecv, recv, ranks[(i - 1) % n], group)]
+        return lambda: [work.wait() for work in dist.batch_isend_irecv(shift)]
+    raise ValueError(f"unknown collective {op!r}; known: {', '.join(OPS)}")
 
 
 def link_bandwidth(group: dist.ProcessGroup, nbytes: int, device: torch.device, repeats: int = 5) -> float | None:
@@ -50,16 +198,61 @@ def link_bandwidth(group: dist.ProcessGroup, nbytes: int, device: torch.device, 
     if size == 1:
         return None
     per_peer = max(1, nbytes // 4)
-    send = torch.ones(size * per_peer, dtype=torch.float32, device=device)
-    recv = torch.empty_like(send)
+    call = collective_call("all_to_all", group, size * per_peer * 4, device, torch.float32)
+    seconds = median_seconds({"": call}, device, repeats, {"": 1}, before=lambda: dist.barrier(group))[""]
+    return (size - 1) * per_peer * 4 / seconds
 
-    def exchange() -> None:
-        dist.barrier(group)
-        dist.all_to_all_single(recv, send, group=group)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
-    return (size - 1) * per_peer * 4 / _median_seconds(exchange, repeats)
+def group_sizes(world: int, per_node: int) -> list[tuple[int, str]]:
+    """(n, scope) of every collective fit on `world` ranks, `per_node` to a node: n = 2, 4, 8 ... dividing the
+    world, and the world; groups of n consecutive ranks, `intra` when they share a node, `inter` when they span
+    whole nodes (a size whose groups would straddle node boundaries is left out)."""
+    sizes = sorted({2**i for i in range(1, world.bit_length()) if world % 2**i == 0} | {world})
+    return [(n, "intra" if per_node % n == 0 else "inter") for n in sizes if per_node % n == 0 or n % per_node == 0]
+
+
+# ---- fits ----------------------------------------------------------------------------------------------------------
+
+
+def nonnegative_fit(first: Sequence[float], second: Sequence[float], times: Sequence[float]) -> tuple[float, float]:
+    """Coefficients (x, y) >= 0 of t ~ x * first + y * second by least squares on relative errors ((fit - t) / t:
+    small and large cases count alike): the best non-negative one of the two-term solution and the one-term ones
+    (the other coefficient 0). Plain float arithmetic, so every rank gets the same bits from the same data."""
+    a = [u / t for u, t in zip(first, times)]
+    b = [v / t for v, t in zip(second, times)]
+    aa, bb, ab = sum(u * u for u in a), sum(v * v for v in b), sum(u * v for u, v in zip(a, b))
+    sa, sb = sum(a), sum(b)
+    candidates = [(0.0, 0.0), (sa / aa, 0.0) if aa else (0.0, 0.0), (0.0, sb / bb) if bb else (0.0, 0.0)]
+    det = aa * bb - ab * ab
+    if det > 0:
+        candidates.append(((sa * bb - sb * ab) / det, (sb * aa - sa * ab) / det))
+
+    def residual(x: float, y: float) -> float:
+        return sum((x * u + y * v - 1) ** 2 for u, v in zip(a, b))
+
+    return min((c for c in candidates if c[0] >= 0 and c[1] >= 0), key=lambda c: residual(*c))
+
+
+def fit_link(payloads: Sequence[float], times: Sequence[float]) -> Link:
+    """t = latency_s + payload / bytes_per_s fitted to (payload bytes, seconds); ValueError if the time does not
+    grow with the payload (noise larger than the transfer time: larger payloads are needed)."""
+    latency, inverse = nonnegative_fit([1.0] * len(payloads), payloads, times)
+    if inverse <= 0:
+        raise ValueError("the time does not grow with the payload")
+    return Link(latency, 1 / inverse)
+
+
+def fit_expert(rows: Sequence[int], groups: Sequence[int], times: Sequence[float],
+               flops_per_row: float) -> tuple[float, float]:
+    """(expert_flops, expert_group_s) of time = rows * flops_per_row / expert_flops + groups * expert_group_s
+    fitted to the cases (rows, non-empty groups, seconds); ValueError if the time does not grow with the rows."""
+    inverse, group_s = nonnegative_fit([r * flops_per_row for r in rows], groups, times)
+    if inverse <= 0:
+        raise ValueError("the expert FFN's time does not grow with its rows")
+    return 1 / inverse, group_s
+
+
+# ---- agreement -----------------------------------------------------------------------------------------------------
 
 
 def agree(figures: Mapping[str, float | None], device: torch.device) -> dict[str, float | None]:
@@ -71,3 +264,212 @@ def agree(figures: Mapping[str, float | None], device: torch.device) -> dict[str
         dist.all_reduce(values)
         dist.broadcast(values, src=0)
     return {k: float(total / count) if count else None for k, (total, count) in zip(keys, values.tolist())}
+
+
+# ---- the whole profile ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    repeats: int  # timed samples per figure (median), after warm-up calls
+    payload_bytes: tuple[int, ...]  # per-rank payloads of every collective fit
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    """What one rank of a layout computes per micro-batch: its share of every linear layer (tensor parallelism
+    cuts columns or rows, heads and vocabulary), its attention heads, its experts and routed rows, and the
+    parameters its optimizer steps (the busiest rank's, planner.memory)."""
+
+    precision: str  # trainer.precision: parameters in memory.PARAM_DTYPES; compute in bf16 under bf16-*
+    batch: int  # sequences per micro-batch
+    seq_len: int
+    heads: int
+    head_dim: int
+    linears: tuple[tuple[str, int, int, int, int], ...]  # (name, rows, d_in, d_out, calls per forward)
+    d_model: int
+    expert_hidden: int
+    expert_slots: int  # experts on the rank
+    expert_rows: int  # rows of each of its experts under balanced routing
+    params: int
+    optim: OptimConfig
+
+    @classmethod
+    def of(cls, cfg: GPTMoEConfig, layout: memory.Layout, optim: OptimConfig) -> ModelShapes:
+        sizes, d = layout.sizes, cfg.d_model
+        tp = sizes.tp
+        tokens = layout.micro_sequences * cfg.seq_len
+        moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+        dense_layers = cfg.n_layers - moe_layers
+        linears = [("qkv", tokens, d, 3 * d // tp, cfg.n_layers), ("attn.proj", tokens, d // tp, d, cfg.n_layers),
+                   ("ffn.fc", tokens, d, cfg.hidden // tp, dense_layers),
+                   ("ffn.proj", tokens, cfg.hidden // tp, d, dense_layers),
+                   ("lm_head", tokens, d, cfg.vocab_size // tp, 1)]
+        routed = tokens // (tp if tp > 1 and not sizes.expert_tp else 1) * cfg.moe.top_k  # TP ranks route a slice each
+        slots = cfg.moe.num_experts // sizes.ep
+        param_bytes = memory.largest(memory.rank_memory(cfg, layout)).params_bytes
+        return cls(
+            precision=layout.precision, batch=layout.micro_sequences, seq_len=cfg.seq_len, heads=cfg.n_heads // tp,
+            head_dim=d // cfg.n_heads, linears=tuple(x for x in linears if x[4]), d_model=d,
+            expert_hidden=(cfg.moe.expert_hidden or cfg.hidden) // (tp if sizes.expert_tp else 1), expert_slots=slots,
+            expert_rows=max(1, routed // slots), params=param_bytes // memory.PARAM_DTYPES[layout.precision].itemsize,
+            optim=optim,
+        )
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return memory.PARAM_DTYPES[self.precision]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.precision.startswith("bf16") else self.param_dtype
+
+    @property
+    def expert_cases(self) -> list[tuple[int, int]]:
+        """(groups, rows per group) of the expert FFN fit: 1, 2, 4 ... groups up to EXPERT_MAX_GROUPS or the rank's
+        experts, times group sizes halving from twice the balanced size (at least 64) down to EXPERT_MIN_ROWS."""
+        most = min(self.expert_slots, EXPERT_MAX_GROUPS)
+        groups = sorted({2**i for i in range(most.bit_length()) if 2**i <= most} | {most})
+        top = max(2 * self.expert_rows, 4 * EXPERT_MIN_ROWS)
+        rows = [top >> i for i in range(top.bit_length()) if top >> i >= EXPERT_MIN_ROWS]
+        return [(g, r) for g in groups for r in rows]
+
+    @property
+    def expert_flops_per_row(self) -> int:
+        """Forward + backward FLOPs of one row through one expert: 3 x 2 matmuls of 2 * d_model * hidden."""
+        return 12 * self.d_model * self.expert_hidden
+
+    @property
+    def attention_flops(self) -> int:
+        """FLOPs of the attention core's forward + backward on one micro-batch: per token 4 * seq_len * (heads *
+        head_dim) forward (scores q k^T and the weighted sum of v, 2 * seq_len * head_dim each per head), halved
+        for the causal mask, times 3 for forward + backward (two matmuls backward per matmul forward)."""
+        return self.batch * self.seq_len * 4 * self.seq_len * self.heads * self.head_dim // 2 * 3
+
+    @property
+    def optimizer_params(self) -> int:
+        return min(self.params, OPTIMIZER_MAX_PARAMS)
+
+
+def _compute_times(shapes: ModelShapes, repeats: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of every compute figure at `shapes`: each linear layer, each expert FFN case, the attention
+    core and the AdamW step, taken in turn (`median_seconds`), as training runs them: parameters in their own
+    dtype, under autocast to the compute dtype where the precision is mixed."""
+    mixed = shapes.compute_dtype != shapes.param_dtype
+    steps: dict[str, Callable[[], object]] = {}
+    with torch.autocast(device.type, dtype=shapes.compute_dtype) if mixed else nullcontext():
+        for name, rows, d_in, d_out, _ in shapes.linears:
+            steps[f"gemm/{name}"] = linear_step(rows, d_in, d_out, device, shapes.param_dtype)
+        for groups in sorted({g for g, _ in shapes.expert_cases}):
+            rows = [r for g, r in shapes.expert_cases if g == groups]
+            module, x = experts_and_input(groups, shapes.d_model, shapes.expert_hidden, groups * max(rows), device,
+                                          shapes.param_dtype)
+            steps.update({f"expert/{groups}/{r}": expert_ffn_step(module, x, [r] * groups) for r in rows})
+        steps["attention"] = attention_step(shapes.batch, shapes.heads, shapes.seq_len, shapes.head_dim, device,
+                                            shapes.compute_dtype)
+        steps["optimizer"] = adamw_step(shapes.optimizer_params, device, shapes.param_dtype, shapes.optim)
+        return median_seconds(steps, device, repeats)
+
+
+def _collective_dtype(op: str, shapes: ModelShapes) -> torch.dtype:
+    """Reductions carry gradients (the parameters' dtype); all-to-all, all-gather and point-to-point carry
+    activations and weights (the compute dtype)."""
+    return shapes.param_dtype if op in ("all_reduce", "reduce_scatter") else shapes.compute_dtype
+
+
+def _fit_collective(op: str, group: dist.ProcessGroup, shapes: ModelShapes, settings: ProfileSettings,
+                    device: torch.device) -> Link:
+    """`op`'s fit inside `group` (collective over the world: every rank fits its own group's, all at once, a world
+    barrier before each timed sample, the payloads in turn); the times agreed over the ranks. A fit that finds no
+    growth of time with payload measures again at 4x the largest payload, at most PAYLOAD_EXTENSIONS times, then
+    raises ConfigError."""
+    n, dtype = dist.get_world_size(group), _collective_dtype(op, shapes)
+    payloads, times = list(settings.payload_bytes), {}
+    for extension in range(PAYLOAD_EXTENSIONS + 1):
+        if extension:
+            payloads.append(4 * payloads[-1])
+        calls = {str(b): collective_call(op, group, b, device, dtype) for b in payloads[len(times):]}
+        first = median_seconds(calls, device, 1, dict.fromkeys(calls, 1), dist.barrier)  # after 2 warm-up calls
+        counts = {k: calls_per_sample(t) for k, t in agree(first, device).items()}  # the same on every rank
+        times.update(median_seconds(calls, device, settings.repeats, counts, dist.barrier, warmup=0))
+        agreed = agree(times, device)
+        try:
+            return fit_link([payload_elements(op, b, n, dtype.itemsize) * dtype.itemsize for b in payloads],
+                            [agreed[str(b)] for b in payloads])
+        except ValueError as err:
+            error = err
+    raise ConfigError(f"payload_bytes={list(settings.payload_bytes)}: {op} on {n} ranks: {error} up to {payloads[-1]} "
+                      "bytes; give larger payloads or more repeats")
+
+
+def _collective_fits(shapes: ModelShapes, settings: ProfileSettings, device: torch.device,
+                     per_node: int) -> dict[str, dict[str, dict[int, Link]]]:
+    """Every op's fit on every group size (`group_sizes`), each rank in its group of consecutive ranks."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    fits: dict[str, dict[str, dict[int, Link]]] = {op: {} for op in OPS}
+    for n, scope in group_sizes(world, per_node):
+        groups = [dist.new_group(list(range(start, start + n))) for start in range(0, world, n)]
+        for op in OPS:
+            fits[op].setdefault(scope, {})[n] = _fit_collective(op, groups[rank // n], shapes, settings, device)
+    return fits
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"cpu ({model})"
+
+
+def device_memory_gb(device: torch.device, processes_per_node: int) -> float:
+    """GiB one rank may use: a GPU's total memory; on a CPU, the host's memory over its processes."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 2**30
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 / processes_per_node
+
+
+def profile(shapes: ModelShapes, settings: ProfileSettings, device: torch.device, per_node: int,
+            source: str) -> tuple[Hardware, dict[str, float]]:
+    """Every Hardware field, measured on the world's ranks at `shapes` (collective: every rank calls it with the
+    same arguments, on its own device; all measure at the same time, as in training). Every timing is agreed over
+    the ranks before it is fitted, and rank 0's Hardware (its device name and `source`) is broadcast: every rank
+    returns the same one, with the agreed compute timings (seconds by name) it was fitted to. ConfigError if a fit
+    finds no growth of time with size."""
+    times = _compute_times(shapes, settings.repeats, device)
+    times["memory_gb"] = device_memory_gb(device, per_node)
+    t = agree(times, device)
+    weights = [(calls * 6 * rows * d_in * d_out, calls * t[f"gemm/{name}"])
+               for name, rows, d_in, d_out, calls in shapes.linears]
+    cases = shapes.expert_cases
+    try:
+        expert_flops, expert_group_s = fit_expert(
+            [g * r for g, r in cases], [g for g, _ in cases], [t[f"expert/{g}/{r}"] for g, r in cases],
+            shapes.expert_flops_per_row)
+    except ValueError as err:
+        raise ConfigError(f"repeats={settings.repeats}: {err}; measure with more repeats") from None
+    collectives = _collective_fits(shapes, settings, device, per_node)
+    hw = [Hardware(
+        name=device_name(device), source=source, gpus_per_node=per_node, memory_gb=t["memory_gb"],
+        gemm_flops=sum(f for f, _ in weights) / sum(s for _, s in weights),
+        expert_flops=expert_flops, expert_group_s=expert_group_s,
+        attention_flops=shapes.attention_flops / t["attention"],
+        optimizer_s_per_param=t["optimizer"] / shapes.optimizer_params,
+        collectives=collectives,
+    )]
+    dist.broadcast_object_list(hw, src=0, device=device)  # nodes may differ in host and device names
+    return hw[0], t
+
+
+def group_slowdown(hw: Hardware, rows: int, flops_per_row: float) -> float:
+    """Time per row of an expert group of `rows` rows over that of a very large group, under hw's fit."""
+    return 1 + hw.expert_group_s * hw.expert_flops / (rows * flops_per_row)
+
+
+def expert_fit_errors(hw: Hardware, shapes: ModelShapes, times: Mapping[str, float]) -> list[float]:
+    """(fit - measured) / measured of hw's expert FFN fit on each case of `shapes.expert_cases` (`times`: profile's)."""
+    return [g * (r * shapes.expert_flops_per_row / hw.expert_flops + hw.expert_group_s) / times[f"expert/{g}/{r}"] - 1
+            for g, r in shapes.expert_cases]

@@ -1,0 +1,124 @@
+"""smartmoe-profile measures on real gloo processes and writes a calibration that planner.hardware loads; bad
+input ends it with one line and exit code 2 before any process starts."""
+
+import math
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import cli
+from lightning_smartmoe import config, profile
+from lightning_smartmoe.planner import hardware
+
+config.register_recipes()
+
+TINY = ("recipe=gpt_moe_tiny", "model.n_layers=2", "model.d_model=64", "model.seq_len=32", "data.global_batch_size=4")
+
+
+@pytest.mark.timeout(90)
+def test_two_processes_write_a_calibration_that_loads(tmp_path):
+    out = tmp_path / "cpu2.yaml"
+    run = cli.run("lightning_smartmoe.profile", *TINY, "trainer.devices=2", "parallel.ep=2", "repeats=2",
+                  "payload_bytes=[4096,65536,1048576]", f"out={out}", cwd=tmp_path, timeout=80)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu2.yaml"]  # no temporary file left, no run folder
+    hw = hardware.load(out)
+    rates = (hw.memory_gb, hw.gemm_flops, hw.expert_flops, hw.attention_flops, hw.optimizer_s_per_param)
+    assert all(math.isfinite(x) and x > 0 for x in rates), hw
+    assert hw.expert_group_s > 0  # small groups run slower per row (measured here: 1.7x at 64 rows, 3.7x at 16)
+    assert sorted(hw.collectives) == sorted(hardware.OPS)
+    for op, scopes in hw.collectives.items():
+        assert list(scopes) == ["intra"] and list(scopes["intra"]) == [2], op
+        link = scopes["intra"][2]
+        assert math.isfinite(link.latency_s) and link.latency_s >= 0 and math.isfinite(link.bytes_per_s), op
+    assert hw.gpus_per_node == 2 and hw.source.startswith("measured on ") and "trainer.devices=2" in hw.source
+    digests = re.findall(r"rank (\d) of 2 holds figures (\w+)", run.stdout)
+    assert sorted(r for r, _ in digests) == ["0", "1"] and len({d for _, d in digests}) == 1, run.stdout
+    assert "expert FFN" in run.stdout and f"wrote {out}" in run.stdout
+
+
+@pytest.mark.timeout(150)
+def test_bad_input_on_the_command_line_starts_no_process(tmp_path):
+    run = cli.run("lightning_smartmoe.profile", "trainer.devices=2", cwd=tmp_path, timeout=120)
+    assert run.returncode == 2, run.stderr[-2000:]
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert lines == ["smartmoe-profile: error: out is required: out=PATH, the calibration YAML to write"], lines
+    assert run.children_seen == set() and list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path):
+    """A folder this process may not create files in: read-only for a user; immutable (chattr +i) for root,
+    whom permissions do not stop."""
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o500)
+        yield folder
+        folder.chmod(0o700)
+        return
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("root, and chattr +i is not available here")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["trainer.devices=1", "out=x.yaml"], r"trainer\.devices=1: smartmoe-profile fits collectives between the "
+                                              r"processes of a node; give trainer\.devices >= 2"),
+        (["+outt=x.yaml", "out=x.yaml"], r"outt is not a known key; allowed: .*\bout\b.*\brepeats\b"),
+        (["+parallel.dpp=2", "out=x.yaml"], r"parallel\.dpp is not a known key"),
+        (["out=x.yaml", "repeats=0"], r"repeats=0 must be an integer >= 1"),
+        (["out=x.yaml", "payload_bytes=[1024,1024]"], r"payload_bytes=\[1024, 1024\] must be a list of at least 2 "),
+        (["out=x.yaml", "trainer.precision=16-mixed"], r"trainer\.precision='16-mixed': smartmoe-profile measures at "),
+        (["out={tmp}"], r"out='.*' is a directory; give the path of the YAML file to write"),
+        (["out={tmp}/no/such/x.yaml"], r"out='.*/no/such/x\.yaml': there is no directory .*/no/such$"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, overrides, message):
+    cfg = _profile_cfg(["trainer.devices=2", *(o.format(tmp=tmp_path) for o in overrides)])
+    with pytest.raises(SystemExit) as stop:
+        profile.run(cfg)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.match(r"smartmoe-profile: error: " + message, err), err
+
+
+def test_unwritable_folder_exits_2(unwritable_dir, capsys):
+    with pytest.raises(SystemExit) as stop:
+        profile.run(_profile_cfg(["trainer.devices=2", f"out={unwritable_dir}/x.yaml"]))
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"smartmoe-profile: error: out='{unwritable_dir}/x.yaml': directory "
+                                               f"{unwritable_dir} is not writable")
+
+
+def _profile_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(config.conf_dir()), version_base="1.3"):
+        return compose(config_name="profile", overrides=[*TINY, *overrides])
+
+
+def test_write_leaves_the_old_file_whole_when_writing_fails(tmp_path, monkeypatch):
+    """The file is written beside its final name and renamed: a failure mid-write leaves the previous one."""
+    out = tmp_path / "hw.yaml"
+    hardware.BUILTIN["h100"].to_yaml(out)
+    before = out.read_text()
+
+    def fail(self, path):
+        Path(path).write_text("name: half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(hardware.Hardware, "to_yaml", fail)
+    with pytest.raises(OSError, match="disk full"):
+        profile.write(hardware.BUILTIN["a100"], out)
+    assert out.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["hw.yaml"]
+    monkeypatch.undo()
+    profile.write(hardware.BUILTIN["a100"], out)
+    assert hardware.load(out) == hardware.BUILTIN["a100"]
