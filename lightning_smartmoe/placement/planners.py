@@ -136,9 +136,10 @@ def _pack(loads: torch.Tensor, replicas: Sequence[int], capacity: int, current: 
     distinct ranks with fewer than `capacity` experts. Returns the experts of each rank. An expert gets fewer
     replicas only if fewer ranks have room for it.
 
-    Where the group spans nodes (cost.ranks_per_node < ep), an expert's replicas may instead go to the least-loaded
-    ranks of one node: the choice whose busiest chosen rank finishes first, its rows (cost.row_s each) plus the
-    expert's gradient exchange over the link it would use (ExpertLayerCost.exchange_time), wins; ties: one node."""
+    Where the group spans nodes (cost.ranks_per_node < ep) and an expert's replicas would too, they may instead go
+    to the least-loaded ranks of one node: of those choices, the one whose busiest chosen rank finishes first, its
+    rows (cost.row_s each) plus the expert's gradient exchange over the link it would use
+    (ExpertLayerCost.exchange_time), wins; ties: one node, then the lower node."""
     load = loads.tolist()
     ep, spr = current.ep, current.slots_per_rank
     per_node = min(ep, cost.ranks_per_node) if cost is not None else ep
@@ -148,30 +149,14 @@ def _pack(loads: torch.Tensor, replicas: Sequence[int], capacity: int, current: 
             home[e].append(slot // spr)
     rank_load = [0.0] * ep
     version = [0] * ep  # a heap entry (load, rank, version) is stale once its rank's version moved on
-    heaps = [[(0.0, r, 0) for r in range(n, min(ep, n + per_node))] for n in range(0, ep, per_node)]
+    heap = [(0.0, r, 0) for r in range(ep)]
     rank_experts: list[list[int]] = [[] for _ in range(ep)]
-
-    def pop(heap: list) -> int | None:
-        while heap:
-            _, r, v = heapq.heappop(heap)
-            if v == version[r]:
-                return r
-        return None
-
-    def push(r: int) -> None:
-        heapq.heappush(heaps[r // per_node], (rank_load[r], r, version[r]))
-
-    def finish(taken: list[int], share: float, inter: bool) -> float:
-        return (rank_load[taken[-1]] + share) * cost.row_s + cost.exchange_time(len(taken), inter)
 
     for e in sorted(range(len(load)), key=lambda e: (-load[e] / replicas[e], e)):
         taken: list[int] = []
-        while len(taken) < replicas[e]:  # the least-loaded ranks over all nodes
-            tops = [(h[0][0], h[0][1], i) for i, h in enumerate(heaps) if h]
-            if not tops:
-                break
-            r = pop(heaps[min(tops)[2]])
-            if r is not None and r not in taken:  # a rank may have two live entries (pushed back twice)
+        while heap and len(taken) < replicas[e]:
+            _, r, v = heapq.heappop(heap)
+            if v == version[r] and r not in taken:  # a rank put back below may have two live entries
                 taken.append(r)
         if not taken:
             break
@@ -182,27 +167,27 @@ def _pack(loads: torch.Tensor, replicas: Sequence[int], capacity: int, current: 
             if not strangers:
                 break
             taken.remove(strangers[-1])
-            push(strangers[-1])
+            heapq.heappush(heap, (edge, strangers[-1], version[strangers[-1]]))
             taken.append(h)
-        if len(heaps) > 1 and len(taken) > 1 and len({r // per_node for r in taken}) > 1:
-            for r in taken:  # back in their heaps while the nodes are searched; taking a rank below retires its entry
-                push(r)
-            share, spread = load[e] / len(taken), sorted(taken, key=rank_load.__getitem__)
-            best, best_s = spread, finish(spread, share, True)
-            for heap in heaps:  # the same number of ranks inside one node, if one has room
-                local: list[int] = []
-                while len(local) < len(taken) and (r := pop(heap)) is not None:
-                    if r not in local:
-                        local.append(r)
-                for r in local:
-                    push(r)
-                if len(local) == len(taken) and finish(local, share, False) <= best_s:
-                    best, best_s = local, finish(local, share, False)
-            taken = best
+        if 1 < len(taken) <= per_node and len({r // per_node for r in taken}) > 1:
+            k, best = len(taken), taken
+            # the busiest chosen rank's finish, in rows: the exchange over each link counted as rows of compute
+            best_rows = max(rank_load[r] for r in taken) + cost.exchange_time(k, True) / cost.row_s
+            intra_rows = cost.exchange_time(k, False) / cost.row_s
+            for first in range(0, ep, per_node):  # the same number of ranks inside one node, if one has room
+                room = [(rank_load[r], r) for r in range(first, min(ep, first + per_node)) if len(rank_experts[r]) < capacity]
+                if len(room) >= k:
+                    local = heapq.nsmallest(k, room)
+                    if local[-1][0] + intra_rows <= best_rows:
+                        best, best_rows = [r for _, r in local], local[-1][0] + intra_rows
+            if best is not taken:
+                for r in taken:  # back in the heap; the ranks taken instead retire their entries below
+                    heapq.heappush(heap, (rank_load[r], r, version[r]))
+                taken = best
         for r in taken:
             rank_load[r] += load[e] / len(taken)
             rank_experts[r].append(e)
             version[r] += 1
             if len(rank_experts[r]) < capacity:
-                push(r)
+                heapq.heappush(heap, (rank_load[r], r, version[r]))
     return rank_experts

@@ -400,7 +400,7 @@ class CostModel:
         overlap = self.replica_overlap(layout)
         for stage in range(sizes.pp):
             layers = [i for i in moe_layers if (i // per) % sizes.pp == stage]
-            for position, i in enumerate(sorted(layers, reverse=True)):  # backward order: the last layer first
+            for position, i in enumerate(sorted(layers)):  # forward order: layer i hides under the ones before it
                 cost = self.expert_layer(layout, hidden_phases=position if overlap else 0)
                 compute, a2a, exposed = cost.terms(placements[i].rank_experts, placements[i].load)
                 micro = m * layout.accumulate
