@@ -1,6 +1,7 @@
 """From a composed Hydra config to checked objects. Every check runs here, before any process starts: unknown keys
 in any group are refused with the allowed ones, and every value is type- and range-checked."""
 
+import dataclasses
 import inspect
 import math
 import os
@@ -18,6 +19,7 @@ from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
+import yaml
 
 from lightning_smartmoe.callbacks import ExpertPlacementCallback
 from lightning_smartmoe.checkpoint import newest
@@ -29,13 +31,19 @@ from lightning_smartmoe.moe import MoEConfig
 from lightning_smartmoe.placement import PLANNERS
 from lightning_smartmoe.planner import hardware as hardware_profiles
 from lightning_smartmoe.planner import memory
+from lightning_smartmoe.planner import search as planner_search
+from lightning_smartmoe.planner.cost import CostModel
 from lightning_smartmoe.planner.memory import Layout
 from lightning_smartmoe.planner.profile import ProfileSettings
 
 PACKAGE = Path(__file__).resolve().parent
 GROUPS = ("model", "moe", "parallel", "placement", "data", "optim", "trainer", "logger", "callbacks")
-TOP_LEVEL = ("seed", "ckpt_path", "checkpoint_every_n_steps", "dry_run", "memory_gb", "hardware")
+TOP_LEVEL = ("seed", "ckpt_path", "checkpoint_every_n_steps", "dry_run", "memory_gb", "hardware", "plan", "workload")
 PROFILE_KEYS = ("out", "repeats", "payload_bytes")  # smartmoe-profile's own top-level keys (conf/profile.yaml)
+PLAN_KEYS = ("world", "gpus_per_node", "top", "out")  # smartmoe-plan's (conf/plan.yaml)
+PLANNED = {"parallel": ("dp", "tp", "pp", "ep", "expert_tp", "sequence_parallel", "microbatches", "pp_schedule",
+                        "virtual_stages", "zero"),
+           "placement": ("policy", "extra_slots")}  # the keys a plan file sets
 SET_BY_CLI = ("strategy", "logger", "callbacks")  # Trainer arguments that smartmoe-train fills in itself
 
 
@@ -208,6 +216,7 @@ def _check_parallel(p: DictConfig) -> None:
         _integer(f"parallel.{key}", p[key], 1)
     _boolean("parallel.sequence_parallel", p.sequence_parallel)
     _boolean("parallel.expert_tp", p.expert_tp)
+    _boolean("parallel.auto", p.auto)
     _choice("parallel.start_method", p.start_method, ("popen", "spawn"))
     _number("parallel.bucket_mb", p.bucket_mb, _positive, "> 0")
     _number("parallel.timeout_s", p.timeout_s, _positive, "> 0 (seconds)")
@@ -233,12 +242,13 @@ def _check_data(d: DictConfig) -> None:
     _integer("data.seed", d.seed, 0)
 
 
-def check_run(cfg: DictConfig, tool_keys: typing.Iterable[str] = ()) -> None:
+def check_run(cfg: DictConfig, tool_keys: typing.Iterable[str] = (), here: bool | None = None) -> None:
     """Every key known (those of smartmoe-train, and a tool's own top-level `tool_keys`) and every value of the run
-    settings in range (the model, moe and optim dataclasses check their own when built)."""
+    settings in range (the model, moe and optim dataclasses check their own when built). `here`: the run is to
+    start on this machine (default: unless dry_run), so its accelerator must exist."""
     _check_keys(cfg, tool_keys)
     _boolean("dry_run", cfg.dry_run)
-    _check_trainer(cfg.trainer, here=not cfg.dry_run)
+    _check_trainer(cfg.trainer, here=not cfg.dry_run if here is None else here)
     _check_parallel(cfg.parallel)
     _check_placement(cfg.placement)
     _check_data(cfg.data)
@@ -248,6 +258,59 @@ def check_run(cfg: DictConfig, tool_keys: typing.Iterable[str] = ()) -> None:
     hardware(cfg)
     if cfg.ckpt_path is not None and not isinstance(cfg.ckpt_path, str):
         raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} must be a checkpoint folder, 'last' or null")
+    if cfg.plan is not None and not isinstance(cfg.plan, str):
+        raise ConfigError(f"plan={cfg.plan!r} must be the path of a plan written by smartmoe-plan, or null")
+    if cfg.plan is not None and cfg.parallel.auto:
+        raise ConfigError(f"plan={cfg.plan!r} and parallel=auto both choose the layout; give one")
+
+
+def search(cfg: DictConfig, model: GPTMoEConfig, world: int, gpus_per_node: int | None = None,
+           policies: typing.Sequence[tuple[str, int]] = planner_search.POLICIES) -> dict:
+    """planner.search over `world` ranks for this run's model, batch, precision, `hardware` (its GPUs per node
+    replaced by `gpus_per_node`), `workload` and `memory_gb` (default: the hardware's)."""
+    hw = hardware(cfg)
+    if gpus_per_node is not None:
+        hw = dataclasses.replace(hw, gpus_per_node=gpus_per_node)
+    load = planner_search.workload(cfg.workload, model.moe.num_experts)
+    memory_gb = cfg.memory_gb if cfg.memory_gb is not None else hw.memory_gb
+    return planner_search.search(model, CostModel(model, hw), load, world, cfg.data.global_batch_size,
+                                 str(cfg.trainer.precision), memory_gb, policies, cfg.trainer.accumulate_grad_batches)
+
+
+def apply_overrides(cfg: DictConfig, where: str, data: object) -> None:
+    """Set a plan's parallel.* and placement.* keys (`data`, from `where`) in `cfg`, checked."""
+    if not isinstance(data, dict) or set(data) != set(PLANNED):
+        raise ConfigError(f"{where}: a plan maps exactly {' and '.join(PLANNED)} to their keys")
+    for group, keys in PLANNED.items():
+        if not isinstance(data[group], dict):
+            raise ConfigError(f"{where}: {group} must map keys to values")
+        _unknown(f"{where}: {group}.", data[group].keys(), keys)
+        for key, value in data[group].items():
+            OmegaConf.update(cfg, f"{group}.{key}", value)
+    _check_parallel(cfg.parallel)
+    _check_placement(cfg.placement)
+
+
+def choose_layout(cfg: DictConfig, model: GPTMoEConfig) -> None:
+    """`plan=PATH` or `parallel=auto`: set the layout and placement keys in `cfg` from the plan file or from the
+    best plan of a search over this run's world (before any process starts)."""
+    if cfg.plan is not None:
+        apply_plan(cfg, cfg.plan)
+    elif cfg.parallel.auto:
+        best = search(cfg, model, cfg.trainer.devices * cfg.trainer.num_nodes)["plans"][0]
+        apply_overrides(cfg, "parallel=auto", best.overrides())
+
+
+def apply_plan(cfg: DictConfig, path: str) -> None:
+    """Set the parallel.* and placement.* keys of a plan file (written by smartmoe-plan) in `cfg`, checked."""
+    where = f"plan={path!r}"
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file; write one with smartmoe-plan out=PATH") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{where}: not a readable YAML plan: {err}") from None
+    apply_overrides(cfg, where, data)
 
 
 def parallel_sizes(cfg: DictConfig) -> ParallelSizes:

@@ -44,6 +44,7 @@ def check(cfg: DictConfig, load_data: bool, tool_keys: tuple[str, ...] = ()):
     top-level keys of another command that takes smartmoe-train's config (smartmoe-profile). Raises ConfigError."""
     config.check_run(cfg, tool_keys)
     model_cfg = config.model_config(cfg)
+    config.choose_layout(cfg, model_cfg)
     config.optim_config(cfg)
     sizes = config.parallel_sizes(cfg)
     sizes.check_experts(model_cfg.moe.num_experts)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from lightning_smartmoe.layout import ParallelSizes
 from lightning_smartmoe.models.gpt_moe import GPTMoEConfig
@@ -85,6 +85,18 @@ class Scopes:
     @property
     def pp(self) -> bool:  # a stage's peer is plane ranks away; some boundary crosses nodes once the stages do
         return self.sizes.plane >= self.gpus_per_node or self._inter(self.sizes.pp * self.sizes.plane)
+
+
+@dataclass(frozen=True)
+class RankLoads:
+    """Per rank of an expert-parallel group under one placement and load: rows computed, experts held, and the
+    replica-gradient copies it sends inside its node and across nodes (2 (r - 1) / r per replicated expert)."""
+
+    rows: tuple[float, ...]
+    slots: tuple[int, ...]
+    intra: tuple[float, ...]
+    inter: tuple[float, ...]
+    total: float
 
 
 @dataclass(frozen=True)
@@ -162,29 +174,32 @@ class ExpertLayerCost:
         link = (self.exchange_inter or self.exchange) if inter else self.exchange
         return 2 * link.time((replicas - 1) / replicas * self.grad_bytes)
 
-    def terms(self, rank_experts: Sequence[Sequence[int]], load: Sequence[float]) -> tuple[float, float, float]:
-        """(expert compute, all-to-all, exposed replica exchange) seconds per step when rank r holds the experts
-        rank_experts[r] (replicas split their load evenly): the busiest rank's compute, the busiest rank's
-        traffic, the rank whose exchange is exposed longest."""
+    def rank_loads(self, rank_experts: Sequence[Sequence[int]], load: Sequence[float]) -> RankLoads:
+        """What `terms` needs of a placement and a load: rank r holds the experts rank_experts[r], replicas split
+        their load evenly, an expert whose replicas span nodes exchanges across them."""
         replicas = _replicas(rank_experts, len(load))
         nodes: list[set[int]] = [set() for _ in load]
         for r, experts in enumerate(rank_experts):
             for e in experts:
                 nodes[e].add(r // self.ranks_per_node)
-        rows = [sum(load[e] / replicas[e] for e in experts) for experts in rank_experts]
-        compute = max(r * self.row_s + len(experts) * self.group_s for r, experts in zip(rows, rank_experts))
-        exposed = 0.0
+        intra, inter = [], []
         for experts in rank_experts:
-            intra = inter = 0.0
-            for e in experts:
-                if replicas[e] > 1:
-                    share = 2 * (replicas[e] - 1) / replicas[e]
-                    if len(nodes[e]) > 1:
-                        inter += share
-                    else:
-                        intra += share
-            exposed = max(exposed, self._exposed(intra, compute, inter))
-        return compute, self._a2a(rows, sum(load)), exposed
+            shares = [(2 * (replicas[e] - 1) / replicas[e], len(nodes[e]) > 1) for e in experts if replicas[e] > 1]
+            intra.append(sum(x for x, spans in shares if not spans))
+            inter.append(sum(x for x, spans in shares if spans))
+        rows = tuple(sum(load[e] / replicas[e] for e in experts) for experts in rank_experts)
+        return RankLoads(rows, tuple(len(e) for e in rank_experts), tuple(intra), tuple(inter), float(sum(load)))
+
+    def terms(self, rank_experts: Sequence[Sequence[int]], load: Sequence[float], scale: float = 1.0,
+              loads: RankLoads | None = None) -> tuple[float, float, float]:
+        """(expert compute, all-to-all, exposed replica exchange) seconds per step when rank r holds the experts
+        rank_experts[r] and expert e computes load[e] x scale rows (`loads`: their rank_loads, if known): the
+        busiest rank's compute, the busiest rank's traffic, the rank whose exchange is exposed longest."""
+        loads = loads or self.rank_loads(rank_experts, load)
+        rows = [r * scale for r in loads.rows]
+        compute = max(r * self.row_s + n * self.group_s for r, n in zip(rows, loads.slots))
+        exposed = max(self._exposed(a, compute, b) for a, b in zip(loads.intra, loads.inter))
+        return compute, self._a2a(rows, loads.total * scale), exposed
 
     def layout_time(self, rank_experts: Sequence[Sequence[int]], load: Sequence[float]) -> float:
         """Seconds per step when rank r holds the experts rank_experts[r] (the sum of `terms`)."""
@@ -296,6 +311,7 @@ class LayerPlacement:
 
     rank_experts: tuple[tuple[int, ...], ...]
     load: tuple[float, ...]
+    scale: float = 1.0  # the rows are load x scale
 
 
 @dataclass
@@ -309,6 +325,9 @@ class CostModel:
     hardware: Hardware
     tables: dict = field(default_factory=dict)
     memories: dict = field(default_factory=dict)
+    stages: dict = field(default_factory=dict)  # _stage_common by (layout, stage)
+    experts: dict = field(default_factory=dict)  # expert_layer by its inputs
+    loads: dict = field(default_factory=dict)  # RankLoads by (placement, load, ranks per node)
 
     # ---- per-layer pieces ---------------------------------------------------------------------------------------
 
@@ -320,9 +339,12 @@ class CostModel:
         """The placement-dependent cost of one MoE layer under `layout` (hidden_phases: phases of its replica
         exchange that later MoE layers' backward can hide, 0-2)."""
         cfg, sizes = self.cfg, layout.sizes
-        hidden = (cfg.moe.expert_hidden or cfg.hidden) // (sizes.tp if sizes.expert_tp else 1)
-        return expert_layer_cost(self.hardware, sizes, cfg.d_model, hidden, layout.precision,
-                                 layout.microbatches * layout.accumulate, cfg.recompute == "full", hidden_phases)
+        key = (sizes, layout.microbatches * layout.accumulate, layout.precision, hidden_phases)
+        if key not in self.experts:
+            hidden = (cfg.moe.expert_hidden or cfg.hidden) // (sizes.tp if sizes.expert_tp else 1)
+            self.experts[key] = expert_layer_cost(self.hardware, sizes, cfg.d_model, hidden, layout.precision, key[1],
+                                                  cfg.recompute == "full", hidden_phases)
+        return self.experts[key]
 
     def rows_per_step(self, layout: Layout) -> float:
         """Assignments one expert-parallel group computes per step: its ranks' tokens x top_k."""
@@ -368,13 +390,28 @@ class CostModel:
 
     def _stage(self, layout: Layout, stage: int, experts: dict[int, Breakdown]) -> Breakdown:
         """One rank of `stage` (all its virtual stages), one micro-batch: forward and backward of its layers."""
+        sizes = layout.sizes
+        chunks = [stage + i * sizes.pp for i in range(layout.virtual_stages)]
+        per = self.cfg.n_layers // (sizes.pp * layout.virtual_stages)
+        out = self._stage_common(layout, stage)
+        for c in chunks:
+            for i in range(c * per, (c + 1) * per):
+                if i in experts:
+                    out = out + experts[i]
+        return out
+
+    def _stage_common(self, layout: Layout, stage: int) -> Breakdown:
+        """What _stage adds besides the experts and their all-to-all (cached per layout, slots aside)."""
+        key = (replace(layout, extra_slots=0), stage)
+        if key in self.stages:
+            return self.stages[key]
         cfg, hw, sizes = self.cfg, self.hardware, layout.sizes
         chunks = [stage + i * sizes.pp for i in range(layout.virtual_stages)]
         per = cfg.n_layers // (sizes.pp * layout.virtual_stages)
         out = Breakdown()
         for c in chunks:
             for i in range(c * per, (c + 1) * per):
-                out = out + self._dense_layer(layout, cfg.is_moe_layer(i)) + experts.get(i, Breakdown())
+                out = out + self._dense_layer(layout, cfg.is_moe_layer(i))
         d, T, b = cfg.d_model, self.tokens(layout), activation_itemsize(layout.precision)
         last = sizes.pp * layout.virtual_stages - 1
         if last in chunks:  # LM head
@@ -385,6 +422,7 @@ class CostModel:
             p2p = hw.link("p2p", 2, Scopes(sizes, hw.gpus_per_node).pp)
             sends = sum((c != last) + (c != 0) for c in chunks)
             out = out + Breakdown(p2p=sends * p2p.time(T * d * b / (sizes.tp if layout.sequence_parallel else 1)))
+        self.stages[key] = out
         return out
 
     def step(self, layout: Layout, placements: dict[int, LayerPlacement], migration_s: float = 0.0) -> Breakdown:
@@ -401,8 +439,11 @@ class CostModel:
         for stage in range(sizes.pp):
             layers = [i for i in moe_layers if (i // per) % sizes.pp == stage]
             for position, i in enumerate(sorted(layers)):  # forward order: layer i hides under the ones before it
-                cost = self.expert_layer(layout, hidden_phases=position if overlap else 0)
-                compute, a2a, exposed = cost.terms(placements[i].rank_experts, placements[i].load)
+                cost, p = self.expert_layer(layout, hidden_phases=position if overlap else 0), placements[i]
+                key = (p.rank_experts, p.load, cost.ranks_per_node)
+                if key not in self.loads:
+                    self.loads[key] = cost.rank_loads(p.rank_experts, p.load)
+                compute, a2a, exposed = cost.terms(p.rank_experts, p.load, p.scale, self.loads[key])
                 micro = m * layout.accumulate
                 experts[i] = Breakdown(experts=compute / micro, all_to_all=a2a / micro)
                 exchange[stage] += exposed

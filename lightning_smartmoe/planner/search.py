@@ -94,9 +94,22 @@ def workload(spec: str, num_experts: int) -> Workload:
         fractions, steps = _read_csv(Path(arg), spec)
     else:
         raise ConfigError(f"workload={spec!r} is unknown; allowed: {allowed}")
-    if fractions.shape[2] != num_experts:
-        raise ConfigError(f"workload={spec!r} has {fractions.shape[2]} experts; the model has moe.num_experts={num_experts}")
-    return Workload(spec, _normalised(fractions, f"workload={spec!r}"), steps.astype(np.float64))
+    return Workload(spec, _regrouped(_normalised(fractions, f"workload={spec!r}"), num_experts, spec), steps.astype(np.float64))
+
+
+def _regrouped(fractions: np.ndarray, num_experts: int, spec: str) -> np.ndarray:
+    """A recorded load [sample, layer, E'] for a model of `num_experts` experts: E' itself; for fewer experts each
+    takes the rows of E' / E consecutive recorded ones (their union); for more, each recorded expert's rows split
+    evenly over E / E' (an assumption: how they would split is not recorded)."""
+    recorded = fractions.shape[2]
+    if recorded == num_experts:
+        return fractions
+    if recorded % num_experts == 0:
+        return fractions.reshape(*fractions.shape[:2], num_experts, recorded // num_experts).sum(axis=3)
+    if num_experts % recorded == 0:
+        return np.repeat(fractions, num_experts // recorded, axis=2) / (num_experts // recorded)
+    raise ConfigError(f"workload={spec!r} has {recorded} experts; moe.num_experts={num_experts} must divide or be a "
+                      "multiple of it")
 
 
 def _read_csv(path: Path, spec: str) -> tuple[np.ndarray, np.ndarray]:
@@ -159,15 +172,15 @@ def _divisors(n: int) -> list[int]:
 
 
 def layouts(cfg: GPTMoEConfig, world: int, gpus_per_node: int, global_batch: int, precision: str,
-            zero: Sequence[int] = (0,)) -> Iterator[Layout]:
+            zero: Sequence[int] = (0,), accumulate: int = 1) -> Iterator[Layout]:
     """Every valid layout of `world` ranks (module docstring), slots not yet chosen (extra_slots 0)."""
     E = cfg.moe.num_experts
     for tp in (t for t in _divisors(world) if t <= gpus_per_node):
         for pp in _divisors(world // tp):
             dp = world // (tp * pp)
-            if global_batch % dp:
+            if global_batch % (dp * accumulate):
                 continue
-            per_rank = global_batch // dp
+            per_rank = global_batch // (dp * accumulate)  # sequences per rank and forward
             for expert_tp in ((False, True) if tp > 1 else (False,)):
                 plane = dp if expert_tp else dp * tp
                 for ep in (e for e in _divisors(E) if plane % e == 0):
@@ -182,7 +195,7 @@ def layouts(cfg: GPTMoEConfig, world: int, gpus_per_node: int, global_batch: int
                                 for z in (zero if dp > 1 else (0,)):
                                     yield Layout(sizes, microbatches=m, pp_schedule=schedule, virtual_stages=virtual,
                                                  sequence_parallel=sp, zero=z, precision=precision,
-                                                 global_batch=global_batch)
+                                                 accumulate=accumulate, global_batch=global_batch)
 
 
 def _schedules(cfg: GPTMoEConfig, pp: int) -> list[tuple[str, int]]:
@@ -212,8 +225,22 @@ class Search:
     def __init__(self, cfg: GPTMoEConfig, model: CostModel, load: Workload) -> None:
         self.cfg, self.model, self.load = cfg, model, load
         self.moe_layers = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
+        # under a capacity factor an expert computes at most cf / E of the routed rows; the rest are dropped
+        self.cap = cfg.moe.capacity_factor / cfg.moe.num_experts if cfg.moe.capacity_factor is not None else 1.0
         self._placements: dict[tuple, list[dict[int, tuple[tuple[int, ...], ...]]]] = {}
         self._migration: dict[tuple, float] = {}
+        self._tuples: dict[tuple, tuple[float, ...]] = {}
+
+    def rows(self, sample: int, j: int, rows: float) -> np.ndarray:
+        """[E] rows per step each expert of the j-th MoE layer computes out of `rows` routed, capacity applied."""
+        return np.minimum(self.load.layer(sample, j), self.cap) * rows
+
+    def _fractions(self, sample: int, j: int) -> tuple[float, ...]:
+        """rows(sample, j, 1) as a tuple, built once (the cost model caches by it)."""
+        key = (sample, j)
+        if key not in self._tuples:
+            self._tuples[key] = tuple(self.rows(sample, j, 1.0).tolist())
+        return self._tuples[key]
 
     @staticmethod
     def _key(layout: Layout, policy: str) -> tuple:
@@ -231,7 +258,7 @@ class Search:
         start = Placement.contiguous(self.cfg.moe.num_experts, layout.sizes.ep, layout.extra_slots)
 
         def pick(sample: int, j: int) -> Placement:
-            return plan(policy, torch.as_tensor(self.load.layer(sample, j) * rows), start, cost)
+            return plan(policy, torch.as_tensor(self.rows(sample, j, rows)), start, cost)
 
         picks, migration, steps = [], 0.0, 0.0
         for s in self.load.scored():
@@ -250,17 +277,17 @@ class Search:
         rows = self.model.rows_per_step(layout)
         total = Breakdown()
         for sample, chosen in zip(self.load.scored(), picks):
-            placements = {i: LayerPlacement(chosen[i], tuple((self.load.layer(sample, j) * rows).tolist()))
+            placements = {i: LayerPlacement(chosen[i], self._fractions(sample, j), rows)
                           for j, i in enumerate(self.moe_layers)}
             total = total + self.model.step(layout, placements)
         mean = total.scaled(1 / len(picks)) + Breakdown(migration=self._migration[self._key(layout, policy)])
         return Plan(layout, policy, mean.step_s, self.model.memory(layout).total_bytes, mean)
 
     def run(self, world: int, gpus_per_node: int, global_batch: int, precision: str, memory_gb: float | None,
-            policies: Sequence[tuple[str, int]] = POLICIES, zero: Sequence[int] = (0,)) -> tuple[list[Plan], int, int]:
+            policies: Sequence[tuple[str, int]] = POLICIES, accumulate: int = 1) -> tuple[list[Plan], int, int]:
         """(plans best first, layouts enumerated, layouts refused for memory)."""
         plans, seen, refused = [], 0, 0
-        for base in layouts(self.cfg, world, gpus_per_node, global_batch, precision, zero):
+        for base in layouts(self.cfg, world, gpus_per_node, global_batch, precision, accumulate=accumulate):
             seen += 1
             for policy, slots in policies:
                 layout = replace(base, extra_slots=slots)
@@ -273,15 +300,18 @@ class Search:
 
 
 def search(cfg: GPTMoEConfig, model: CostModel, load: Workload, world: int, global_batch: int, precision: str,
-           memory_gb: float | None, policies: Sequence[tuple[str, int]] = POLICIES) -> dict:
+           memory_gb: float | None, policies: Sequence[tuple[str, int]] = POLICIES, accumulate: int = 1) -> dict:
     """Run the search; ConfigError if no layout of `world` is valid or fits. Returns {"plans", "layouts",
     "refused_for_memory", "search_s"}."""
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ConfigError(f"world={world!r} must be an integer >= 1 (GPUs to plan for)")
     start = time.perf_counter()
     plans, seen, refused = Search(cfg, model, load).run(world, model.hardware.gpus_per_node, global_batch, precision,
-                                                        memory_gb, policies)
+                                                        memory_gb, policies, accumulate)
     if not plans:
         why = (f"all {seen} layouts need more than memory_gb={memory_gb} GiB per rank" if seen else
                f"none of dp x tp x pp = {world} fits the model (tp <= {model.hardware.gpus_per_node} GPUs per node "
-               f"dividing heads and vocab, pp dividing the layers, dp dividing data.global_batch_size={global_batch})")
+               f"dividing heads and vocab, pp dividing the layers, dp x accumulation dividing "
+               f"data.global_batch_size={global_batch})")
         raise ConfigError(f"world={world}: no layout to plan: {why}")
     return {"plans": plans, "layouts": seen, "refused_for_memory": refused, "search_s": time.perf_counter() - start}

@@ -1,0 +1,394 @@
+"""The cost model against real runs: profile this box, then predict and measure every layout of 4 ranks.
+
+One spawn of 4 gloo processes (CPU, fp32, 1 thread each, not pinned), the model and layouts of bench/layouts.py
+(GPT-MoE, 4 MoE layers of 8 experts top-2, global batch 16 x 64 tokens; every valid (dp, tp, pp, ep), expert-TP,
+1F1B / GPipe / interleaved 1F1B at 4 micro-batches). First `planner.profile.profile` measures every Hardware field
+on the same 4 ranks at the shapes one rank of the pure data-parallel layout computes (smartmoe-profile's settings,
+conf/profile.yaml). Then, per layout and workload, one real Lightning `Trainer.fit` (as bench/layouts.py):
+  natural  the model as it is (the router learns);
+  skewed   every router frozen and biased toward experts 0 and 1: a fixed shift of the router's input whose
+           logits are +SKEW on those two experts (pseudo-inverse of the frozen router weight), so most tokens
+           pick both.
+Placements:
+  static   the contiguous placement;
+  balanced (ep > 1) `placement.plan("balanced", ...)` on the load counted in the first static block, priced by the
+           profiled cost model, migrated in with `strategy.migrate`. These fits carry EXTRA_SLOTS empty slot per
+           rank and layer (for the replicas) in both placements, and alternate static and balanced blocks
+           (S B S B ..., --pairs of each, --block steps each, the first step of a block not timed) so that the
+           machine's drift hits both alike. ep = 1 fits run --pairs static blocks without extra slots.
+Measured: a step is its slowest rank's on_train_batch_start..end wall time (forward, backward or the pipeline
+schedule, gradient sync, clipping, AdamW); a case's time is the median over its timed steps. Per-expert rows
+(`layer.stats.expert_load`, summed over micro-batches, ranks and the case's timed steps, / edp / steps: the rows
+per step one expert-parallel group computes) and each layer's rank_experts feed
+`CostModel(cfg, hardware).step(Layout(...), {layer: LayerPlacement})` for the predicted step (no migration term:
+steady state). error = predicted / measured - 1; MAPE = mean |error|; Spearman = rank correlation of predicted and
+measured over all cases (ties: mean rank). The planner's pick per workload = the case with the lowest predicted
+time; pick/best = its measured time over the lowest measured time of that workload.
+Targets (issue 12): MAPE <= 10 %, Spearman >= 0.9, pick within 5 % of the measured best (each workload).
+
+Run:  .venv/bin/python bench/plan_accuracy.py            (every layout; about 10 min on 2 shared cores)
+      .venv/bin/python bench/plan_accuracy.py --no-gpipe --only 'pp1'   (a subset)
+Printed: the profile, a table, then as the last line one JSON object with all figures.
+"""
+
+import argparse
+import json
+import logging
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import lightning.pytorch as pl  # noqa: E402
+from distributed import run_distributed  # noqa: E402
+from layouts import GLOBAL_BATCH, MODEL, MOE, THREADS, WORLD, layouts, model_config  # noqa: E402
+from machine import cpu_pressure  # noqa: E402
+
+from lightning_smartmoe import SmartMoEStrategy, config  # noqa: E402
+from lightning_smartmoe.data import TokenDataModule  # noqa: E402
+from lightning_smartmoe.layout import ParallelSizes  # noqa: E402
+from lightning_smartmoe.models import GPTMoEModule, OptimConfig  # noqa: E402
+from lightning_smartmoe.moe import MoELayer  # noqa: E402
+from lightning_smartmoe.placement import Placement, plan  # noqa: E402
+from lightning_smartmoe.planner.cost import CostModel, LayerPlacement  # noqa: E402
+from lightning_smartmoe.planner.hardware import Hardware  # noqa: E402
+from lightning_smartmoe.planner.memory import Layout  # noqa: E402
+from lightning_smartmoe.planner.profile import ModelShapes, ProfileSettings, profile  # noqa: E402
+
+OPTIM = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2)  # bench/layouts.py's
+SKEW = 0.4  # router logit bias of experts 0 and 1 under the skewed workload: about 70 % of the rows
+HOT = (0, 1)
+EXTRA_SLOTS = 1
+TARGETS = {"mape": 0.10, "spearman": 0.9, "pick_over_best": 1.05}
+
+
+class SkewedGPTMoE(GPTMoEModule):
+    """GPTMoEModule whose routers are frozen and biased toward HOT: each router's input is shifted by a fixed
+    vector v with W v = SKEW on the HOT rows and 0 elsewhere (W: the router weight once initialised, at the first
+    forward; the model is built on the meta device)."""
+
+    def configure_model(self) -> None:
+        fresh = self.model is None
+        super().configure_model()
+        if fresh:
+            for layer in self.model.moe_layers():
+                layer.router.weight.requires_grad_(False)
+                layer.router.register_forward_pre_hook(self._shift)
+
+    @staticmethod
+    def _shift(router, args):
+        if not hasattr(router, "skew_shift"):
+            assert not router.weight.requires_grad, "the skewed router must stay frozen"
+            w = router.weight.detach().double()
+            target = torch.zeros(w.shape[0], dtype=w.dtype)
+            target[list(HOT)] = SKEW
+            router.skew_shift = (torch.linalg.pinv(w) @ target).to(router.weight.dtype)
+        return (args[0] + router.skew_shift.to(args[0].dtype),)
+
+
+def layout_of(lay: dict, extra_slots: int) -> Layout:
+    """The cost model's Layout of a bench/layouts.py layout."""
+    sizes = ParallelSizes(dp=lay["dp"], tp=lay["tp"], pp=lay["pp"], ep=lay["ep"], expert_tp=lay["expert_tp"])
+    schedule = lay["schedule"] if lay["pp"] > 1 else "1f1b"
+    return Layout(sizes, microbatches=lay["microbatches"], pp_schedule=schedule, virtual_stages=lay["virtual_stages"],
+                  extra_slots=extra_slots, global_batch=GLOBAL_BATCH)
+
+
+# ---- one fit: blocks of steps, static and balanced --------------------------------------------------------------
+
+
+class Blocks(pl.Callback):
+    """Per step: this rank's wall time and its MoE layers' expert counts [n_layers, E]; at the end of each block
+    (the first static block's end decides the balanced placement) switches every layer to the next block's
+    placement. Block b is balanced when b is odd and the fit alternates."""
+
+    def __init__(self, warmup: int, block: int, blocks: int, alternate: bool, cost: CostModel | None, layout: Layout):
+        self.warmup, self.block, self.blocks, self.alternate = warmup, block, blocks, alternate
+        self.cost, self.layout = cost, layout
+        self.step_s: list[float] = []
+        self.cpu_s: list[float] = []  # this process's CPU time per step
+        self.counts: list[torch.Tensor] = []
+        self.static: dict[int, Placement] = {}
+        self.balanced: dict[int, Placement] = {}
+        self._t0 = self._c0 = 0.0
+
+    def kind(self, step: int) -> str | None:
+        """'static', 'balanced' or None (warm-up, or a block's first step: not timed)."""
+        i = step - self.warmup
+        if i < 0 or i % self.block == 0:
+            return None
+        return "balanced" if self.alternate and (i // self.block) % 2 else "static"
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.step_s.append(time.perf_counter() - self._t0)
+        self.cpu_s.append(time.process_time() - self._c0)
+        layers = [m for m in pl_module.modules() if isinstance(m, MoELayer)]
+        counts = torch.zeros(MODEL["n_layers"], MOE["num_experts"], dtype=torch.float64)
+        for m in layers:
+            counts[m.index] = m.stats.expert_load.double()
+        self.counts.append(counts)
+        i = batch_idx + 1 - self.warmup  # steps done in the blocks
+        if not self.alternate or i <= 0 or i % self.block or i // self.block >= self.blocks:
+            return
+        if not self.balanced:
+            self._decide(trainer, layers, range(batch_idx + 1 - self.block + 1, batch_idx + 1))
+        going = self.balanced if (i // self.block) % 2 else self.static
+        for m in layers:
+            if m.placement != going[m.index]:
+                trainer.strategy.migrate(m, going[m.index])
+
+    def _decide(self, trainer, layers: list[MoELayer], steps: range) -> None:
+        """The balanced placement of every local layer from the rows per step of the given steps (collective)."""
+        load = torch.stack([self.counts[s] for s in steps]).sum(0)
+        dist.all_reduce(load)
+        load /= len(steps) * self.layout.sizes.edp
+        overlap = self.cost.replica_overlap(self.layout)
+        for position, m in enumerate(sorted(layers, key=lambda m: m.index)):
+            self.static[m.index] = m.placement
+            cost = self.cost.expert_layer(self.layout, hidden_phases=position if overlap else 0)
+            self.balanced[m.index] = plan("balanced", load[m.index], m.placement, cost)
+
+    def placements(self, pl_module) -> dict[str, dict[int, list[list[int]]]]:
+        """rank_experts of every local layer, per placement kind."""
+        out = {"static": {}, "balanced": {}}
+        for m in (m for m in pl_module.modules() if isinstance(m, MoELayer)):
+            out["static"][m.index] = [list(r) for r in self.static.get(m.index, m.placement).rank_experts]
+            if self.balanced:
+                out["balanced"][m.index] = [list(r) for r in self.balanced[m.index].rank_experts]
+        return out
+
+
+def run_case(lay: dict, workload: str, cfg: dict, hw: Hardware) -> dict | None:
+    """One fit of `lay` under `workload` (collective). Rank 0 returns per placement kind: timed steps (slowest
+    rank), rows per step of one expert-parallel group [n_layers][E], rank_experts per layer."""
+    pl.seed_everything(0, verbose=False)
+    alternate = lay["ep"] > 1
+    extra = EXTRA_SLOTS if alternate else 0
+    layout = layout_of(lay, extra)
+    blocks = 2 * cfg["pairs"] if alternate else cfg["pairs"]
+    module = (SkewedGPTMoE if workload == "skewed" else GPTMoEModule)(model_config(), OPTIM)
+    dm = TokenDataModule(cfg["corpus"], seq_len=MODEL["seq_len"], global_batch_size=GLOBAL_BATCH,
+                         vocab_size=MODEL["vocab_size"])
+    timer = Blocks(cfg["warmup"], cfg["block"], blocks, alternate, CostModel(model_config(), hw), layout)
+    strategy = SmartMoEStrategy(dp=lay["dp"], tp=lay["tp"], pp=lay["pp"], ep=lay["ep"], expert_tp=lay["expert_tp"],
+                                microbatches=lay["microbatches"], virtual_stages=lay["virtual_stages"],
+                                pp_schedule=layout.pp_schedule, extra_slots=extra)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=WORLD, max_steps=cfg["warmup"] + blocks * cfg["block"], strategy=strategy,
+        gradient_clip_val=1.0, limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+    )
+    trainer.fit(module, dm)
+    steps = torch.tensor(timer.step_s, dtype=torch.float64)
+    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+    cpu = torch.tensor(timer.cpu_s, dtype=torch.float64)
+    cpu_all = cpu.clone()
+    dist.all_reduce(cpu, op=dist.ReduceOp.MAX)
+    dist.all_reduce(cpu_all)
+    counts = torch.stack(timer.counts)  # [steps, n_layers, E]
+    dist.all_reduce(counts)
+    gathered: list = [None] * WORLD
+    dist.all_gather_object(gathered, timer.placements(module))
+    if dist.get_rank() != 0:
+        return None
+    out = {"extra_slots": extra}
+    for kind in ("static", "balanced") if alternate else ("static",):
+        idx = [s for s in range(len(timer.step_s)) if timer.kind(s) == kind]
+        rank_experts = {}
+        for g in gathered:
+            rank_experts.update(g[kind])
+        out[kind] = {"step_s": steps[idx].tolist(), "cpu_s": cpu[idx].tolist(), "cpu_all_s": cpu_all[idx].tolist(),
+                     "rank_experts": rank_experts,
+                     "load": (counts[idx].sum(0) / (len(idx) * layout.sizes.edp)).tolist()}
+    return out
+
+
+def worker(lays: list[dict], shapes: ModelShapes, cfg: dict) -> dict | None:
+    """Profile at `shapes`, then every layout under every workload."""
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    torch.set_num_threads(THREADS)
+    t0 = time.perf_counter()
+    defaults = OmegaConf.load(config.conf_dir() / "profile.yaml")
+    settings = ProfileSettings(repeats=defaults.repeats, payload_bytes=tuple(defaults.payload_bytes))
+    hw, _ = profile(shapes, settings, torch.device("cpu"), WORLD, f"measured in-process by bench/plan_accuracy.py")
+    profile_s = time.perf_counter() - t0
+    if dist.get_rank() == 0:
+        print(f"profile: {profile_s:.1f} s", flush=True)
+    results = []
+    for lay in lays:
+        for workload in cfg["workloads"]:
+            t1 = time.perf_counter()
+            res = run_case(lay, workload, cfg, hw)
+            if dist.get_rank() == 0:
+                res.update(layout=lay, workload=workload, fit_s=time.perf_counter() - t1)
+                results.append(res)
+                med = {k: statistics.median(res[k]["step_s"]) * 1e3 for k in ("static", "balanced") if k in res}
+                print(f"  {lay['name']:<36} {workload:<7} {res['fit_s']:5.1f} s  " +
+                      "  ".join(f"{k} {v:6.1f} ms" for k, v in med.items()), flush=True)
+    return {"hardware": hw, "profile_s": profile_s, "results": results} if dist.get_rank() == 0 else None
+
+
+# ---- figures ----------------------------------------------------------------------------------------------------
+
+
+def ranks(xs: list[float]) -> list[float]:
+    """1-based ranks, ties at their mean rank."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    out = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in order[i : j + 1]:
+            out[k] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    return cov / (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+
+
+def predict(hw: Hardware, res: dict, kind: str) -> dict:
+    """The cost model's step of one measured case, with its breakdown (ms)."""
+    layout = layout_of(res["layout"], res["extra_slots"])
+    case = res[kind]
+    placements = {int(i): LayerPlacement(tuple(tuple(r) for r in re_), tuple(case["load"][int(i)]))
+                  for i, re_ in case["rank_experts"].items()}
+    model = CostModel(model_config(), hw)
+    step = model.step(layout, placements)
+    measured = statistics.median(case["step_s"]) * 1e3
+    predicted = step.step_s * 1e3
+    rows = sum(sum(case["load"][i]) for i in range(MODEL["n_layers"])) / MODEL["n_layers"]
+    lay = res["layout"]
+    return {
+        "name": lay["name"], "workload": res["workload"], "placement": kind, "extra_slots": res["extra_slots"],
+        **{k: lay[k] for k in ("dp", "tp", "pp", "ep", "expert_tp", "schedule", "virtual_stages", "microbatches")},
+        "measured_ms": round(measured, 2),
+        "measured_ms_p25_p75": [round(q * 1e3, 2) for q in statistics.quantiles(case["step_s"], n=4)[::2]],
+        "cpu_ms": round(statistics.median(case["cpu_s"]) * 1e3, 2),
+        "cores_used": round(statistics.median(c / s for c, s in zip(case["cpu_all_s"], case["step_s"])), 2),
+        "timed_steps": len(case["step_s"]),
+        "predicted_ms": round(predicted, 2),
+        "error": round(predicted / measured - 1, 4),
+        "breakdown_ms": {k: round(v * 1e3, 2) for k, v in step.as_dict().items() if v},
+        "rows_per_step": round(rows, 1), "rows_per_step_model": model.rows_per_step(layout),
+        "hot_share": round(sum(sum(case["load"][i][e] for e in HOT) for i in range(MODEL["n_layers"]))
+                           / (rows * MODEL["n_layers"]), 3),
+        "rank_experts": case["rank_experts"],
+    }
+
+
+def accuracy(cases: list[dict]) -> dict:
+    pred, meas = [c["predicted_ms"] for c in cases], [c["measured_ms"] for c in cases]
+    pick = min(cases, key=lambda c: c["predicted_ms"])
+    best = min(cases, key=lambda c: c["measured_ms"])
+    return {"cases": len(cases), "mape": round(statistics.fmean(abs(c["error"]) for c in cases), 4),
+            "mean_error": round(statistics.fmean(c["error"] for c in cases), 4),
+            "spearman": round(spearman(pred, meas), 4),
+            "pick": f"{pick['name']} {pick['placement']}", "pick_measured_ms": pick["measured_ms"],
+            "best": f"{best['name']} {best['placement']}", "best_measured_ms": best["measured_ms"],
+            "pick_over_best": round(pick["measured_ms"] / best["measured_ms"], 4)}
+
+
+def hardware_line(hw: Hardware) -> str:
+    fits = ", ".join(f"{op} n={n} {link.latency_s * 1e6:.0f} us + {link.bytes_per_s / 1e9:.2f} GB/s"
+                     for op, scopes in hw.collectives.items() for n, link in scopes["intra"].items())
+    return (f"profile: dense GEMM {hw.gemm_flops / 1e9:.2f} GFLOP/s, attention {hw.attention_flops / 1e9:.2f} "
+            f"GFLOP/s, expert FFN {hw.expert_flops / 1e9:.2f} GFLOP/s + {hw.expert_group_s * 1e6:.0f} us per group, "
+            f"AdamW {hw.optimizer_s_per_param * 1e9:.2f} ns/param\n  {fits}")
+
+
+def print_table(cases: list[dict]) -> None:
+    print(f"\n{'layout':<36} {'workload':<8} {'placement':<9} {'measured':>8} {'predicted':>9} {'error':>7}  "
+          f"{'hot':>4}  largest terms (ms)")
+    for c in cases:
+        terms = sorted(c["breakdown_ms"].items(), key=lambda kv: -kv[1])[:4]
+        print(f"{c['name']:<36} {c['workload']:<8} {c['placement']:<9} {c['measured_ms']:>8.1f} "
+              f"{c['predicted_ms']:>9.1f} {100 * c['error']:>+6.1f}%  {c['hot_share']:>4.2f}  "
+              + " ".join(f"{k} {v:.1f}" for k, v in terms))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--block", type=int, default=4, help="steps per block (its first is not timed)")
+    ap.add_argument("--pairs", type=int, default=2, help="static (and balanced) blocks per fit")
+    ap.add_argument("--microbatches", type=int, default=4)
+    ap.add_argument("--no-gpipe", action="store_true")
+    ap.add_argument("--only", default=None, help="regex: only layouts whose name matches")
+    ap.add_argument("--workloads", nargs="+", default=["natural", "skewed"], choices=["natural", "skewed"])
+    ap.add_argument("--timeout", type=float, default=1800)
+    args = ap.parse_args()
+    lays = layouts(args.microbatches, not args.no_gpipe)
+    lays = [lay for lay in lays if args.only is None or re.search(args.only, lay["name"])]
+    if not lays:
+        ap.error(f"--only {args.only!r} matches no layout")
+    load0, psi0 = os.getloadavg()[0], cpu_pressure()
+    print(f"Cost model vs measurement: {WORLD} gloo ranks, {THREADS} thread each, {os.cpu_count()} cores, not pinned; "
+          f"bench/layouts.py's GPT-MoE; {len(lays)} layouts x {args.workloads}; {args.warmup} warm-up steps, blocks "
+          f"of {args.block} ({args.pairs} static + {args.pairs} balanced where ep > 1); load avg {load0:.2f}, CPU "
+          f"pressure avg10 {psi0}", flush=True)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "tokens.bin"
+        np.random.default_rng(0).integers(0, MODEL["vocab_size"], size=1 << 17, dtype=np.uint16).tofile(corpus)
+        cfg = dict(corpus=str(corpus), warmup=args.warmup, block=args.block, pairs=args.pairs,
+                   workloads=args.workloads)
+        base = layout_of(layouts(1, False)[0], 0)  # the pure data-parallel layout (memory.py's fake world: here)
+        shapes = ModelShapes.of(model_config(), base, OPTIM)
+        out = run_distributed(WORLD, worker, lays, shapes, cfg, timeout=args.timeout)[0]
+    hw = out["hardware"]
+    cases = [predict(hw, res, kind) for res in out["results"] for kind in ("static", "balanced") if kind in res]
+    print("\n" + hardware_line(hw))
+    print_table(cases)
+    by_workload = {w: accuracy([c for c in cases if c["workload"] == w]) for w in args.workloads}
+    overall = accuracy(cases)
+    met = {"mape": overall["mape"] <= TARGETS["mape"], "spearman": overall["spearman"] >= TARGETS["spearman"],
+           "pick_over_best": all(a["pick_over_best"] <= TARGETS["pick_over_best"] for a in by_workload.values())}
+    print(f"\nall {overall['cases']} cases: MAPE {100 * overall['mape']:.1f}% (mean error {100 * overall['mean_error']:+.1f}%), "
+          f"Spearman {overall['spearman']:.3f}")
+    for w, a in by_workload.items():
+        print(f"{w:<8} {a['cases']} cases: MAPE {100 * a['mape']:.1f}%, Spearman {a['spearman']:.3f}; pick "
+              f"{a['pick']} measured {a['pick_measured_ms']:.1f} ms, best {a['best']} {a['best_measured_ms']:.1f} ms: "
+              f"pick/best {a['pick_over_best']:.3f}")
+    print("targets: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in met.items()))
+    print(json.dumps({
+        "bench": "plan_accuracy", "world": WORLD, "threads_per_process": THREADS, "backend": "gloo", "device": "cpu",
+        "model": dict(MODEL, moe=MOE, global_batch=GLOBAL_BATCH), "skew": {"logit_bias": SKEW, "experts": HOT},
+        "extra_slots_balanced_fits": EXTRA_SLOTS, "warmup": args.warmup, "block": args.block, "pairs": args.pairs,
+        "hardware": {k: v for k, v in vars(hw).items() if k != "collectives"},
+        "collectives": {op: {n: [link.latency_s, link.bytes_per_s] for n, link in s["intra"].items()}
+                        for op, s in hw.collectives.items()},
+        "profile_s": round(out["profile_s"], 1),
+        "cases": cases, "overall": overall, "by_workload": by_workload,
+        "targets": TARGETS, "targets_met": met, "all_targets_met": all(met.values()),
+        "load_avg_start": round(load0, 2), "load_avg_end": round(os.getloadavg()[0], 2),
+        "cpu_pressure_avg10_start": psi0, "cpu_pressure_avg10_end": cpu_pressure(),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()
