@@ -15,7 +15,9 @@ Placements:
            profiled cost model, migrated in with `strategy.migrate`. These fits carry EXTRA_SLOTS empty slot per
            rank and layer (for the replicas) in both placements, and alternate static and balanced blocks
            (S B S B ..., --pairs of each, --block steps each, the first step of a block not timed) so that the
-           machine's drift hits both alike. ep = 1 fits run --pairs static blocks without extra slots.
+           machine's drift hits both alike. ep = 1 fits run --pairs static blocks without extra slots, every
+           step after the warm-up timed. --rounds > 1 sweeps the layouts again (odd rounds in reverse order) and
+           pools each case's steps over the rounds.
 Measured: a step is its slowest rank's on_train_batch_start..end wall time (forward, backward or the pipeline
 schedule, gradient sync, clipping, AdamW); a case's time is the median over its timed steps. Per-expert rows
 (`layer.stats.expert_load`, summed over micro-batches, ranks and the case's timed steps, / edp / steps: the rows
@@ -125,9 +127,9 @@ class Blocks(pl.Callback):
         self._t0 = self._c0 = 0.0
 
     def kind(self, step: int) -> str | None:
-        """'static', 'balanced' or None (warm-up, or a block's first step: not timed)."""
+        """'static', 'balanced' or None (warm-up, or the first step of a block after a switch: not timed)."""
         i = step - self.warmup
-        if i < 0 or i % self.block == 0:
+        if i < 0 or (self.alternate and i % self.block == 0):
             return None
         return "balanced" if self.alternate and (i // self.block) % 2 else "static"
 
@@ -227,22 +229,47 @@ def worker(lays: list[dict], shapes: ModelShapes, cfg: dict) -> dict | None:
     t0 = time.perf_counter()
     defaults = OmegaConf.load(config.conf_dir() / "profile.yaml")
     settings = ProfileSettings(repeats=defaults.repeats, payload_bytes=tuple(defaults.payload_bytes))
-    hw, _ = profile(shapes, settings, torch.device("cpu"), WORLD, f"measured in-process by bench/plan_accuracy.py")
+    hw, _ = profile(shapes, settings, torch.device("cpu"), WORLD, "measured in-process by bench/plan_accuracy.py")
     profile_s = time.perf_counter() - t0
     if dist.get_rank() == 0:
         print(f"profile: {profile_s:.1f} s", flush=True)
-    results = []
-    for lay in lays:
-        for workload in cfg["workloads"]:
-            t1 = time.perf_counter()
-            res = run_case(lay, workload, cfg, hw)
-            if dist.get_rank() == 0:
-                res.update(layout=lay, workload=workload, fit_s=time.perf_counter() - t1)
-                results.append(res)
-                med = {k: statistics.median(res[k]["step_s"]) * 1e3 for k in ("static", "balanced") if k in res}
-                print(f"  {lay['name']:<36} {workload:<7} {res['fit_s']:5.1f} s  " +
-                      "  ".join(f"{k} {v:6.1f} ms" for k, v in med.items()), flush=True)
-    return {"hardware": hw, "profile_s": profile_s, "results": results} if dist.get_rank() == 0 else None
+    results: dict[tuple[str, str], dict] = {}
+    for rnd in range(cfg["rounds"]):
+        for lay in lays if rnd % 2 == 0 else lays[::-1]:  # odd rounds in reverse: drift spreads over the layouts
+            for workload in cfg["workloads"]:
+                t1 = time.perf_counter()
+                res = run_case(lay, workload, cfg, hw)
+                if dist.get_rank() == 0:
+                    res.update(layout=lay, workload=workload, fit_s=time.perf_counter() - t1)
+                    merge(results, res)
+                    med = {k: statistics.median(res[k]["step_s"]) * 1e3 for k in ("static", "balanced") if k in res}
+                    print(f"  round {rnd} {lay['name']:<36} {workload:<7} {res['fit_s']:5.1f} s  " +
+                          "  ".join(f"{k} {v:6.1f} ms" for k, v in med.items()), flush=True)
+    return {"hardware": hw, "profile_s": profile_s, "results": list(results.values())} if dist.get_rank() == 0 else None
+
+
+def merge(results: dict, res: dict) -> None:
+    """Add one fit's figures to its (layout, workload) case: steps of every round together, loads averaged over
+    them, per-round medians kept; a round whose placement differs from the first one's is flagged."""
+    key = (res["layout"]["name"], res["workload"])
+    if key not in results:
+        for kind in ("static", "balanced"):
+            if kind in res:
+                res[kind]["round_ms"] = [statistics.median(res[kind]["step_s"]) * 1e3]
+                res[kind]["placement_agrees"] = True
+        results[key] = res
+        return
+    old = results[key]
+    for kind in ("static", "balanced"):
+        if kind not in res:
+            continue
+        a, b = old[kind], res[kind]
+        n, m = len(a["step_s"]), len(b["step_s"])
+        a["load"] = [[(x * n + y * m) / (n + m) for x, y in zip(ra, rb)] for ra, rb in zip(a["load"], b["load"])]
+        for k in ("step_s", "cpu_s", "cpu_all_s"):
+            a[k] = a[k] + b[k]
+        a["round_ms"].append(statistics.median(b["step_s"]) * 1e3)
+        a["placement_agrees"] &= a["rank_experts"] == b["rank_experts"]
 
 
 # ---- figures ----------------------------------------------------------------------------------------------------
@@ -286,10 +313,12 @@ def predict(hw: Hardware, res: dict, kind: str) -> dict:
         "name": lay["name"], "workload": res["workload"], "placement": kind, "extra_slots": res["extra_slots"],
         **{k: lay[k] for k in ("dp", "tp", "pp", "ep", "expert_tp", "schedule", "virtual_stages", "microbatches")},
         "measured_ms": round(measured, 2),
-        "measured_ms_p25_p75": [round(q * 1e3, 2) for q in statistics.quantiles(case["step_s"], n=4)[::2]],
+        "measured_ms_min_max": [round(min(case["step_s"]) * 1e3, 2), round(max(case["step_s"]) * 1e3, 2)],
         "cpu_ms": round(statistics.median(case["cpu_s"]) * 1e3, 2),
         "cores_used": round(statistics.median(c / s for c, s in zip(case["cpu_all_s"], case["step_s"])), 2),
         "timed_steps": len(case["step_s"]),
+        "measured_ms_by_round": [round(x, 2) for x in case["round_ms"]],
+        "placement_same_every_round": case["placement_agrees"],
         "predicted_ms": round(predicted, 2),
         "error": round(predicted / measured - 1, 4),
         "breakdown_ms": {k: round(v * 1e3, 2) for k, v in step.as_dict().items() if v},
@@ -335,6 +364,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--block", type=int, default=4, help="steps per block (its first is not timed)")
     ap.add_argument("--pairs", type=int, default=2, help="static (and balanced) blocks per fit")
+    ap.add_argument("--rounds", type=int, default=1, help="sweeps over the layouts (odd ones in reverse order)")
     ap.add_argument("--microbatches", type=int, default=4)
     ap.add_argument("--no-gpipe", action="store_true")
     ap.add_argument("--only", default=None, help="regex: only layouts whose name matches")
@@ -355,7 +385,7 @@ def main() -> None:
         corpus = Path(tmp) / "tokens.bin"
         np.random.default_rng(0).integers(0, MODEL["vocab_size"], size=1 << 17, dtype=np.uint16).tofile(corpus)
         cfg = dict(corpus=str(corpus), warmup=args.warmup, block=args.block, pairs=args.pairs,
-                   workloads=args.workloads)
+                   workloads=args.workloads, rounds=args.rounds)
         base = layout_of(layouts(1, False)[0], 0)  # the pure data-parallel layout (memory.py's fake world: here)
         shapes = ModelShapes.of(model_config(), base, OPTIM)
         out = run_distributed(WORLD, worker, lays, shapes, cfg, timeout=args.timeout)[0]
@@ -378,6 +408,7 @@ def main() -> None:
         "bench": "plan_accuracy", "world": WORLD, "threads_per_process": THREADS, "backend": "gloo", "device": "cpu",
         "model": dict(MODEL, moe=MOE, global_batch=GLOBAL_BATCH), "skew": {"logit_bias": SKEW, "experts": HOT},
         "extra_slots_balanced_fits": EXTRA_SLOTS, "warmup": args.warmup, "block": args.block, "pairs": args.pairs,
+        "rounds": args.rounds,
         "hardware": {k: v for k, v in vars(hw).items() if k != "collectives"},
         "collectives": {op: {n: [link.latency_s, link.bytes_per_s] for n, link in s["intra"].items()}
                         for op, s in hw.collectives.items()},
