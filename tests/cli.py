@@ -74,3 +74,16 @@ def run(
         r.join()
     return Run(proc.returncode, out["stdout"], out["stderr"], seen, sent_at,
                gone - sent_at if sent_at is not None else None)
+
+
+def run_main(main: Callable[[], None], name: str, monkeypatch, capsys, cwd: Path, *overrides: str) -> tuple[int, str, str]:
+    """A Hydra CLI's `main` in this process as `name overrides...` from `cwd`: (exit code, stdout, stderr)."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [name, *overrides])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -3,7 +3,6 @@ plan file that trains, and one clear error per bad input."""
 
 import json
 import re
-import sys
 
 import numpy as np
 import pytest
@@ -32,15 +31,7 @@ def tiny_model() -> GPTMoEConfig:
 
 
 def run_cli(monkeypatch, capsys, tmp_path, *overrides):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["smartmoe-plan", *overrides])
-    code = 0
-    try:
-        plan_cli.main()
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return cli.run_main(plan_cli.main, "smartmoe-plan", monkeypatch, capsys, tmp_path, *overrides)
 
 
 # ---------------------------------------------------------------- workloads

@@ -2,11 +2,11 @@
 
 import json
 import re
-import sys
 
 import numpy as np
 import pytest
 
+from cli import run_main
 from lightning_smartmoe import replay as replay_cli
 from lightning_smartmoe.planner.hardware import OPS, Hardware, Link
 
@@ -63,15 +63,7 @@ def tiny_trace(tmp_path):
 
 def cli(monkeypatch, capsys, tmp_path, *overrides):
     """Run main() in-process; returns (exit code, stdout, stderr)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["smartmoe-replay", *overrides])
-    code = 0
-    try:
-        replay_cli.main()
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_main(replay_cli.main, "smartmoe-replay", monkeypatch, capsys, tmp_path, *overrides)
 
 
 def summary(monkeypatch, capsys, tmp_path, *overrides) -> dict:
