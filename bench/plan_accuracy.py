@@ -19,7 +19,8 @@ Placements:
            step after the warm-up timed. --rounds > 1 sweeps the layouts again (odd rounds in reverse order) and
            pools each case's steps over the rounds.
 Measured: a step is its slowest rank's on_train_batch_start..end wall time (forward, backward or the pipeline
-schedule, gradient sync, clipping, AdamW); a case's time is the median over its timed steps. Per-expert rows
+schedule, gradient sync, clipping, AdamW); a case's time is the median over its timed steps. Beside it, cpu_ms
+(the largest rank's process CPU time per step) and cores_used (all ranks' CPU time / wall time). Per-expert rows
 (`layer.stats.expert_load`, summed over micro-batches, ranks and the case's timed steps, / edp / steps: the rows
 per step one expert-parallel group computes) and each layer's rank_experts feed
 `CostModel(cfg, hardware).step(Layout(...), {layer: LayerPlacement})` for the predicted step (no migration term:
@@ -362,7 +363,7 @@ def print_table(cases: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--block", type=int, default=4, help="steps per block (its first is not timed)")
+    ap.add_argument("--block", type=int, default=3, help="steps per block (its first is not timed)")
     ap.add_argument("--pairs", type=int, default=2, help="static (and balanced) blocks per fit")
     ap.add_argument("--rounds", type=int, default=1, help="sweeps over the layouts (odd ones in reverse order)")
     ap.add_argument("--microbatches", type=int, default=4)

@@ -211,8 +211,9 @@ def test_a_plan_file_trains_three_steps_on_two_ranks(tmp_path):
     run = cli.run("lightning_smartmoe.train", *TINY, "trainer.devices=2", f"plan={plan_file}", "placement.interval=1",
                   "logger=[csv]", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
-    report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert report["global_step"] == 3
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["layout"] == {"dp": 2, "tp": 1, "pp": 1, "ep": 2, "expert_tp": False}
+    assert summary["placement"]["policy"] == "balanced"
 
 
 def test_plan_and_auto_inputs_are_checked():

@@ -137,8 +137,8 @@ def _pack(loads: torch.Tensor, replicas: Sequence[int], capacity: int, current: 
     replicas only if fewer ranks have room for it.
 
     Where the group spans nodes (cost.ranks_per_node < ep) and an expert's replicas would too, they may instead go
-    to the least-loaded ranks of one node: of those choices, the one whose busiest chosen rank finishes first, its
-    rows (cost.row_s each) plus the expert's gradient exchange over the link it would use
+    to the least-loaded ranks of one of the nodes they touch: of those choices, the one whose busiest chosen rank
+    finishes first, its rows (cost.row_s each) plus the expert's gradient exchange over the link it would use
     (ExpertLayerCost.exchange_time), wins; ties: one node, then the lower node."""
     load = loads.tolist()
     ep, spr = current.ep, current.slots_per_rank
@@ -174,7 +174,7 @@ def _pack(loads: torch.Tensor, replicas: Sequence[int], capacity: int, current: 
             # the busiest chosen rank's finish, in rows: the exchange over each link counted as rows of compute
             best_rows = max(rank_load[r] for r in taken) + cost.exchange_time(k, True) / cost.row_s
             intra_rows = cost.exchange_time(k, False) / cost.row_s
-            for first in range(0, ep, per_node):  # the same number of ranks inside one node, if one has room
+            for first in sorted({r // per_node * per_node for r in taken}):  # inside one of the nodes it touched
                 room = [(rank_load[r], r) for r in range(first, min(ep, first + per_node)) if len(rank_experts[r]) < capacity]
                 if len(room) >= k:
                     local = heapq.nsmallest(k, room)

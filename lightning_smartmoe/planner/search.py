@@ -294,7 +294,7 @@ class Search:
                     refused += 1
                     continue
                 plans.append(self.score(layout, policy))
-        plans.sort(key=lambda p: p.step_s)
+        plans.sort(key=lambda p: (p.step_s, p.memory_bytes))  # equal times: the one needing less memory
         return plans, seen, refused
 
 
