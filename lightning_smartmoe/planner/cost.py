@@ -178,15 +178,19 @@ class ExpertLayerCost:
         """What `terms` needs of a placement and a load: rank r holds the experts rank_experts[r], replicas split
         their load evenly, an expert whose replicas span nodes exchanges across them."""
         replicas = _replicas(rank_experts, len(load))
-        nodes: list[set[int]] = [set() for _ in load]
-        for r, experts in enumerate(rank_experts):
-            for e in experts:
-                nodes[e].add(r // self.ranks_per_node)
+        spans = [False] * len(load)
+        if self.ranks_per_node < len(rank_experts):
+            first = [-1] * len(load)  # the node of each expert's first replica
+            for r, experts in enumerate(rank_experts):
+                for e in experts:
+                    node = r // self.ranks_per_node
+                    spans[e] = spans[e] or (first[e] >= 0 and first[e] != node)
+                    first[e] = node if first[e] < 0 else first[e]
         intra, inter = [], []
         for experts in rank_experts:
-            shares = [(2 * (replicas[e] - 1) / replicas[e], len(nodes[e]) > 1) for e in experts if replicas[e] > 1]
-            intra.append(sum(x for x, spans in shares if not spans))
-            inter.append(sum(x for x, spans in shares if spans))
+            shares = [(2 * (replicas[e] - 1) / replicas[e], spans[e]) for e in experts if replicas[e] > 1]
+            intra.append(sum(x for x, across in shares if not across))
+            inter.append(sum(x for x, across in shares if across))
         rows = tuple(sum(load[e] / replicas[e] for e in experts) for experts in rank_experts)
         return RankLoads(rows, tuple(len(e) for e in rank_experts), tuple(intra), tuple(inter), float(sum(load)))
 
