@@ -78,7 +78,7 @@ def empty_file(tmp_path) -> Path:
         (["trainer.devices=2", "parallel.ep=2", "memory_gb=0.001"],
          r"memory_gb=0\.001: rank 0 \(pipeline stage 0\) is predicted to need 0\.\d+ GiB; its largest term is activations, 0\.\d+ GiB"),
         (["memory_gb=-1"], r"memory_gb=-1 must be a number > 0 \(GiB per rank\) or null"),
-        (["+foo=1"], r"^foo is not a known key; allowed: callbacks, checkpoint_every_n_steps, ckpt_path, data, dry_run, hardware, logger, memory_gb, model, moe, optim, parallel, placement, seed, trainer$"),
+        (["+foo=1"], r"^foo is not a known key; allowed: callbacks, checkpoint_every_n_steps, ckpt_path, data, dry_run, hardware, logger, memory_gb, model, moe, optim, parallel, placement, plan, seed, trainer, workload$"),
         (["+placement.intervall=5"], r"^placement\.intervall is not a known key; allowed: calibrate, extra_slots, heatmap_every, interval, min_gain, policy, window$"),
         (["+data.seqlen=32"], r"^data\.seqlen is not a known key; allowed: global_batch_size, num_workers, path, seed, val_fraction$"),
         (["+parallel.timeout=5"], r"^parallel\.timeout is not a known key; allowed: .*timeout_s"),
