@@ -170,17 +170,13 @@ class ExpertPlacementCallback(pl.Callback):
             with trainer.precision_plugin.forward_context():
                 figures["flops_per_s"] = expert_flops_per_s(d_model, hidden, rows, strategy.root_device, layer.experts.w1.dtype)
             if strategy.layout.mesh is not None:
-                expert_bytes = CostModel(**{**self.cost, "expert_params": self._expert_params(layer)}).expert_bytes
+                expert_bytes = CostModel(**{**self.cost, "expert_params": layer.experts.params_per_expert}).expert_bytes
                 figures["bandwidth"] = link_bandwidth(strategy.layout.ep_group, expert_bytes, strategy.root_device)
         self.measured = {k: v for k, v in agree(figures, strategy.root_device).items() if v is not None}
         self.cost.update(self.measured)
         link = f", link {self.measured['bandwidth'] / 1e9:.2f} GB/s" if "bandwidth" in self.measured else ""
         rank_zero_info(f"placement: cost figures measured in {time.perf_counter() - start:.2f} s: expert FFN "
                        f"{self.measured['flops_per_s'] / 1e9:.1f} GFLOP/s per rank{link}")
-
-    @staticmethod
-    def _expert_params(layer: MoELayer) -> int:
-        return layer.experts.w1[0].numel() + layer.experts.w2[0].numel()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.interval == "epoch" and self.history:
@@ -196,7 +192,7 @@ class ExpertPlacementCallback(pl.Callback):
         for position, layer in enumerate(self._layers(trainer)):
             layer_load = self._load_of(layer, load)
             hiding = position if overlapped else 0
-            cost = CostModel(**{**self.cost, "expert_params": self._expert_params(layer), "hiding_layers": hiding})
+            cost = CostModel(**{**self.cost, "expert_params": layer.experts.params_per_expert, "hiding_layers": hiding})
             new = plan(self.policy, layer_load, layer.placement, cost)
             if should_switch(cost, layer.placement, new, layer_load, steps, self.min_gain):
                 self.moved_experts += sum(not m.local for m in moves(layer.placement, new))

@@ -23,7 +23,7 @@ from lightning_smartmoe.checkpoint import newest
 from lightning_smartmoe.data import TokenDataModule
 from lightning_smartmoe.errors import ConfigError
 from lightning_smartmoe.layout import ParallelSizes
-from lightning_smartmoe.models import GPTMoEConfig, OptimConfig
+from lightning_smartmoe.models import MODELS, ModelConfig, OptimConfig
 from lightning_smartmoe.moe import MoEConfig
 from lightning_smartmoe.placement import PLANNERS, CostModel
 from lightning_smartmoe.planner import memory
@@ -138,9 +138,10 @@ def _check_keys(cfg: DictConfig) -> None:
     _unknown("trainer.", cfg.trainer.keys(), trainer_arguments())
 
 
-def _section(cfg: DictConfig, key: str, cls: type, **extra):
-    """cls(**cfg[key], **extra), refusing keys the dataclass does not have and values of the wrong type."""
-    values = OmegaConf.to_container(cfg[key], resolve=True)
+def _section(cfg: DictConfig, key: str, cls: type, skip: tuple[str, ...] = (), **extra):
+    """cls(**cfg[key] less the keys `skip`, **extra), refusing keys the dataclass does not have and values of the
+    wrong type."""
+    values = {k: v for k, v in OmegaConf.to_container(cfg[key], resolve=True).items() if k not in skip}
     hints = typing.get_type_hints(cls)
     known = [f.name for f in fields(cls) if f.name not in extra]
     _unknown(f"{key}.", values, known)
@@ -149,8 +150,11 @@ def _section(cfg: DictConfig, key: str, cls: type, **extra):
     return cls(**values, **extra)
 
 
-def model_config(cfg: DictConfig) -> GPTMoEConfig:
-    return _section(cfg, "model", GPTMoEConfig, moe=_section(cfg, "moe", MoEConfig))
+def model_config(cfg: DictConfig) -> ModelConfig:
+    """The model of `model.arch` (gpt_moe | llama_moe) from `model.*` and `moe.*`."""
+    arch = cfg.model.get("arch", "gpt_moe")
+    _choice("model.arch", arch, list(MODELS))
+    return _section(cfg, "model", MODELS[arch], skip=("arch",), moe=_section(cfg, "moe", MoEConfig))
 
 
 def optim_config(cfg: DictConfig) -> OptimConfig:
@@ -265,7 +269,7 @@ def checkpoint_to_resume(cfg: DictConfig, checkpoints: Path) -> Path | None:
     return newest(checkpoints) if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
 
 
-def datamodule(cfg: DictConfig, model: GPTMoEConfig, sizes: ParallelSizes, load: bool = True) -> TokenDataModule:
+def datamodule(cfg: DictConfig, model: ModelConfig, sizes: ParallelSizes, load: bool = True) -> TokenDataModule:
     """Build the data, sized for the layout, and load it (so a bad path or corpus fails here) unless load=False."""
     d = cfg.data
     dm = TokenDataModule(
@@ -295,7 +299,7 @@ def memory_layout(cfg: DictConfig, sizes: ParallelSizes) -> Layout:
     )
 
 
-def check_memory(cfg: DictConfig, model: GPTMoEConfig, sizes: ParallelSizes) -> None:
+def check_memory(cfg: DictConfig, model: ModelConfig, sizes: ParallelSizes) -> None:
     """With `memory_gb` set, refuse a layout whose busiest rank is predicted to need more (planner.memory)."""
     if cfg.memory_gb is None:
         return

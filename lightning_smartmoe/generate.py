@@ -19,17 +19,19 @@ from omegaconf import DictConfig
 from lightning_smartmoe import checkpoint
 from lightning_smartmoe.config import conf_dir
 from lightning_smartmoe.errors import ConfigError
-from lightning_smartmoe.models import GPTMoE, GPTMoEConfig
+from lightning_smartmoe.models import MODELS
+from lightning_smartmoe.models.decoder import DecoderLM
 
 
-def load_model(path: str, device: torch.device) -> GPTMoE:
-    """The GPTMoE of checkpoint folder `path` with its trained weights, in eval mode on `device`."""
+def load_model(path: str, device: torch.device) -> DecoderLM:
+    """The model (GPTMoE or LlamaMoE) of checkpoint folder `path` with its trained weights, whole, in eval mode on
+    `device`."""
     meta = checkpoint.read_meta(path)
     config = meta.get("hyper_parameters", {}).get("model")
-    if not isinstance(config, GPTMoEConfig):
-        raise ConfigError(f"ckpt_path={path!r} holds no GPT-MoE model config (was it saved by GPTMoEModule?)")
-    model = GPTMoE(config)
-    named = torch.nn.ModuleDict({"model": model})  # the names GPTMoEModule saves under
+    if not isinstance(config, tuple(MODELS.values())):
+        raise ConfigError(f"ckpt_path={path!r} holds no model config (was it saved by MoELMModule?)")
+    model = config.build()
+    named = torch.nn.ModuleDict({"model": model})  # the names MoELMModule saves under
     checkpoint.validate(path, named)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process, as intended
@@ -38,7 +40,7 @@ def load_model(path: str, device: torch.device) -> GPTMoE:
 
 
 @torch.no_grad()
-def sample(model: GPTMoE, tokens: list[int], max_new_tokens: int, temperature: float, top_k: int | None,
+def sample(model: DecoderLM, tokens: list[int], max_new_tokens: int, temperature: float, top_k: int | None,
            generator: torch.Generator) -> list[int]:
     """`tokens` continued by `max_new_tokens` tokens drawn one at a time from softmax(logits / temperature) (over
     the `top_k` likeliest, if given), each conditioned on at most model.cfg.seq_len preceding tokens."""

@@ -120,7 +120,10 @@ def new_parameter(data: Tensor, like: nn.Parameter) -> nn.Parameter:
 
 def _materialize_tensor(t: Tensor, device: torch.device) -> Tensor:
     new = torch.empty_like(t, device=device)
-    return new_parameter(new, t) if isinstance(t, nn.Parameter) else new
+    if isinstance(t, nn.Parameter):
+        return new_parameter(new, t)
+    new.__dict__.update(t.__dict__)  # a buffer's init rule
+    return new
 
 
 def has_meta_tensors(module: nn.Module) -> bool:

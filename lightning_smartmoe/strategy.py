@@ -499,7 +499,7 @@ class SmartMoEStrategy(ParallelStrategy):
         """
         sizes = self.sizes
         shares = {id(self.optimizer_tensor(p)): layer.slot_shares()
-                  for layer in self.moe_layers for p in (layer.experts.w1, layer.experts.w2)}
+                  for layer in self.moe_layers for p in layer.experts.parameters()}
         params = {id(self.optimizer_tensor(p)): p for p in self.model.parameters()}
         stepped = [t for group in optimizer.param_groups for t in group["params"] if t.grad is not None]
         sq = torch.zeros((), dtype=torch.float64, device=self.root_device)
@@ -553,15 +553,29 @@ class SmartMoEStrategy(ParallelStrategy):
                     self._zero.set_master_grads()
                 if self._replica_sync is None:
                     for layer in self.moe_layers:
-                        stepped = [self.optimizer_tensor(p) for p in (layer.experts.w1, layer.experts.w2)]
+                        stepped = [self.optimizer_tensor(p) for p in layer.experts.parameters()]
                         sync_replica_grads(layer, self.layout.grad_ep_group, stepped)
             return result
 
         result = super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
         if self._zero is not None:
             self._zero.gather_params()
+        self._update_expert_biases()
         self._stop_if_signalled()
         return result
+
+    def _update_expert_biases(self) -> None:
+        """Aux-loss-free balancing: move each MoE layer's expert bias by the sign of its load error over the global
+        batch of the step just taken (the routed counts of every micro-batch, summed over the stage's ranks in one
+        all-reduce for all its layers), so the bias is the same on every rank."""
+        layers = [layer for layer in self.moe_layers if layer.router.expert_bias is not None]
+        if not layers:
+            return
+        load = torch.stack([layer.take_bias_load().to(self.root_device) for layer in layers])
+        if self.layout.mesh is not None:
+            dist.all_reduce(load, group=self.layout.plane_group)
+        for layer, row in zip(layers, load):
+            layer.router.update_bias(row)
 
     # ---- stopping on signals -------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from distributed import run_distributed
 from lightning_smartmoe import ConfigError, SmartMoEStrategy
 from lightning_smartmoe.callbacks import ExpertPlacementCallback
 from lightning_smartmoe.data import TokenDataModule
-from lightning_smartmoe.models import GPTMoEModule, OptimConfig
+from lightning_smartmoe.models import MoELMModule, OptimConfig
 from tiny import assert_same_run, relative_error
 from test_placement_switching import RandomSwitches
 
@@ -34,8 +34,12 @@ def _per_step(run, microbatches: int):
     return torch.tensor(losses, dtype=torch.float64).view(-1, microbatches).mean(1).tolist(), params
 
 
-def _fit(corpus: str | Path, n_layers: int = 2, every: int = 1, recompute: str = "none", **kw):
-    model = tiny.model_config(**MODEL, n_layers=n_layers, every=every, recompute=recompute)
+def _fit(corpus: str | Path, n_layers: int = 2, every: int = 1, recompute: str = "none", arch: str = "gpt", **kw):
+    """`arch`: gpt (tiny.model_config) or llama (tiny.llama_config: SwiGLU and shared experts, expert bias)."""
+    if arch == "llama":
+        model = tiny.llama_config(capacity_factor=1.0, n_layers=n_layers, every=every, recompute=recompute)
+    else:
+        model = tiny.model_config(**MODEL, n_layers=n_layers, every=every, recompute=recompute)
     return tiny.fit(Path(corpus), model, steps=STEPS, **kw)
 
 
@@ -49,10 +53,10 @@ def reference(corpus):
     """Single-process runs by accumulate_grad_batches, as per-step losses."""
     cache = {}
 
-    def get(microbatches: int = 1, val_windows: int = 0, n_layers: int = 2, every: int = 1):
-        key = (microbatches, val_windows, n_layers, every)
+    def get(microbatches: int = 1, val_windows: int = 0, n_layers: int = 2, every: int = 1, arch: str = "gpt"):
+        key = (microbatches, val_windows, n_layers, every, arch)
         if key not in cache:
-            run = _fit(corpus, n_layers, every, accumulate=microbatches, val_windows=val_windows)
+            run = _fit(corpus, n_layers, every, arch=arch, accumulate=microbatches, val_windows=val_windows)
             cache[key] = _per_step(run, microbatches)
         return cache[key]
 
@@ -74,6 +78,10 @@ TWO = [
     ("tp2_sequence_parallel_recompute_selective", dict(tp=2, sequence_parallel=True, recompute="selective"), 1),
     ("pp2_1f1b_mb4_recompute_full", dict(pp=2, microbatches=4, schedule="1f1b", recompute="full"), 4),
     ("pp2_gpipe_mb4_recompute_selective", dict(pp=2, microbatches=4, schedule="gpipe", recompute="selective"), 4),
+    # the Llama-style model: RMSNorm, rotary positions, grouped-query attention, SwiGLU and shared experts, bias
+    ("llama_tp2_sequence_parallel", dict(arch="llama", tp=2, sequence_parallel=True), 1),
+    ("llama_tp2_expert_tp", dict(arch="llama", tp=2, expert_tp=True), 1),
+    ("llama_pp2_1f1b_mb4", dict(arch="llama", pp=2, microbatches=4, schedule="1f1b"), 4),
 ]
 # Low precision tracks the float64 reference: (name, `_fit` keyword arguments, micro-batches of the reference).
 # Bounds on the per-step losses and on the whole first step's gradient (relative, in norm), each at least 10x the
@@ -114,7 +122,7 @@ def _two_ranks(corpus: str, save: str):
 
 def _second_trainer_error(corpus: str) -> str:
     """Fit a module at tp=2, then hand the (sharded) module to a new Trainer: the new strategy must refuse it."""
-    module = GPTMoEModule(tiny.model_config(**MODEL), OptimConfig(warmup_steps=1))
+    module = MoELMModule(tiny.model_config(**MODEL), OptimConfig(warmup_steps=1))
     dm = TokenDataModule(corpus, seq_len=16, global_batch_size=tiny.GLOBAL_BATCH, vocab_size=tiny.VOCAB)
 
     def trainer() -> pl.Trainer:
@@ -139,7 +147,7 @@ def two_ranks(corpus, tmp_path_factory):
 @pytest.mark.parametrize("name,microbatches", [(name, mb) for name, _, mb in TWO])
 def test_two_ranks_match_single_process(two_ranks, reference, name, microbatches):
     kw = TWO_KW[name]
-    want = reference(microbatches, kw.get("val_windows", 0), kw.get("n_layers", 2), kw.get("every", 1))
+    want = reference(microbatches, kw.get("val_windows", 0), kw.get("n_layers", 2), kw.get("every", 1), kw.get("arch", "gpt"))
     got = _per_step(two_ranks[0][name], kw.get("accumulate", 1))
     assert_same_run(got, want)
 
@@ -212,6 +220,7 @@ def _four_ranks(corpus: str, save: str):
     over the saved run's 2 micro-batches)."""
     pipelined = dict(pp=2, ep=2, microbatches=2, extra_slots=1)
     random_switches, expert_tp_switches = RandomSwitches(extra=1), RandomSwitches(extra=1)
+    llama_switches, llama_expert_tp_switches = RandomSwitches(extra=1), RandomSwitches(extra=1)
     balanced = ExpertPlacementCallback(policy="balanced", interval=1, window=1, min_gain=float("-inf"), heatmap_every=0)
     results = _layouts(corpus, [
         ("tp2_dp2_ep4", dict(tp=2, ep=4)),
@@ -220,10 +229,15 @@ def _four_ranks(corpus: str, save: str):
         ("pp2_dp2_ep2_balanced_policy", dict(pipelined, callbacks=[balanced])),
         ("tp2_dp2_ep2_expert_tp_random_switches",
          dict(tp=2, ep=2, expert_tp=True, extra_slots=1, callbacks=[expert_tp_switches])),
+        ("llama_pp2_dp2_ep2_random_switches", dict(pipelined, arch="llama", callbacks=[llama_switches])),
+        ("llama_tp2_dp2_ep2_expert_tp_random_switches",
+         dict(tp=2, ep=2, expert_tp=True, extra_slots=1, arch="llama", callbacks=[llama_expert_tp_switches])),
     ])
     results["switches"] = {"pp2_dp2_ep2_random_switches": len(random_switches.done),
                            "pp2_dp2_ep2_balanced_policy": balanced.switches,
-                           "tp2_dp2_ep2_expert_tp_random_switches": len(expert_tp_switches.done)}
+                           "tp2_dp2_ep2_expert_tp_random_switches": len(expert_tp_switches.done),
+                           "llama_pp2_dp2_ep2_random_switches": len(llama_switches.done),
+                           "llama_tp2_dp2_ep2_expert_tp_random_switches": len(llama_expert_tp_switches.done)}
     results["pp2_dp2_ep2_mb2"] = _fit(corpus, pp=2, ep=2, microbatches=2, save_dir=Path(save))
     results["resumed_dp4_ep4"] = _fit(corpus, ep=4, accumulate=2, resume=Path(save) / "epoch=0-step=2.ckpt")
     return results
@@ -250,12 +264,20 @@ def test_placement_switching_per_pipeline_stage(four_ranks, reference, name):
 
 
 @pytest.mark.timeout(360)
-def test_placement_switching_moves_expert_tensor_parallel_shards(four_ranks, reference):
-    """Under expert-TP each tp rank migrates its shard of the moved experts, with its Adam state, and
-    replicated experts' sharded gradients are summed among the replicas."""
-    name = "tp2_dp2_ep2_expert_tp_random_switches"
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_placement_switching_moves_expert_tensor_parallel_shards(four_ranks, reference, arch):
+    """Under expert-TP each tp rank migrates its shard of the moved experts (SwiGLU: w1, w3 and w2), with its Adam
+    state, and replicated experts' sharded gradients are summed among the replicas."""
+    name = "tp2_dp2_ep2_expert_tp_random_switches" if arch == "gpt" else "llama_tp2_dp2_ep2_expert_tp_random_switches"
     assert four_ranks[0]["switches"][name] >= 1
-    assert_same_run(four_ranks[0][name], reference(1))
+    assert_same_run(four_ranks[0][name], reference(1, arch=arch))
+
+
+@pytest.mark.timeout(360)
+def test_llama_placement_switching_per_pipeline_stage(four_ranks, reference):
+    """SwiGLU experts with a shared expert and the expert bias, pipelined, switching placements randomly."""
+    assert four_ranks[0]["switches"]["llama_pp2_dp2_ep2_random_switches"] >= 1
+    assert_same_run(four_ranks[0]["llama_pp2_dp2_ep2_random_switches"], reference(2, arch="llama"))
 
 
 @pytest.mark.timeout(360)

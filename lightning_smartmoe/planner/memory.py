@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_smartmoe.layout import ParallelLayout, ParallelSizes
-from lightning_smartmoe.models.gpt_moe import GPTMoE, GPTMoEConfig
+from lightning_smartmoe.models import ModelConfig
 from lightning_smartmoe.strategy import expert_param_ids, keep_share, reduction_groups
 from lightning_smartmoe.zero import ZeroOptimizer
 
@@ -79,7 +79,7 @@ def _norm(tokens: float, d: int, b: int) -> float:
     return tokens * (d + 2) * b
 
 
-def block_activation_bytes(cfg: GPTMoEConfig, moe: bool, tokens: int, tp: int, sequence_parallel: bool,
+def block_activation_bytes(cfg: ModelConfig, moe: bool, tokens: int, tp: int, sequence_parallel: bool,
                            expert_tp: bool, ep: int, b: int) -> float:
     """Bytes one transformer block saves for backward on one rank, for `tokens` tokens of its micro-batch (all its
     sequences, whole; a tensor-parallel rank keeps what its shard needs), activations of b bytes each; router and
@@ -99,11 +99,12 @@ def block_activation_bytes(cfg: GPTMoEConfig, moe: bool, tokens: int, tp: int, s
         routed = tokens if expert_tp else tokens / tp  # tokens this rank routes
         rows = routed * k  # rows its experts compute (balanced)
         hidden = (m.expert_hidden or cfg.hidden) / (tp if expert_tp else 1)
+        acts = 3 if m.activation == "swiglu" else 2  # SwiGLU: gate and up projections, and their product
         ffn += (
             routed * d * b  # router input
             + routed * (2 * m.num_experts + k + 2) * f  # probabilities, logits (z-loss), gate weights and sums
             + routed * k * _INDEX  # chosen experts
-            + rows * (3 * d + 2 * hidden) * b  # expert input, GELU input and output, expert output twice (combine)
+            + rows * (3 * d + acts * hidden) * b  # expert input, activation inputs and output, output twice (combine)
             + rows * ((4 if ep > 1 else 3) * _INDEX + f)  # dispatch / combine indices, gathered gate weights
         )
     else:
@@ -111,7 +112,7 @@ def block_activation_bytes(cfg: GPTMoEConfig, moe: bool, tokens: int, tp: int, s
     return attention + ffn
 
 
-def stage_activation_bytes(cfg: GPTMoEConfig, layout: Layout, layers: list[int], first: bool, last: bool) -> tuple[float, float]:
+def stage_activation_bytes(cfg: ModelConfig, layout: Layout, layers: list[int], first: bool, last: bool) -> tuple[float, float]:
     """(one micro-batch's saved activations on a rank holding `layers` (and the embedding / the head), the
     transient activations of one recomputed block during backward)."""
     sizes = layout.sizes
@@ -143,7 +144,7 @@ def in_flight(layout: Layout, stage: int) -> int:
     return min(m, pp - stage)
 
 
-def activation_bytes(cfg: GPTMoEConfig, layout: Layout, stage: int) -> int:
+def activation_bytes(cfg: ModelConfig, layout: Layout, stage: int) -> int:
     """Peak saved activations of a rank of pipeline stage `stage` (its virtual stages included)."""
     per_chunk_layers = cfg.n_layers // (layout.sizes.pp * layout.virtual_stages)
     chunks = []
@@ -249,7 +250,7 @@ def fake_world(rank: int, world: int) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def rank_memory(cfg: GPTMoEConfig, layout: Layout) -> list[RankMemory]:
+def rank_memory(cfg: ModelConfig, layout: Layout) -> list[RankMemory]:
     """Every rank's memory, by rank."""
     sizes = layout.sizes
     rows: list[RankMemory] = []
@@ -258,7 +259,7 @@ def rank_memory(cfg: GPTMoEConfig, layout: Layout) -> list[RankMemory]:
         with fake_world(rank, sizes.world_size):
             parallel = ParallelLayout.build(sizes, "cpu") if sizes.world_size > 1 else ParallelLayout(sizes)
             with torch.device("meta"):
-                model = GPTMoE(cfg).to(PARAM_DTYPES[layout.precision])
+                model = cfg.build().to(PARAM_DTYPES[layout.precision])
             keep_share(model, parallel, layout.virtual_stages, layout.sequence_parallel, layout.extra_slots)
             zero = None
             if layout.zero and sizes.world_size > 1:
