@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
 from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
@@ -22,6 +23,7 @@ from lightning_smartmoe.callbacks import ExpertPlacementCallback
 from lightning_smartmoe.checkpoint import newest
 from lightning_smartmoe.data import TokenDataModule
 from lightning_smartmoe.errors import ConfigError
+from lightning_smartmoe.interop import hf_model_config
 from lightning_smartmoe.layout import ParallelSizes
 from lightning_smartmoe.models import MODELS, ModelConfig, OptimConfig
 from lightning_smartmoe.moe import MoEConfig
@@ -151,10 +153,19 @@ def _section(cfg: DictConfig, key: str, cls: type, skip: tuple[str, ...] = (), *
 
 
 def model_config(cfg: DictConfig) -> ModelConfig:
-    """The model of `model.arch` (gpt_moe | llama_moe) from `model.*` and `moe.*`."""
+    """The model of `model.arch` (gpt_moe | llama_moe) from `model.*` and `moe.*`.
+
+    With `model.init_from=hf:DIR` the architecture comes from DIR's config.json, and every rank later reads its
+    share of DIR's weights; the tensors are checked here (headers only)."""
     arch = cfg.model.get("arch", "gpt_moe")
     _choice("model.arch", arch, list(MODELS))
-    return _section(cfg, "model", MODELS[arch], skip=("arch",), moe=_section(cfg, "moe", MoEConfig))
+    model = _section(cfg, "model", MODELS[arch], skip=("arch",), moe=_section(cfg, "moe", MoEConfig))
+    if getattr(model, "init_from", None) is None:
+        return model
+    model = hf_model_config(model.init_from.removeprefix("hf:"), model)
+    with torch.device("meta"):
+        model.build()  # checks the checkpoint's tensors against the model
+    return model
 
 
 def optim_config(cfg: DictConfig) -> OptimConfig:

@@ -1,4 +1,4 @@
-"""smartmoe-generate: sample text from a GPT-MoE checkpoint, whatever layout it was saved under, on one device.
+"""smartmoe-generate: sample text from a GPT-MoE or Llama-MoE checkpoint, whatever layout it was saved under, on one device.
 
     smartmoe-generate ckpt_path=outputs/.../checkpoints/last.ckpt prompt="def " max_new_tokens=200 temperature=0.8
 
@@ -8,6 +8,7 @@ expert, tensor or pipeline parallelism load alike. Text is byte-level: the promp
 the sample decoded the same way. Prints the prompt and its continuation.
 """
 
+import dataclasses
 import re
 import sys
 import warnings
@@ -30,6 +31,8 @@ def load_model(path: str, device: torch.device) -> DecoderLM:
     config = meta.get("hyper_parameters", {}).get("model")
     if not isinstance(config, tuple(MODELS.values())):
         raise ConfigError(f"ckpt_path={path!r} holds no model config (was it saved by MoELMModule?)")
+    if getattr(config, "init_from", None) is not None:  # the trained weights are the checkpoint's
+        config = dataclasses.replace(config, init_from=None)
     model = config.build()
     named = torch.nn.ModuleDict({"model": model})  # the names MoELMModule saves under
     checkpoint.validate(path, named)

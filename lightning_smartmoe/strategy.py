@@ -405,15 +405,20 @@ class SmartMoEStrategy(ParallelStrategy):
 
     def _materialize(self) -> None:
         """Allocate this rank's part of a meta-built model on its device and initialise it from the seed of rank 0
-        (lightning_smartmoe.init: the values do not depend on the layout)."""
-        if not init.has_meta_tensors(self.model):
-            return
-        seed = int(self.broadcast(torch.initial_seed()))
+        (lightning_smartmoe.init: the values do not depend on the layout). A module with a `weights_source` (a
+        model to start from pretrained weights, e.g. `LlamaMoE` with `init_from`) then reads its share from it,
+        once."""
         tp_rank = dist.get_rank(self.layout.tp_group) if self.sizes.tp > 1 else 0
-        try:
-            init.materialize(self.model, self.root_device, seed, tp_rank, self.sizes.tp)
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
+        if init.has_meta_tensors(self.model):
+            seed = int(self.broadcast(torch.initial_seed()))
+            try:
+                init.materialize(self.model, self.root_device, seed, tp_rank, self.sizes.tp)
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
+        for module in self.model.modules():
+            if getattr(module, "weights_source", None) is not None:
+                module.weights_source.load(module, tp_rank, self.sizes.tp)
+                module.weights_source = None
 
     @contextmanager
     def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:

@@ -352,7 +352,7 @@ class LlamaMoE(DecoderLM):
             init.normal_(out.weight, std=default_out_std(cfg.n_layers))
         self.weights_source = None
         if cfg.init_from is not None:
-            from lightning_smartmoe.interop.hf import WeightsSource  # interop builds on the models
+            from lightning_smartmoe.interop.hf_weights import WeightsSource  # interop builds on the models
 
             self.weights_source = WeightsSource(cfg.init_from.removeprefix("hf:"), self)
 
