@@ -158,3 +158,23 @@ def _damaged(hf_dirs, tmp_path: Path, edit) -> Path:
 def test_bad_checkpoints_are_refused_naming_the_tensor_or_field(hf_dirs, tmp_path, edit, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         from_hf(_damaged(hf_dirs, tmp_path, edit))
+
+
+@pytest.mark.parametrize("recipe,model_type,params", [
+    ("olmoe_1b_7b", "olmoe", 6_919_161_856),
+    ("qwen3_30b_a3b", "qwen3_moe", 30_532_122_624),
+    ("mixtral_8x7b", "mixtral", 46_702_792_704),
+])
+def test_recipes_have_the_shapes_of_the_released_models(recipe, model_type, params):
+    """Each shape recipe is the architecture it is named after, with the released model's parameter count."""
+    from hydra import compose, initialize_config_dir
+
+    from lightning_smartmoe import config
+    from lightning_smartmoe.interop.hf_config import to_hf
+
+    config.register_recipes()
+    with initialize_config_dir(config_dir=str(config.conf_dir()), version_base="1.3"):
+        model = config.model_config(compose(config_name="train", overrides=[f"recipe={recipe}"]))
+    assert to_hf(model)["model_type"] == model_type
+    with torch.device("meta"):
+        assert sum(p.numel() for p in model.build().parameters()) == params

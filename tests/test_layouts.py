@@ -20,7 +20,11 @@ from distributed import run_distributed
 from lightning_smartmoe import ConfigError, SmartMoEStrategy
 from lightning_smartmoe.callbacks import ExpertPlacementCallback
 from lightning_smartmoe.data import TokenDataModule
+from lightning_smartmoe.generate import load_model
+from lightning_smartmoe.interop.export import export
 from lightning_smartmoe.models import MoELMModule, OptimConfig
+from lightning_smartmoe.moe import MoELayer
+from lightning_smartmoe.placement import Placement
 from tiny import assert_same_run, relative_error
 from test_placement_switching import RandomSwitches
 
@@ -106,6 +110,7 @@ def _two_ranks(corpus: str, save: str):
     results = _layouts(corpus, [(name, kw) for name, kw, _ in TWO])
     results.update(_layouts(corpus, [(name, kw) for name, kw, _ in LOW_PRECISION]))
     results["saved_tp2_expert_tp"] = _fit(corpus, tp=2, expert_tp=True, sequence_parallel=True, save_dir=Path(save))
+    results["llama_saved_ep2"] = _fit(corpus, arch="llama", ep=2, save_dir=Path(save) / "llama")
     results["second_trainer"] = _second_trainer_error(corpus)
     for recompute in ("none", "full"):
         counts = ExpertPlacementCallback(policy="static", heatmap_every=0)
@@ -214,6 +219,18 @@ def test_tensor_parallel_checkpoint_resumes_in_one_process(two_ranks, corpus):
     assert_same_run(single, (saved_losses[2:], tiny.weights(saved_params)))
 
 
+@pytest.mark.timeout(300)
+def test_expert_bias_is_checkpointed_and_resumes_in_one_process(two_ranks, corpus):
+    """The Llama model's expert bias, moved after every step and the same on both ranks (tiny.fit checks), is saved
+    at ep=2 with the model: a one-process resume continues the run exactly, bias included."""
+    results, save = two_ranks
+    losses, params = results["llama_saved_ep2"]
+    biases = [k for k in params if k.endswith("router.expert_bias")]
+    assert len(biases) == 2 and all(float(params[k].abs().max()) > 0 for k in biases)
+    single = _fit(corpus, arch="llama", resume=save / "llama" / "epoch=0-step=2.ckpt")
+    assert_same_run(single, (losses[2:], tiny.weights(params)))
+
+
 def _four_ranks(corpus: str, save: str):
     """tp x dp x ep; pp x dp x ep switching placements per stage, randomly and by the balanced policy; then
     pp x dp x ep saving a checkpoint after step 2, and a resume of it at dp 4, ep 4 (gradient accumulation
@@ -293,8 +310,64 @@ def test_pp_dp_ep_matches_and_resumes_under_other_layouts(four_ranks, reference,
     assert_same_run(_per_step(single, 2), expected)
 
 
+class FinalReplicas(pl.Callback):
+    """The most copies any expert of this rank's MoE layers has in the placement training ends with."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.most = max(int(m.placement.num_replicas.max()) for m in pl_module.modules() if isinstance(m, MoELayer))
+
+
+class ReplicateAfter(pl.Callback):
+    """After optimizer step `step`, every MoE layer moves to experts r * E/ep .. of rank r plus, in its extra slot,
+    a replica of the next rank's first expert."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.done = step, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step != self.step or self.done:
+            return
+        self.done = True
+        for layer in (m for m in pl_module.modules() if isinstance(m, MoELayer)):
+            e, ep = layer.placement.num_experts, layer.placement.ep
+            rows = [[*range(r * e // ep, (r + 1) * e // ep), (r + 1) * e // ep % e] for r in range(ep)]
+            trainer.strategy.migrate(layer, Placement.from_rank_experts(rows, e, e // ep + 1))
+
+
+def _eight_ranks(corpus: str, save: str):
+    """pp x tp x dp x ep; then a Qwen2-MoE-shaped Llama model (dropless) at pp 2, dp 2, ep 2 that replicates experts
+    after step 2, saving after its last step (for export)."""
+    results = _layouts(corpus, [("pp2_tp2_dp2_ep2_mb2", dict(pp=2, tp=2, ep=2, microbatches=2))])
+    replicas = FinalReplicas()
+    tiny.fit(Path(corpus), tiny.llama_config(hf=True), pp=2, ep=2, microbatches=2, extra_slots=1, steps=STEPS,
+             callbacks=[ReplicateAfter(2), replicas], save_dir=Path(save))
+    results["replicas"] = replicas.most
+    return results
+
+
+@pytest.fixture(scope="module")
+def eight_ranks(corpus, tmp_path_factory):
+    save = tmp_path_factory.mktemp("ckpt_eight")
+    return run_distributed(8, _eight_ranks, str(corpus), str(save), timeout=300), save
+
+
 @pytest.mark.timeout(360)
-def test_pp_tp_dp_ep_on_eight_ranks(corpus, reference):
-    cases = [("pp2_tp2_dp2_ep2_mb2", dict(pp=2, tp=2, ep=2, microbatches=2))]
-    eight = run_distributed(8, _layouts, str(corpus), cases, timeout=300)[0]
-    assert_same_run(eight["pp2_tp2_dp2_ep2_mb2"], reference(2))
+def test_pp_tp_dp_ep_on_eight_ranks(eight_ranks, reference):
+    assert_same_run(eight_ranks[0][0]["pp2_tp2_dp2_ep2_mb2"], reference(2))
+
+
+@pytest.mark.timeout(360)
+def test_export_of_a_replicated_pp_dp_ep_checkpoint_loads_in_transformers(eight_ranks, tmp_path):
+    """Saved at pp 2, dp 2, ep 2 with replicated experts: smartmoe-export's folder loads in transformers, whose
+    logits equal our model's from the checkpoint (fp32)."""
+    transformers = pytest.importorskip("transformers")
+    results, save = eight_ranks
+    assert max(r["replicas"] for r in results) > 1  # some expert had several copies when the checkpoint was saved
+    ckpt = save / f"epoch=0-step={STEPS}.ckpt"
+    assert export(ckpt, tmp_path / "hf")["model_type"] == "qwen2_moe"
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours = load_model(str(ckpt), torch.device("cpu"))
+    idx = torch.randint(0, tiny.VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        error = float((ours(idx)[0] - theirs(idx).logits).abs().max())
+    assert error <= 1e-5, error
