@@ -178,3 +178,25 @@ def test_recipes_have_the_shapes_of_the_released_models(recipe, model_type, para
     assert to_hf(model)["model_type"] == model_type
     with torch.device("meta"):
         assert sum(p.numel() for p in model.build().parameters()) == params
+
+
+def test_init_from_in_the_config_maps_the_checkpoint_and_checks_it_before_any_process(hf_dirs, tmp_path):
+    """`model=llama_moe model.init_from=hf:DIR`: the architecture comes from DIR (training settings stay ours), and a
+    damaged DIR is refused while the config is read, in the launching process."""
+    from hydra import compose, initialize_config_dir
+
+    from lightning_smartmoe import config
+
+    def model_config(directory: Path):
+        with initialize_config_dir(config_dir=str(config.conf_dir()), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=["model=llama_moe", f"model.init_from=hf:{directory}",
+                                                          "model.seq_len=32", "moe.aux_loss_coeff=0.003"])
+        return config.model_config(cfg)
+
+    model = model_config(hf_dirs["qwen2_moe"])
+    assert (model.vocab_size, model.n_kv_heads, model.qkv_bias, model.seq_len) == (VOCAB, 2, True, 32)
+    assert (model.moe.num_experts, model.moe.every, model.moe.shared_expert_hidden, model.moe.renormalize) == (4, 2, 40, False)
+    assert model.moe.aux_loss_coeff == 0.003
+    damaged = _damaged(hf_dirs, tmp_path, lambda t, c: t.pop("model.layers.0.self_attn.q_norm.weight"))
+    with pytest.raises(ConfigError, match="tensor model.layers.0.self_attn.q_norm.weight is missing"):
+        model_config(damaged)

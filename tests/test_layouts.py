@@ -21,7 +21,6 @@ from lightning_smartmoe import ConfigError, SmartMoEStrategy
 from lightning_smartmoe.callbacks import ExpertPlacementCallback
 from lightning_smartmoe.data import TokenDataModule
 from lightning_smartmoe.generate import load_model
-from lightning_smartmoe.interop.export import export
 from lightning_smartmoe.models import MoELMModule, OptimConfig
 from lightning_smartmoe.moe import MoELayer
 from lightning_smartmoe.placement import Placement
@@ -358,13 +357,16 @@ def test_pp_tp_dp_ep_on_eight_ranks(eight_ranks, reference):
 
 @pytest.mark.timeout(360)
 def test_export_of_a_replicated_pp_dp_ep_checkpoint_loads_in_transformers(eight_ranks, tmp_path):
-    """Saved at pp 2, dp 2, ep 2 with replicated experts: smartmoe-export's folder loads in transformers, whose
-    logits equal our model's from the checkpoint (fp32)."""
+    """Saved at pp 2, dp 2, ep 2 with replicated experts: the folder `smartmoe-export` writes loads in transformers,
+    whose logits equal our model's from the checkpoint (fp32)."""
+    import cli
+
     transformers = pytest.importorskip("transformers")
     results, save = eight_ranks
     assert max(r["replicas"] for r in results) > 1  # some expert had several copies when the checkpoint was saved
     ckpt = save / f"epoch=0-step={STEPS}.ckpt"
-    assert export(ckpt, tmp_path / "hf")["model_type"] == "qwen2_moe"
+    run = cli.run("lightning_smartmoe.interop.export", f"ckpt_path={ckpt}", f"out={tmp_path / 'hf'}", cwd=tmp_path, timeout=120)
+    assert run.returncode == 0 and "(Qwen2MoeForCausalLM)" in run.stdout, run.stderr[-2000:]
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ours = load_model(str(ckpt), torch.device("cpu"))
     idx = torch.randint(0, tiny.VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
