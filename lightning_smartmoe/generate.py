@@ -87,20 +87,21 @@ def run(cfg: DictConfig) -> None:
     print(bytes(t for t in tokens if t < 256).decode("utf-8", errors="replace"))
 
 
-def _quote_prompt(args: list[str]) -> list[str]:
-    """`prompt=TEXT` as one Hydra-quoted string, so that TEXT is kept exactly (Hydra strips unquoted values)."""
+def quote_values(args: list[str], keys: tuple[str, ...]) -> list[str]:
+    """Each `KEY=TEXT` of `keys` as one Hydra-quoted string, so that TEXT is kept exactly (Hydra strips unquoted
+    values and refuses some characters in them, such as the `=` of `epoch=0-step=4.ckpt`)."""
     def quoted(arg: str) -> str:
-        text = arg[len("prompt=") :]
+        key, text = arg.split("=", 1)
         if text[:1] in ("'", '"') and text[-1:] == text[:1] and len(text) > 1:
             return arg
         body = re.sub(r"(\\*)'", lambda m: m[1] * 2 + "\\'", text)  # Hydra unescapes backslashes only before quotes
         body = re.sub(r"(\\+)$", lambda m: m[1] * 2, body)
-        return f"prompt='{body}'"
-    return [quoted(a) if a.startswith("prompt=") else a for a in args]
+        return f"{key}='{body}'"
+    return [quoted(a) if a.split("=", 1)[0] in keys and "=" in a else a for a in args]
 
 
 def main() -> None:
-    sys.argv[1:] = _quote_prompt(sys.argv[1:])
+    sys.argv[1:] = quote_values(sys.argv[1:], ("prompt", "ckpt_path"))
     hydra.main(config_path=str(conf_dir()), config_name="generate", version_base="1.3")(run)()
 
 

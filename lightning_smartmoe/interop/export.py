@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from lightning_smartmoe.config import conf_dir
 from lightning_smartmoe.errors import ConfigError
-from lightning_smartmoe.generate import load_model
+from lightning_smartmoe.generate import load_model, quote_values
 from lightning_smartmoe.interop import hf_config, hf_weights
 from lightning_smartmoe.models.llama_moe import LlamaMoE
 
@@ -79,6 +79,7 @@ def run(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    sys.argv[1:] = quote_values(sys.argv[1:], ("ckpt_path", "out"))
     hydra.main(config_path=str(conf_dir()), config_name="export", version_base="1.3")(run)()
 
 
