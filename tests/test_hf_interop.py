@@ -28,7 +28,8 @@ CONFIGS = {
                                                      shared_expert_intermediate_size=40, num_experts=4,
                                                      num_experts_per_tok=2, decoder_sparse_step=2),
     "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**SHAPE, intermediate_size=48, moe_intermediate_size=24, num_experts=4,
-                                                     num_experts_per_tok=2, head_dim=8, norm_topk_prob=True),
+                                                     num_experts_per_tok=2, head_dim=8, norm_topk_prob=True,
+                                                     tie_word_embeddings=True),
     "olmoe": lambda: transformers.OlmoeConfig(**SHAPE, intermediate_size=24, num_experts=4, num_experts_per_tok=2,
                                               pad_token_id=0, eos_token_id=1),
     "deepseek_v2": lambda: transformers.DeepseekV2Config(
