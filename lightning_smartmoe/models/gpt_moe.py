@@ -50,6 +50,8 @@ class GPTMoEConfig:
     def hidden(self) -> int:
         return self.ffn_hidden or 4 * self.d_model
 
+    dense_activation = "gelu"  # of the dense FFN layers
+
     def is_moe_layer(self, i: int) -> bool:
         return self.moe.is_moe_layer(i)
 

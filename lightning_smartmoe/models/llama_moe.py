@@ -105,6 +105,8 @@ class LlamaMoEConfig:
     def hidden(self) -> int:
         return self.ffn_hidden or 4 * self.d_model
 
+    dense_activation = "swiglu"  # of the dense FFN layers
+
     def is_moe_layer(self, i: int) -> bool:
         return self.moe.is_moe_layer(i)
 

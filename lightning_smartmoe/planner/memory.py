@@ -107,9 +107,17 @@ def block_activation_bytes(cfg: ModelConfig, moe: bool, tokens: int, tp: int, se
             + rows * (3 * d + acts * hidden) * b  # expert input, activation inputs and output, output twice (combine)
             + rows * ((4 if ep > 1 else 3) * _INDEX + f)  # dispatch / combine indices, gathered gate weights
         )
+        if m.shared_experts:  # a dense FFN beside the experts
+            ffn += _dense_ffn(tokens, d, m.shared_hidden(m.expert_hidden or cfg.hidden) / tp, m.activation, b)
     else:
-        ffn += tokens * d * b + 2 * tokens * cfg.hidden / tp * b  # FFN input, GELU input and output
+        ffn += _dense_ffn(tokens, d, cfg.hidden / tp, cfg.dense_activation, b)
     return attention + ffn
+
+
+def _dense_ffn(tokens: float, d: int, hidden: float, activation: str, b: int) -> float:
+    """A dense FFN's saved activations: its input, the activation's inputs and output (GELU: 2, SwiGLU: 3 of the
+    rank's `hidden` units)."""
+    return tokens * d * b + (3 if activation == "swiglu" else 2) * tokens * hidden * b
 
 
 def stage_activation_bytes(cfg: ModelConfig, layout: Layout, layers: list[int], first: bool, last: bool) -> tuple[float, float]:
