@@ -36,6 +36,12 @@ CONFIGS = {
         **{**SHAPE, "num_key_value_heads": 4}, intermediate_size=48, moe_intermediate_size=24, n_routed_experts=4,
         num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
         qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8),
+    "deepseek_v2_yarn_q_lora": lambda: transformers.DeepseekV2Config(  # DeepSeek-V2's YaRN positions, query latent
+        **{**SHAPE, "num_key_value_heads": 4, "max_position_embeddings": 32}, intermediate_size=48,
+        moe_intermediate_size=24, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=2, first_k_dense_replace=1,
+        kv_lora_rank=16, q_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 8,
+                         "mscale": 0.707, "mscale_all_dim": 0.707}),
 }
 ARCHS = [*CONFIGS, "mixtral_fused"]
 

@@ -62,6 +62,8 @@ def _moe_fields(hf: dict[str, Any], path: str) -> dict[str, Any]:
     elif kind == "deepseek_v2":
         if hf.get("topk_method", "greedy") != "greedy":
             _refuse(path, "topk_method", hf["topk_method"], "greedy")
+        if hf.get("scoring_func", "softmax") != "softmax":
+            _refuse(path, "scoring_func", hf["scoring_func"], "softmax")
         shared = hf.get("n_shared_experts") or 0
         moe.update(num_experts=hf["n_routed_experts"], expert_hidden=hf["moe_intermediate_size"],
                    renormalize=False,  # transformers' DeepSeek-V2 router does not renormalise the top-k weights
