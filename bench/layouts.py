@@ -73,7 +73,7 @@ import lightning.pytorch as pl  # noqa: E402
 
 from lightning_smartmoe import SmartMoEStrategy  # noqa: E402
 from lightning_smartmoe.data import TokenDataModule  # noqa: E402
-from lightning_smartmoe.models import GPTMoEConfig, GPTMoEModule, OptimConfig  # noqa: E402
+from lightning_smartmoe.models import GPTMoEConfig, MoELMModule, OptimConfig  # noqa: E402
 from lightning_smartmoe.moe import MoEConfig  # noqa: E402
 from lightning_smartmoe.planner.memory import SavedActivations  # noqa: E402
 
@@ -233,7 +233,7 @@ class Probe(pl.Callback):
 def run_layout(lay: dict, cfg: dict) -> dict:
     t0 = time.perf_counter()
     pl.seed_everything(0, verbose=False)
-    module = GPTMoEModule(model_config(), OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2))
+    module = MoELMModule(model_config(), OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2))
     dm = TokenDataModule(cfg["corpus"], seq_len=MODEL["seq_len"], global_batch_size=GLOBAL_BATCH,
                          vocab_size=MODEL["vocab_size"])
     probe = Probe(cfg["warmup"], cfg["steps"], cfg["mem_steps"])

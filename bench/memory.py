@@ -41,7 +41,7 @@ import lightning.pytorch as pl  # noqa: E402
 from lightning_smartmoe import SmartMoEStrategy  # noqa: E402
 from lightning_smartmoe.data import TokenDataModule  # noqa: E402
 from lightning_smartmoe.layout import ParallelSizes  # noqa: E402
-from lightning_smartmoe.models import GPTMoE, GPTMoEConfig, GPTMoEModule, OptimConfig  # noqa: E402
+from lightning_smartmoe.models import GPTMoE, GPTMoEConfig, MoELMModule, OptimConfig  # noqa: E402
 from lightning_smartmoe.moe import MoEConfig  # noqa: E402
 from lightning_smartmoe.planner.memory import Layout, SavedActivations, largest, rank_memory  # noqa: E402
 
@@ -60,8 +60,8 @@ def model_config(experts: int, d_model: int = 256) -> GPTMoEConfig:
     return GPTMoEConfig(vocab_size=256, seq_len=64, n_layers=2, d_model=d_model, n_heads=4, moe=moe)
 
 
-class EagerModule(GPTMoEModule):
-    """GPTMoEModule building its whole model in __init__, as before meta-device construction."""
+class EagerModule(MoELMModule):
+    """MoELMModule building its whole model in __init__, as before meta-device construction."""
 
     def __init__(self, model: GPTMoEConfig, optim: OptimConfig) -> None:
         super().__init__(model, optim)
@@ -120,8 +120,8 @@ def worker(corpus: str, experts: int, zero_experts: int) -> dict:
     torch.set_num_threads(1)
     out = {"rank": dist.get_rank()}
     for name, module in [
-        ("empty", lambda: GPTMoEModule(model_config(WORLD, d_model=8), OptimConfig())),
-        ("meta", lambda: GPTMoEModule(model_config(experts), OptimConfig())),
+        ("empty", lambda: MoELMModule(model_config(WORLD, d_model=8), OptimConfig())),
+        ("meta", lambda: MoELMModule(model_config(experts), OptimConfig())),
         ("eager", lambda: EagerModule(model_config(experts), OptimConfig())),
     ]:
         reset_peak_rss()
@@ -134,7 +134,7 @@ def worker(corpus: str, experts: int, zero_experts: int) -> dict:
     for zero in (0, 1, 2):
         step = OneStep()
         trainer, dm = _trainer(corpus, SmartMoEStrategy(zero=zero), step)
-        trainer.fit(GPTMoEModule(model_config(zero_experts), OptimConfig()), dm)
+        trainer.fit(MoELMModule(model_config(zero_experts), OptimConfig()), dm)
         out[f"zero{zero}"] = {
             "params_mib": step.params / MIB, "grads_after_backward_mib": step.grads_after_backward / MIB,
             "grads_at_step_mib": step.grads_at_step / MIB, "optimizer_mib": step.optimizer / MIB,

@@ -62,7 +62,7 @@ from machine import cpu_pressure  # noqa: E402
 from lightning_smartmoe import SmartMoEStrategy, config  # noqa: E402
 from lightning_smartmoe.data import TokenDataModule  # noqa: E402
 from lightning_smartmoe.layout import ParallelSizes  # noqa: E402
-from lightning_smartmoe.models import GPTMoEModule, OptimConfig  # noqa: E402
+from lightning_smartmoe.models import MoELMModule, OptimConfig  # noqa: E402
 from lightning_smartmoe.moe import MoELayer  # noqa: E402
 from lightning_smartmoe.placement import Placement, plan  # noqa: E402
 from lightning_smartmoe.planner.cost import CostModel, LayerPlacement  # noqa: E402
@@ -77,8 +77,8 @@ EXTRA_SLOTS = 1
 TARGETS = {"mape": 0.10, "spearman": 0.9, "pick_over_best": 1.05}
 
 
-class SkewedGPTMoE(GPTMoEModule):
-    """GPTMoEModule whose routers are frozen and biased toward HOT: each router's input is shifted by a fixed
+class SkewedGPTMoE(MoELMModule):
+    """MoELMModule whose routers are frozen and biased toward HOT: each router's input is shifted by a fixed
     vector v with W v = SKEW on the HOT rows and 0 elsewhere (W: the router weight once initialised, at the first
     forward; the model is built on the meta device)."""
 
@@ -184,7 +184,7 @@ def run_case(lay: dict, workload: str, cfg: dict, hw: Hardware) -> dict | None:
     extra = EXTRA_SLOTS if alternate else 0
     layout = layout_of(lay, extra)
     blocks = 2 * cfg["pairs"] if alternate else cfg["pairs"]
-    module = (SkewedGPTMoE if workload == "skewed" else GPTMoEModule)(model_config(), OPTIM)
+    module = (SkewedGPTMoE if workload == "skewed" else MoELMModule)(model_config(), OPTIM)
     dm = TokenDataModule(cfg["corpus"], seq_len=MODEL["seq_len"], global_batch_size=GLOBAL_BATCH,
                          vocab_size=MODEL["vocab_size"])
     timer = Blocks(cfg["warmup"], cfg["block"], blocks, alternate, CostModel(model_config(), hw), layout)

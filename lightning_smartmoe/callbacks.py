@@ -184,7 +184,7 @@ class ExpertPlacementCallback(pl.Callback):
         _, d_model, hidden = layer.experts.w1.shape  # this rank's share of each expert's hidden units
         micro = getattr(strategy, "microbatches", 1) * trainer.accumulate_grad_batches
         return expert_layer_cost(self.hardware, strategy.sizes, d_model, hidden, str(trainer.precision), micro,
-                                 hidden_phases=hidden_phases)
+                                 hidden_phases=hidden_phases, matrices=layer.experts.params_per_expert // (d_model * hidden))
 
     @staticmethod
     def _group_load(trainer: pl.Trainer, layer: MoELayer, load: torch.Tensor) -> torch.Tensor:

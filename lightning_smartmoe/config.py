@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
 from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
@@ -25,8 +26,9 @@ from lightning_smartmoe.callbacks import ExpertPlacementCallback
 from lightning_smartmoe.checkpoint import newest
 from lightning_smartmoe.data import TokenDataModule
 from lightning_smartmoe.errors import ConfigError
+from lightning_smartmoe.interop import hf_model_config
 from lightning_smartmoe.layout import ParallelSizes
-from lightning_smartmoe.models import GPTMoEConfig, OptimConfig
+from lightning_smartmoe.models import MODELS, ModelConfig, OptimConfig
 from lightning_smartmoe.moe import MoEConfig
 from lightning_smartmoe.placement import PLANNERS
 from lightning_smartmoe.planner import hardware as hardware_profiles
@@ -148,9 +150,10 @@ def _check_keys(cfg: DictConfig, tool_keys: typing.Iterable[str]) -> None:
     _unknown("trainer.", cfg.trainer.keys(), trainer_arguments())
 
 
-def _section(cfg: DictConfig, key: str, cls: type, **extra):
-    """cls(**cfg[key], **extra), refusing keys the dataclass does not have and values of the wrong type."""
-    values = OmegaConf.to_container(cfg[key], resolve=True)
+def _section(cfg: DictConfig, key: str, cls: type, skip: tuple[str, ...] = (), **extra):
+    """cls(**cfg[key] less the keys `skip`, **extra), refusing keys the dataclass does not have and values of the
+    wrong type."""
+    values = {k: v for k, v in OmegaConf.to_container(cfg[key], resolve=True).items() if k not in skip}
     hints = typing.get_type_hints(cls)
     known = [f.name for f in fields(cls) if f.name not in extra]
     _unknown(f"{key}.", values, known)
@@ -159,8 +162,20 @@ def _section(cfg: DictConfig, key: str, cls: type, **extra):
     return cls(**values, **extra)
 
 
-def model_config(cfg: DictConfig) -> GPTMoEConfig:
-    return _section(cfg, "model", GPTMoEConfig, moe=_section(cfg, "moe", MoEConfig))
+def model_config(cfg: DictConfig) -> ModelConfig:
+    """The model of `model.arch` (gpt_moe | llama_moe) from `model.*` and `moe.*`.
+
+    With `model.init_from=hf:DIR` the architecture comes from DIR's config.json, and every rank later reads its
+    share of DIR's weights; the tensors are checked here (headers only)."""
+    arch = cfg.model.get("arch", "gpt_moe")
+    _choice("model.arch", arch, list(MODELS))
+    model = _section(cfg, "model", MODELS[arch], skip=("arch",), moe=_section(cfg, "moe", MoEConfig))
+    if getattr(model, "init_from", None) is None:
+        return model
+    model = hf_model_config(model.init_from.removeprefix("hf:"), model)
+    with torch.device("meta"):
+        model.build()  # checks the checkpoint's tensors against the model
+    return model
 
 
 def optim_config(cfg: DictConfig) -> OptimConfig:
@@ -264,7 +279,7 @@ def check_run(cfg: DictConfig, tool_keys: typing.Iterable[str] = (), here: bool 
         raise ConfigError(f"plan={cfg.plan!r} and parallel=auto both choose the layout; give one")
 
 
-def search(cfg: DictConfig, model: GPTMoEConfig, world: int, gpus_per_node: int | None = None,
+def search(cfg: DictConfig, model: ModelConfig, world: int, gpus_per_node: int | None = None,
            policies: typing.Sequence[tuple[str, int]] = planner_search.POLICIES) -> dict:
     """planner.search over `world` ranks for this run's model, batch, precision, `hardware` (its GPUs per node
     replaced by `gpus_per_node`), `workload` and `memory_gb` (default: the hardware's)."""
@@ -291,7 +306,7 @@ def apply_overrides(cfg: DictConfig, where: str, data: object) -> None:
     _check_placement(cfg.placement)
 
 
-def choose_layout(cfg: DictConfig, model: GPTMoEConfig) -> None:
+def choose_layout(cfg: DictConfig, model: ModelConfig) -> None:
     """`plan=PATH` or `parallel=auto`: set the layout and placement keys in `cfg` from the plan file or from the
     best plan of a search over this run's world (before any process starts)."""
     if cfg.plan is not None:
@@ -327,7 +342,7 @@ def checkpoint_to_resume(cfg: DictConfig, checkpoints: Path) -> Path | None:
     return newest(checkpoints) if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
 
 
-def datamodule(cfg: DictConfig, model: GPTMoEConfig, sizes: ParallelSizes, load: bool = True) -> TokenDataModule:
+def datamodule(cfg: DictConfig, model: ModelConfig, sizes: ParallelSizes, load: bool = True) -> TokenDataModule:
     """Build the data, sized for the layout, and load it (so a bad path or corpus fails here) unless load=False."""
     d = cfg.data
     dm = TokenDataModule(
@@ -357,7 +372,7 @@ def memory_layout(cfg: DictConfig, sizes: ParallelSizes) -> Layout:
     )
 
 
-def check_memory(cfg: DictConfig, model: GPTMoEConfig, sizes: ParallelSizes) -> None:
+def check_memory(cfg: DictConfig, model: ModelConfig, sizes: ParallelSizes) -> None:
     """With `memory_gb` set, refuse a layout whose busiest rank is predicted to need more (planner.memory)."""
     if cfg.memory_gb is None:
         return

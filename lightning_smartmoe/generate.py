@@ -1,4 +1,4 @@
-"""smartmoe-generate: sample text from a GPT-MoE checkpoint, whatever layout it was saved under, on one device.
+"""smartmoe-generate: sample text from a GPT-MoE or Llama-MoE checkpoint, whatever layout it was saved under, on one device.
 
     smartmoe-generate ckpt_path=outputs/.../checkpoints/last.ckpt prompt="def " max_new_tokens=200 temperature=0.8
 
@@ -8,6 +8,7 @@ expert, tensor or pipeline parallelism load alike. Text is byte-level: the promp
 the sample decoded the same way. Prints the prompt and its continuation.
 """
 
+import dataclasses
 import re
 import sys
 import warnings
@@ -19,17 +20,21 @@ from omegaconf import DictConfig
 from lightning_smartmoe import checkpoint
 from lightning_smartmoe.config import conf_dir
 from lightning_smartmoe.errors import ConfigError
-from lightning_smartmoe.models import GPTMoE, GPTMoEConfig
+from lightning_smartmoe.models import MODELS
+from lightning_smartmoe.models.decoder import DecoderLM
 
 
-def load_model(path: str, device: torch.device) -> GPTMoE:
-    """The GPTMoE of checkpoint folder `path` with its trained weights, in eval mode on `device`."""
+def load_model(path: str, device: torch.device) -> DecoderLM:
+    """The model (GPTMoE or LlamaMoE) of checkpoint folder `path` with its trained weights, whole, in eval mode on
+    `device`."""
     meta = checkpoint.read_meta(path)
     config = meta.get("hyper_parameters", {}).get("model")
-    if not isinstance(config, GPTMoEConfig):
-        raise ConfigError(f"ckpt_path={path!r} holds no GPT-MoE model config (was it saved by GPTMoEModule?)")
-    model = GPTMoE(config)
-    named = torch.nn.ModuleDict({"model": model})  # the names GPTMoEModule saves under
+    if not isinstance(config, tuple(MODELS.values())):
+        raise ConfigError(f"ckpt_path={path!r} holds no model config (was it saved by MoELMModule?)")
+    if getattr(config, "init_from", None) is not None:  # the trained weights are the checkpoint's
+        config = dataclasses.replace(config, init_from=None)
+    model = config.build()
+    named = torch.nn.ModuleDict({"model": model})  # the names MoELMModule saves under
     checkpoint.validate(path, named)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process, as intended
@@ -38,7 +43,7 @@ def load_model(path: str, device: torch.device) -> GPTMoE:
 
 
 @torch.no_grad()
-def sample(model: GPTMoE, tokens: list[int], max_new_tokens: int, temperature: float, top_k: int | None,
+def sample(model: DecoderLM, tokens: list[int], max_new_tokens: int, temperature: float, top_k: int | None,
            generator: torch.Generator) -> list[int]:
     """`tokens` continued by `max_new_tokens` tokens drawn one at a time from softmax(logits / temperature) (over
     the `top_k` likeliest, if given), each conditioned on at most model.cfg.seq_len preceding tokens."""
@@ -82,20 +87,21 @@ def run(cfg: DictConfig) -> None:
     print(bytes(t for t in tokens if t < 256).decode("utf-8", errors="replace"))
 
 
-def _quote_prompt(args: list[str]) -> list[str]:
-    """`prompt=TEXT` as one Hydra-quoted string, so that TEXT is kept exactly (Hydra strips unquoted values)."""
+def quote_values(args: list[str], keys: tuple[str, ...]) -> list[str]:
+    """Each `KEY=TEXT` of `keys` as one Hydra-quoted string, so that TEXT is kept exactly (Hydra strips unquoted
+    values and refuses some characters in them, such as the `=` of `epoch=0-step=4.ckpt`)."""
     def quoted(arg: str) -> str:
-        text = arg[len("prompt=") :]
+        key, text = arg.split("=", 1)
         if text[:1] in ("'", '"') and text[-1:] == text[:1] and len(text) > 1:
             return arg
         body = re.sub(r"(\\*)'", lambda m: m[1] * 2 + "\\'", text)  # Hydra unescapes backslashes only before quotes
         body = re.sub(r"(\\+)$", lambda m: m[1] * 2, body)
-        return f"prompt='{body}'"
-    return [quoted(a) if a.startswith("prompt=") else a for a in args]
+        return f"{key}='{body}'"
+    return [quoted(a) if a.split("=", 1)[0] in keys and "=" in a else a for a in args]
 
 
 def main() -> None:
-    sys.argv[1:] = _quote_prompt(sys.argv[1:])
+    sys.argv[1:] = quote_values(sys.argv[1:], ("prompt", "ckpt_path"))
     hydra.main(config_path=str(conf_dir()), config_name="generate", version_base="1.3")(run)()
 
 

@@ -13,6 +13,7 @@ plus one block of rows. Parameters without a declaration are initialised by thei
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -88,9 +89,13 @@ def _tp_region(p: Tensor, shape: tuple[int, ...], dim: int | None, tp_rank: int)
     return tuple(region)
 
 
-def fill_(p: Tensor, rule: InitRule, seed: int, name: str, tp_rank: int = 0, tp_size: int = 1,
+Values = Callable[[str, int | None, tuple[int, ...], tuple[slice, ...]], Tensor]
+"""(logical tensor name, logical expert or None, its logical shape, region of it) -> the region's values."""
+
+
+def fill_(p: Tensor, values: Values, name: str, tp_rank: int = 0, tp_size: int = 1,
           expert_ids: list[int] | None = None) -> None:
-    """Fill the materialised parameter p (this rank's shard of logical tensor `name`) by `rule`.
+    """Fill the materialised parameter p (this rank's shard of logical tensor `name`) with `values` of its region.
 
     p may be a tensor-parallel shard (`tp_shard_dim`, of `tp_size` equal shards) and, with `expert_ids`, a stack
     [slots, ...] of experts (slot i holds logical expert expert_ids[i]; -1: an empty slot, filled with zeros).
@@ -99,7 +104,7 @@ def fill_(p: Tensor, rule: InitRule, seed: int, name: str, tp_rank: int = 0, tp_
     with torch.no_grad():
         if expert_ids is None:
             shape = tuple(n * tp_size if i == dim else n for i, n in enumerate(p.shape))
-            p.copy_(draw(rule, shape, seed, name, None, _tp_region(p, shape, dim, tp_rank)))
+            p.copy_(values(name, None, shape, _tp_region(p, shape, dim, tp_rank)))
             return
         expert_dim = None if dim is None else dim - 1
         shape = tuple(n * tp_size if i == expert_dim else n for i, n in enumerate(p.shape[1:]))
@@ -107,7 +112,7 @@ def fill_(p: Tensor, rule: InitRule, seed: int, name: str, tp_rank: int = 0, tp_
             if expert < 0:
                 p[slot].zero_()
             else:
-                p[slot].copy_(draw(rule, shape, seed, name, expert, _tp_region(p[slot], shape, expert_dim, tp_rank)))
+                p[slot].copy_(values(name, expert, shape, _tp_region(p[slot], shape, expert_dim, tp_rank)))
 
 
 def new_parameter(data: Tensor, like: nn.Parameter) -> nn.Parameter:
@@ -120,7 +125,10 @@ def new_parameter(data: Tensor, like: nn.Parameter) -> nn.Parameter:
 
 def _materialize_tensor(t: Tensor, device: torch.device) -> Tensor:
     new = torch.empty_like(t, device=device)
-    return new_parameter(new, t) if isinstance(t, nn.Parameter) else new
+    if isinstance(t, nn.Parameter):
+        return new_parameter(new, t)
+    new.__dict__.update(t.__dict__)  # a buffer's init rule
+    return new
 
 
 def has_meta_tensors(module: nn.Module) -> bool:
@@ -160,4 +168,16 @@ def materialize(module: nn.Module, device: torch.device, seed: int, tp_rank: int
             rule = getattr(t, _RULE, None)
             if rule is not None:
                 full = f"{mod_name}.{n}" if mod_name else n
-                fill_(t, rule, seed, full, tp_rank, tp_size, getattr(mod, "logical_ids", None))
+                drawn = lambda name, expert, shape, region, rule=rule: draw(rule, shape, seed, name, expert, region)  # noqa: E731
+                fill_(t, drawn, full, tp_rank, tp_size, getattr(mod, "logical_ids", None))
+
+
+def load_(module: nn.Module, values: Values, tp_rank: int = 0, tp_size: int = 1, skip: Callable[[str], bool] = lambda n: False) -> None:
+    """Overwrite every parameter of `module` (this rank's share of it, names relative to `module`) with `values`
+    of its region, except those whose name `skip` accepts (e.g. to load another model's weights: each rank reads
+    only what it keeps)."""
+    for mod_name, mod in module.named_modules():
+        for n, t in mod._parameters.items():
+            full = f"{mod_name}.{n}" if mod_name else n
+            if t is not None and not skip(full):
+                fill_(t, values, full, tp_rank, tp_size, getattr(mod, "logical_ids", None))

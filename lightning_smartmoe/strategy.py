@@ -405,15 +405,20 @@ class SmartMoEStrategy(ParallelStrategy):
 
     def _materialize(self) -> None:
         """Allocate this rank's part of a meta-built model on its device and initialise it from the seed of rank 0
-        (lightning_smartmoe.init: the values do not depend on the layout)."""
-        if not init.has_meta_tensors(self.model):
-            return
-        seed = int(self.broadcast(torch.initial_seed()))
+        (lightning_smartmoe.init: the values do not depend on the layout). A module with a `weights_source` (a
+        model to start from pretrained weights, e.g. `LlamaMoE` with `init_from`) then reads its share from it,
+        once."""
         tp_rank = dist.get_rank(self.layout.tp_group) if self.sizes.tp > 1 else 0
-        try:
-            init.materialize(self.model, self.root_device, seed, tp_rank, self.sizes.tp)
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
+        if init.has_meta_tensors(self.model):
+            seed = int(self.broadcast(torch.initial_seed()))
+            try:
+                init.materialize(self.model, self.root_device, seed, tp_rank, self.sizes.tp)
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
+        for module in self.model.modules():
+            if getattr(module, "weights_source", None) is not None:
+                module.weights_source.load(module, tp_rank, self.sizes.tp)
+                module.weights_source = None
 
     @contextmanager
     def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
@@ -499,7 +504,7 @@ class SmartMoEStrategy(ParallelStrategy):
         """
         sizes = self.sizes
         shares = {id(self.optimizer_tensor(p)): layer.slot_shares()
-                  for layer in self.moe_layers for p in (layer.experts.w1, layer.experts.w2)}
+                  for layer in self.moe_layers for p in layer.experts.parameters()}
         params = {id(self.optimizer_tensor(p)): p for p in self.model.parameters()}
         stepped = [t for group in optimizer.param_groups for t in group["params"] if t.grad is not None]
         sq = torch.zeros((), dtype=torch.float64, device=self.root_device)
@@ -553,15 +558,29 @@ class SmartMoEStrategy(ParallelStrategy):
                     self._zero.set_master_grads()
                 if self._replica_sync is None:
                     for layer in self.moe_layers:
-                        stepped = [self.optimizer_tensor(p) for p in (layer.experts.w1, layer.experts.w2)]
+                        stepped = [self.optimizer_tensor(p) for p in layer.experts.parameters()]
                         sync_replica_grads(layer, self.layout.grad_ep_group, stepped)
             return result
 
         result = super().optimizer_step(optimizer, closure_then_sync, model, **kwargs)
         if self._zero is not None:
             self._zero.gather_params()
+        self._update_expert_biases()
         self._stop_if_signalled()
         return result
+
+    def _update_expert_biases(self) -> None:
+        """Aux-loss-free balancing: move each MoE layer's expert bias by the sign of its load error over the global
+        batch of the step just taken (the routed counts of every micro-batch, summed over the stage's ranks in one
+        all-reduce for all its layers), so the bias is the same on every rank."""
+        layers = [layer for layer in self.moe_layers if layer.router.expert_bias is not None]
+        if not layers:
+            return
+        load = torch.stack([layer.take_bias_load().to(self.root_device) for layer in layers])
+        if self.layout.mesh is not None:
+            dist.all_reduce(load, group=self.layout.plane_group)
+        for layer, row in zip(layers, load):
+            layer.router.update_bias(row)
 
     # ---- stopping on signals -------------------------------------------------------------------------
 

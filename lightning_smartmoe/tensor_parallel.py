@@ -97,6 +97,12 @@ def reduce_from_tp(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     return _communicate(x, group, lambda t: _all_reduce(t, group), lambda g: g)
 
 
+def sum_over_tp(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """Inside a TP region, the sum of every rank's partial x, which each rank then uses for its own part: forward
+    and backward all-reduce(sum) (e.g. a norm over features split across the ranks)."""
+    return _communicate(x, group, lambda t: _all_reduce(t, group), lambda g: _all_reduce(g, group))
+
+
 def scatter_to_sequence(x: Tensor, group: dist.ProcessGroup | None, dim: int = 1) -> Tensor:
     """Replicated [.., S, ..] -> this rank's [.., S/tp, ..]; backward all-gathers the gradient."""
     return _communicate(x, group, lambda t: _split(t, group, dim), lambda g: _all_gather(g, group, dim))
@@ -190,11 +196,31 @@ class ColumnParallelLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [..., in] replicated, or [B, S/tp, in] with sequence_parallel. Returns [..., out/tp]."""
-        if self.sequence_parallel:
-            x = all_gather_sequence(x, self.tp_group, dim=1)
-        else:
-            x = copy_to_tp(x, self.tp_group)
+        return self.project(enter_tp(x, self.tp_group, self.sequence_parallel))
+
+    def project(self, x: Tensor) -> Tensor:
+        """This rank's output features for x [..., in] that has already entered the TP region (`enter_tp`), as when
+        several linears read one input: it enters once."""
         return F.linear(x, self.weight, self.bias)
+
+
+def enter_tp(x: Tensor, group: dist.ProcessGroup | None, sequence_parallel: bool) -> Tensor:
+    """Enter a TP region: x [..., d] replicated (forward identity, backward all-reduce) or, with sequence
+    parallelism, this rank's [B, S/tp, d] (all-gathered to [B, S, d]; backward reduce-scatter)."""
+    return all_gather_sequence(x, group, dim=1) if sequence_parallel else copy_to_tp(x, group)
+
+
+class ReplicatedLinear(ColumnParallelLinear):
+    """A linear inside a TP region whose whole weight every TP rank holds (its input entered as for a
+    column-parallel linear): each rank's gradient is its own part of the region's, so the weight (and bias) are
+    `tp_partial`. E.g. the shared key/value compression of multi-head latent attention."""
+
+    def shard(self, group: dist.ProcessGroup | None, sequence_parallel: bool = False) -> "ReplicatedLinear":
+        self.tp_group, self.sequence_parallel = group, sequence_parallel
+        if _tp_size(group) > 1:
+            for p in self.parameters():
+                p.tp_partial = True
+        return self
 
 
 class RowParallelLinear(nn.Linear):

@@ -23,7 +23,7 @@ from torch import nn
 from lightning_smartmoe import checkpoint, config, run_dir
 from lightning_smartmoe.callbacks import LastCheckpoint, TokensPerSecond
 from lightning_smartmoe.errors import ConfigError
-from lightning_smartmoe.models import GPTMoE, GPTMoEModule
+from lightning_smartmoe.models import MoELMModule
 from lightning_smartmoe.planner import memory
 from lightning_smartmoe.report import RunReport
 from lightning_smartmoe.signals import exit_code
@@ -62,7 +62,7 @@ def dry_run(cfg: DictConfig) -> str:
     return memory.table(rows) + "\n" + json.dumps(memory.report(rows))
 
 
-def build(cfg: DictConfig, output_dir: Path) -> tuple[pl.Trainer, GPTMoEModule, pl.LightningDataModule, Path | None]:
+def build(cfg: DictConfig, output_dir: Path) -> tuple[pl.Trainer, MoELMModule, pl.LightningDataModule, Path | None]:
     """Check the whole config and the checkpoint to resume, and build trainer, module and data. Returns them and
     the checkpoint to resume from (None: start fresh). Raises ConfigError on bad input."""
     model_cfg, sizes, strategy, dm = check(cfg, load_data=True)
@@ -75,9 +75,9 @@ def build(cfg: DictConfig, output_dir: Path) -> tuple[pl.Trainer, GPTMoEModule, 
         rank_zero_info(f"ckpt_path=last: no checkpoint in {checkpoints} yet, starting fresh")
     if ckpt is not None:  # against the whole model's shapes, allocating nothing
         with torch.device("meta"):
-            checkpoint.validate(ckpt, nn.ModuleDict({"model": GPTMoE(model_cfg)}))  # GPTMoEModule's names
+            checkpoint.validate(ckpt, nn.ModuleDict({"model": model_cfg.build()}))  # MoELMModule's names
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = GPTMoEModule(model_cfg, config.optim_config(cfg))
+    module = MoELMModule(model_cfg, config.optim_config(cfg))
     callbacks = [
         LastCheckpoint(dirpath=checkpoints, save_last=True, every_n_train_steps=cfg.checkpoint_every_n_steps),
         TokensPerSecond(),
@@ -115,7 +115,7 @@ def run(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    # GPTMoEModule reduces val/loss and val/ppl over the ranks itself; Lightning cannot tell and suggests sync_dist
+    # MoELMModule reduces val/loss and val/ppl over the ranks itself; Lightning cannot tell and suggests sync_dist
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/", category=PossibleUserWarning)
     try:  # the default run directory's name, unless hydra.run.dir is given (run_dir.py)
         name = None if any(a.startswith("hydra.run.dir=") for a in sys.argv[1:]) else run_dir.run_name()

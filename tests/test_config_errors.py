@@ -158,12 +158,12 @@ def test_empty_bin(tmp_path):
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     """Checkpoints of the default model: one whole, one per kind of damage, and two of other models."""
     from lightning_smartmoe.checkpoint import save
-    from lightning_smartmoe.models import GPTMoEModule
+    from lightning_smartmoe.models import MoELMModule
 
     root = tmp_path_factory.mktemp("checkpoints")
 
     def saved(name: str, *overrides: str) -> Path:
-        module = GPTMoEModule(config.model_config(compose_cfg(list(overrides))))
+        module = MoELMModule(config.model_config(compose_cfg(list(overrides))))
         module.configure_model()
         save(root / name, module, [], {"global_step": 0})
         return root / name
@@ -253,9 +253,9 @@ def test_max_steps_minus_one_schedules_the_learning_rate_by_epochs(tmp_path, cor
 
     import tiny
     from lightning_smartmoe.data import TokenDataModule
-    from lightning_smartmoe.models import GPTMoEModule, OptimConfig
+    from lightning_smartmoe.models import MoELMModule, OptimConfig
 
-    module = GPTMoEModule(tiny.model_config(), OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=1))
+    module = MoELMModule(tiny.model_config(), OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=1))
     trainer = pl.Trainer(accelerator="cpu", devices=1, strategy="smartmoe", max_steps=-1, max_epochs=1, limit_train_batches=3,
                          limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)

@@ -20,7 +20,10 @@ from distributed import run_distributed
 from lightning_smartmoe import ConfigError, SmartMoEStrategy
 from lightning_smartmoe.callbacks import ExpertPlacementCallback
 from lightning_smartmoe.data import TokenDataModule
-from lightning_smartmoe.models import GPTMoEModule, OptimConfig
+from lightning_smartmoe.generate import load_model
+from lightning_smartmoe.models import MoELMModule, OptimConfig
+from lightning_smartmoe.moe import MoELayer
+from lightning_smartmoe.placement import Placement
 from tiny import assert_same_run, relative_error
 from test_placement_switching import RandomSwitches
 
@@ -34,8 +37,12 @@ def _per_step(run, microbatches: int):
     return torch.tensor(losses, dtype=torch.float64).view(-1, microbatches).mean(1).tolist(), params
 
 
-def _fit(corpus: str | Path, n_layers: int = 2, every: int = 1, recompute: str = "none", **kw):
-    model = tiny.model_config(**MODEL, n_layers=n_layers, every=every, recompute=recompute)
+def _fit(corpus: str | Path, n_layers: int = 2, every: int = 1, recompute: str = "none", arch: str = "gpt", **kw):
+    """`arch`: gpt (tiny.model_config) or llama (tiny.llama_config: SwiGLU and shared experts, expert bias)."""
+    if arch == "llama":
+        model = tiny.llama_config(capacity_factor=1.0, n_layers=n_layers, every=every, recompute=recompute)
+    else:
+        model = tiny.model_config(**MODEL, n_layers=n_layers, every=every, recompute=recompute)
     return tiny.fit(Path(corpus), model, steps=STEPS, **kw)
 
 
@@ -49,10 +56,10 @@ def reference(corpus):
     """Single-process runs by accumulate_grad_batches, as per-step losses."""
     cache = {}
 
-    def get(microbatches: int = 1, val_windows: int = 0, n_layers: int = 2, every: int = 1):
-        key = (microbatches, val_windows, n_layers, every)
+    def get(microbatches: int = 1, val_windows: int = 0, n_layers: int = 2, every: int = 1, arch: str = "gpt"):
+        key = (microbatches, val_windows, n_layers, every, arch)
         if key not in cache:
-            run = _fit(corpus, n_layers, every, accumulate=microbatches, val_windows=val_windows)
+            run = _fit(corpus, n_layers, every, arch=arch, accumulate=microbatches, val_windows=val_windows)
             cache[key] = _per_step(run, microbatches)
         return cache[key]
 
@@ -74,6 +81,10 @@ TWO = [
     ("tp2_sequence_parallel_recompute_selective", dict(tp=2, sequence_parallel=True, recompute="selective"), 1),
     ("pp2_1f1b_mb4_recompute_full", dict(pp=2, microbatches=4, schedule="1f1b", recompute="full"), 4),
     ("pp2_gpipe_mb4_recompute_selective", dict(pp=2, microbatches=4, schedule="gpipe", recompute="selective"), 4),
+    # the Llama-style model: RMSNorm, rotary positions, grouped-query attention, SwiGLU and shared experts, bias
+    ("llama_tp2_sequence_parallel", dict(arch="llama", tp=2, sequence_parallel=True), 1),
+    ("llama_tp2_expert_tp", dict(arch="llama", tp=2, expert_tp=True), 1),
+    ("llama_pp2_1f1b_mb4", dict(arch="llama", pp=2, microbatches=4, schedule="1f1b"), 4),
 ]
 # Low precision tracks the float64 reference: (name, `_fit` keyword arguments, micro-batches of the reference).
 # Bounds on the per-step losses and on the whole first step's gradient (relative, in norm), each at least 10x the
@@ -98,6 +109,7 @@ def _two_ranks(corpus: str, save: str):
     results = _layouts(corpus, [(name, kw) for name, kw, _ in TWO])
     results.update(_layouts(corpus, [(name, kw) for name, kw, _ in LOW_PRECISION]))
     results["saved_tp2_expert_tp"] = _fit(corpus, tp=2, expert_tp=True, sequence_parallel=True, save_dir=Path(save))
+    results["llama_saved_ep2"] = _fit(corpus, arch="llama", ep=2, save_dir=Path(save) / "llama")
     results["second_trainer"] = _second_trainer_error(corpus)
     for recompute in ("none", "full"):
         counts = ExpertPlacementCallback(policy="static", heatmap_every=0)
@@ -114,7 +126,7 @@ def _two_ranks(corpus: str, save: str):
 
 def _second_trainer_error(corpus: str) -> str:
     """Fit a module at tp=2, then hand the (sharded) module to a new Trainer: the new strategy must refuse it."""
-    module = GPTMoEModule(tiny.model_config(**MODEL), OptimConfig(warmup_steps=1))
+    module = MoELMModule(tiny.model_config(**MODEL), OptimConfig(warmup_steps=1))
     dm = TokenDataModule(corpus, seq_len=16, global_batch_size=tiny.GLOBAL_BATCH, vocab_size=tiny.VOCAB)
 
     def trainer() -> pl.Trainer:
@@ -139,7 +151,7 @@ def two_ranks(corpus, tmp_path_factory):
 @pytest.mark.parametrize("name,microbatches", [(name, mb) for name, _, mb in TWO])
 def test_two_ranks_match_single_process(two_ranks, reference, name, microbatches):
     kw = TWO_KW[name]
-    want = reference(microbatches, kw.get("val_windows", 0), kw.get("n_layers", 2), kw.get("every", 1))
+    want = reference(microbatches, kw.get("val_windows", 0), kw.get("n_layers", 2), kw.get("every", 1), kw.get("arch", "gpt"))
     got = _per_step(two_ranks[0][name], kw.get("accumulate", 1))
     assert_same_run(got, want)
 
@@ -206,12 +218,25 @@ def test_tensor_parallel_checkpoint_resumes_in_one_process(two_ranks, corpus):
     assert_same_run(single, (saved_losses[2:], tiny.weights(saved_params)))
 
 
+@pytest.mark.timeout(300)
+def test_expert_bias_is_checkpointed_and_resumes_in_one_process(two_ranks, corpus):
+    """The Llama model's expert bias, moved after every step and the same on both ranks (tiny.fit checks), is saved
+    at ep=2 with the model: a one-process resume continues the run exactly, bias included."""
+    results, save = two_ranks
+    losses, params = results["llama_saved_ep2"]
+    biases = [k for k in params if k.endswith("router.expert_bias")]
+    assert len(biases) == 2 and all(float(params[k].abs().max()) > 0 for k in biases)
+    single = _fit(corpus, arch="llama", resume=save / "llama" / "epoch=0-step=2.ckpt")
+    assert_same_run(single, (losses[2:], tiny.weights(params)))
+
+
 def _four_ranks(corpus: str, save: str):
     """tp x dp x ep; pp x dp x ep switching placements per stage, randomly and by the balanced policy; then
     pp x dp x ep saving a checkpoint after step 2, and a resume of it at dp 4, ep 4 (gradient accumulation
     over the saved run's 2 micro-batches)."""
     pipelined = dict(pp=2, ep=2, microbatches=2, extra_slots=1)
     random_switches, expert_tp_switches = RandomSwitches(extra=1), RandomSwitches(extra=1)
+    llama_switches, llama_expert_tp_switches = RandomSwitches(extra=1), RandomSwitches(extra=1)
     balanced = ExpertPlacementCallback(policy="balanced", interval=1, window=1, min_gain=float("-inf"), heatmap_every=0)
     results = _layouts(corpus, [
         ("tp2_dp2_ep4", dict(tp=2, ep=4)),
@@ -220,10 +245,15 @@ def _four_ranks(corpus: str, save: str):
         ("pp2_dp2_ep2_balanced_policy", dict(pipelined, callbacks=[balanced])),
         ("tp2_dp2_ep2_expert_tp_random_switches",
          dict(tp=2, ep=2, expert_tp=True, extra_slots=1, callbacks=[expert_tp_switches])),
+        ("llama_pp2_dp2_ep2_random_switches", dict(pipelined, arch="llama", callbacks=[llama_switches])),
+        ("llama_tp2_dp2_ep2_expert_tp_random_switches",
+         dict(tp=2, ep=2, expert_tp=True, extra_slots=1, arch="llama", callbacks=[llama_expert_tp_switches])),
     ])
     results["switches"] = {"pp2_dp2_ep2_random_switches": len(random_switches.done),
                            "pp2_dp2_ep2_balanced_policy": balanced.switches,
-                           "tp2_dp2_ep2_expert_tp_random_switches": len(expert_tp_switches.done)}
+                           "tp2_dp2_ep2_expert_tp_random_switches": len(expert_tp_switches.done),
+                           "llama_pp2_dp2_ep2_random_switches": len(llama_switches.done),
+                           "llama_tp2_dp2_ep2_expert_tp_random_switches": len(llama_expert_tp_switches.done)}
     results["pp2_dp2_ep2_mb2"] = _fit(corpus, pp=2, ep=2, microbatches=2, save_dir=Path(save))
     results["resumed_dp4_ep4"] = _fit(corpus, ep=4, accumulate=2, resume=Path(save) / "epoch=0-step=2.ckpt")
     return results
@@ -250,12 +280,20 @@ def test_placement_switching_per_pipeline_stage(four_ranks, reference, name):
 
 
 @pytest.mark.timeout(360)
-def test_placement_switching_moves_expert_tensor_parallel_shards(four_ranks, reference):
-    """Under expert-TP each tp rank migrates its shard of the moved experts, with its Adam state, and
-    replicated experts' sharded gradients are summed among the replicas."""
-    name = "tp2_dp2_ep2_expert_tp_random_switches"
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_placement_switching_moves_expert_tensor_parallel_shards(four_ranks, reference, arch):
+    """Under expert-TP each tp rank migrates its shard of the moved experts (SwiGLU: w1, w3 and w2), with its Adam
+    state, and replicated experts' sharded gradients are summed among the replicas."""
+    name = "tp2_dp2_ep2_expert_tp_random_switches" if arch == "gpt" else "llama_tp2_dp2_ep2_expert_tp_random_switches"
     assert four_ranks[0]["switches"][name] >= 1
-    assert_same_run(four_ranks[0][name], reference(1))
+    assert_same_run(four_ranks[0][name], reference(1, arch=arch))
+
+
+@pytest.mark.timeout(360)
+def test_llama_placement_switching_per_pipeline_stage(four_ranks, reference):
+    """SwiGLU experts with a shared expert and the expert bias, pipelined, switching placements randomly."""
+    assert four_ranks[0]["switches"]["llama_pp2_dp2_ep2_random_switches"] >= 1
+    assert_same_run(four_ranks[0]["llama_pp2_dp2_ep2_random_switches"], reference(2, arch="llama"))
 
 
 @pytest.mark.timeout(360)
@@ -271,8 +309,67 @@ def test_pp_dp_ep_matches_and_resumes_under_other_layouts(four_ranks, reference,
     assert_same_run(_per_step(single, 2), expected)
 
 
+class FinalReplicas(pl.Callback):
+    """The most copies any expert of this rank's MoE layers has in the placement training ends with."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.most = max(int(m.placement.num_replicas.max()) for m in pl_module.modules() if isinstance(m, MoELayer))
+
+
+class ReplicateAfter(pl.Callback):
+    """After optimizer step `step`, every MoE layer moves to experts r * E/ep .. of rank r plus, in its extra slot,
+    a replica of the next rank's first expert."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.done = step, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step != self.step or self.done:
+            return
+        self.done = True
+        for layer in (m for m in pl_module.modules() if isinstance(m, MoELayer)):
+            e, ep = layer.placement.num_experts, layer.placement.ep
+            rows = [[*range(r * e // ep, (r + 1) * e // ep), (r + 1) * e // ep % e] for r in range(ep)]
+            trainer.strategy.migrate(layer, Placement.from_rank_experts(rows, e, e // ep + 1))
+
+
+def _eight_ranks(corpus: str, save: str):
+    """pp x tp x dp x ep; then a Qwen2-MoE-shaped Llama model (dropless) at pp 2, dp 2, ep 2 that replicates experts
+    after step 2, saving after its last step (for export)."""
+    results = _layouts(corpus, [("pp2_tp2_dp2_ep2_mb2", dict(pp=2, tp=2, ep=2, microbatches=2))])
+    replicas = FinalReplicas()
+    tiny.fit(Path(corpus), tiny.llama_config(hf=True), pp=2, ep=2, microbatches=2, extra_slots=1, steps=STEPS,
+             callbacks=[ReplicateAfter(2), replicas], save_dir=Path(save))
+    results["replicas"] = replicas.most
+    return results
+
+
+@pytest.fixture(scope="module")
+def eight_ranks(corpus, tmp_path_factory):
+    save = tmp_path_factory.mktemp("ckpt_eight")
+    return run_distributed(8, _eight_ranks, str(corpus), str(save), timeout=300), save
+
+
 @pytest.mark.timeout(360)
-def test_pp_tp_dp_ep_on_eight_ranks(corpus, reference):
-    cases = [("pp2_tp2_dp2_ep2_mb2", dict(pp=2, tp=2, ep=2, microbatches=2))]
-    eight = run_distributed(8, _layouts, str(corpus), cases, timeout=300)[0]
-    assert_same_run(eight["pp2_tp2_dp2_ep2_mb2"], reference(2))
+def test_pp_tp_dp_ep_on_eight_ranks(eight_ranks, reference):
+    assert_same_run(eight_ranks[0][0]["pp2_tp2_dp2_ep2_mb2"], reference(2))
+
+
+@pytest.mark.timeout(360)
+def test_export_of_a_replicated_pp_dp_ep_checkpoint_loads_in_transformers(eight_ranks, tmp_path):
+    """Saved at pp 2, dp 2, ep 2 with replicated experts: the folder `smartmoe-export` writes loads in transformers,
+    whose logits equal our model's from the checkpoint (fp32)."""
+    import cli
+
+    transformers = pytest.importorskip("transformers")
+    results, save = eight_ranks
+    assert max(r["replicas"] for r in results) > 1  # some expert had several copies when the checkpoint was saved
+    ckpt = save / f"epoch=0-step={STEPS}.ckpt"
+    run = cli.run("lightning_smartmoe.interop.export", f"ckpt_path={ckpt}", f"out={tmp_path / 'hf'}", cwd=tmp_path, timeout=120)
+    assert run.returncode == 0 and "(Qwen2MoeForCausalLM)" in run.stdout, run.stderr[-2000:]
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours = load_model(str(ckpt), torch.device("cpu"))
+    idx = torch.randint(0, tiny.VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        error = float((ours(idx)[0] - theirs(idx).logits).abs().max())
+    assert error <= 1e-5, error

@@ -18,7 +18,7 @@ from lightning_smartmoe import callbacks as callbacks_module
 from lightning_smartmoe.callbacks import ExpertPlacementCallback
 from lightning_smartmoe.layout import ParallelSizes
 from lightning_smartmoe.data import TokenDataModule
-from lightning_smartmoe.models import GPTMoEModule, OptimConfig
+from lightning_smartmoe.models import MoELMModule, OptimConfig
 from lightning_smartmoe.moe import MoEConfig, MoELayer
 from lightning_smartmoe.placement import Placement
 
@@ -45,7 +45,7 @@ def test_one_reduction_per_step_window_heatmaps(tmp_path):
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[callback],
     )
     CountingStrategy.calls = 0
-    trainer.fit(GPTMoEModule(model, OptimConfig(lr=1e-3)), TokenDataModule(str(corpus), seq_len=16, global_batch_size=8, vocab_size=tiny.VOCAB))
+    trainer.fit(MoELMModule(model, OptimConfig(lr=1e-3)), TokenDataModule(str(corpus), seq_len=16, global_batch_size=8, vocab_size=tiny.VOCAB))
     assert CountingStrategy.calls == 6  # one per optimizer step (12 micro-batches), all layers at once
     assert len(callback.history) == 2 and callback.history[-1].shape == (2, 8)
     # each step's counts are the two micro-batches' assignments: 8 sequences x 16 tokens x top-2 per layer

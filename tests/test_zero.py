@@ -30,8 +30,8 @@ class StateBytes(pl.Callback):
         self.stepped_dtypes = sorted({str(t.dtype) for t in stepped})
 
 
-def _fit(corpus: str, **kw):
-    return tiny.fit(Path(corpus), tiny.model_config(**MODEL), steps=STEPS, **kw)
+def _fit(corpus: str, model=None, **kw):
+    return tiny.fit(Path(corpus), model or tiny.model_config(**MODEL), steps=STEPS, **kw)
 
 
 def _four_ranks(corpus: str, save: str) -> dict:
@@ -117,6 +117,8 @@ def _two_ranks(corpus: str, ckpt: str) -> dict:
         "dp2_zero1": _fit(corpus, zero=1),
         "dp2_ep2_zero2_switches": _fit(corpus, zero=2, ep=2, extra_slots=1, callbacks=[RandomSwitches(extra=1)]),
         "resumed_dp2_zero0": _fit(corpus, zero=0, resume=Path(ckpt)),
+        "llama_dp2_ep2_zero2_switches": _fit(corpus, tiny.llama_config(), zero=2, ep=2, extra_slots=1,
+                                             callbacks=[RandomSwitches(extra=1)]),
     }
 
 
@@ -129,6 +131,12 @@ def two_ranks(four_ranks, corpus):
 @pytest.mark.parametrize("name", ["dp2_zero1", "dp2_ep2_zero2_switches"])
 def test_two_ranks_match_single_process(two_ranks, reference, name):
     assert_same_run(two_ranks[name], reference(1))
+
+
+@pytest.mark.timeout(360)
+def test_swiglu_and_shared_experts_with_expert_bias_under_zero2_and_switches(two_ranks, corpus):
+    """The Llama model's blocks of w1, w3, w2, shared experts and their Adam state, cut by ZeRO and migrated."""
+    assert_same_run(two_ranks["llama_dp2_ep2_zero2_switches"], _fit(corpus, tiny.llama_config()))
 
 
 @pytest.mark.timeout(360)

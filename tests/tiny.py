@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 from lightning_smartmoe import SmartMoEStrategy
 from lightning_smartmoe.checkpoint import entries, expert_ids, model_tensors, unsharded
 from lightning_smartmoe.data import TokenDataModule
-from lightning_smartmoe.models import GPTMoEConfig, GPTMoEModule, OptimConfig
+from lightning_smartmoe.models import GPTMoEConfig, LlamaMoEConfig, MoELMModule, OptimConfig
 from lightning_smartmoe.moe import MoEConfig
 
 VOCAB = 64
@@ -45,6 +45,19 @@ def model_config(
                     aux_loss_coeff=0.01, z_loss_coeff=0.001, every=every)
     return GPTMoEConfig(vocab_size=VOCAB, seq_len=16, n_layers=n_layers, d_model=32, n_heads=4, dropout=dropout,
                         recompute=recompute, moe=moe)
+
+
+def llama_config(capacity_factor: float | None = None, n_layers: int = 2, every: int = 1, recompute: str = "none",
+                 hf: bool = False) -> LlamaMoEConfig:
+    """The Llama-style model at the tiny shape: grouped-query attention (2 key/value heads) with per-head q/k norms,
+    SwiGLU experts, a gated shared expert, sigmoid scores with the aux-loss-free expert bias (the aux loss on too,
+    so both paths are exercised). `hf`: softmax scores, no bias and no q/k norms instead, a model Hugging Face's
+    Qwen2-MoE computes (for export)."""
+    moe = MoEConfig(num_experts=8, top_k=2, capacity_factor=capacity_factor, aux_loss_coeff=0.01, z_loss_coeff=0.001,
+                    every=every, activation="swiglu", shared_experts=1, shared_expert_hidden=64,
+                    shared_expert_gate=True, score="softmax" if hf else "sigmoid", bias_update_rate=0.0 if hf else 0.01)
+    return LlamaMoEConfig(vocab_size=VOCAB, seq_len=16, n_layers=n_layers, d_model=32, n_heads=4, n_kv_heads=2,
+                          ffn_hidden=64, qk_norm="none" if hf else "head", recompute=recompute, moe=moe)
 
 
 def logical_grads(module: torch.nn.Module, stored=unsharded) -> dict[str, torch.Tensor]:
@@ -81,7 +94,7 @@ class LossRecorder(pl.Callback):
 
 def fit(
     corpus: Path,
-    model: GPTMoEConfig,
+    model: GPTMoEConfig | LlamaMoEConfig,
     ep: int = 1,
     tp: int = 1,
     pp: int = 1,
@@ -108,7 +121,7 @@ def fit(
     the first that many validation windows afterwards, and add its loss as "val/loss"."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     pl.seed_everything(0, verbose=False)
-    module = GPTMoEModule(model, OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2))
+    module = MoELMModule(model, OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2))
     dm = TokenDataModule(str(corpus), seq_len=model.seq_len, global_batch_size=global_batch, vocab_size=VOCAB)
     recorder = LossRecorder()
     callbacks = [recorder, *callbacks]

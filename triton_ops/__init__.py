@@ -9,6 +9,6 @@ from triton_ops.expert_ffn import expert_ffn
 from triton_ops.grouped_mm import grouped_mm
 from triton_ops.histogram import expert_histogram
 from triton_ops.permute import permute, unpermute
-from triton_ops.topk_gating import topk_softmax
+from triton_ops.topk_gating import topk_gating, topk_softmax
 
-__all__ = ["expert_ffn", "expert_histogram", "grouped_mm", "permute", "topk_softmax", "unpermute"]
+__all__ = ["expert_ffn", "expert_histogram", "grouped_mm", "permute", "topk_gating", "topk_softmax", "unpermute"]

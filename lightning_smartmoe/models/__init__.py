@@ -1,6 +1,10 @@
-"""GPT-MoE language model and its LightningModule."""
+"""The decoder-only MoE language models (GPT-MoE, Llama-style MoE) and their LightningModule."""
 
 from lightning_smartmoe.models.gpt_moe import GPTMoE, GPTMoEConfig
-from lightning_smartmoe.models.lightning_module import GPTMoEModule, OptimConfig
+from lightning_smartmoe.models.lightning_module import MoELMModule, OptimConfig
+from lightning_smartmoe.models.llama_moe import LlamaMoE, LlamaMoEConfig
 
-__all__ = ["GPTMoE", "GPTMoEConfig", "GPTMoEModule", "OptimConfig"]
+ModelConfig = GPTMoEConfig | LlamaMoEConfig
+MODELS = {"gpt_moe": GPTMoEConfig, "llama_moe": LlamaMoEConfig}  # model.arch -> its config
+
+__all__ = ["GPTMoE", "GPTMoEConfig", "LlamaMoE", "LlamaMoEConfig", "MODELS", "ModelConfig", "MoELMModule", "OptimConfig"]

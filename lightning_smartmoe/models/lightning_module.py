@@ -1,4 +1,4 @@
-"""GPT-MoE as a LightningModule: AdamW, linear warmup + cosine decay, MoE telemetry."""
+"""The MoE language models as a LightningModule: AdamW, linear warmup + cosine decay, MoE telemetry."""
 
 import math
 from dataclasses import dataclass
@@ -8,7 +8,9 @@ import torch
 from torch import Tensor
 
 from lightning_smartmoe.errors import ConfigError
-from lightning_smartmoe.models.gpt_moe import GPTMoE, GPTMoEConfig
+from lightning_smartmoe.models.decoder import DecoderLM
+from lightning_smartmoe.models.gpt_moe import GPTMoEConfig
+from lightning_smartmoe.models.llama_moe import LlamaMoEConfig
 
 
 @dataclass
@@ -40,8 +42,9 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class GPTMoEModule(pl.LightningModule):
-    """Trains GPTMoE on (input, target) token batches of shape [B, S].
+class MoELMModule(pl.LightningModule):
+    """Trains the model of `model` (a GPTMoEConfig or LlamaMoEConfig: its `build()`) on (input, target) token batches
+    of shape [B, S].
 
     The model is built in `configure_model` (Lightning calls it; outside a Trainer, call it yourself): under the
     smartmoe strategy on the meta device, so that each rank materialises only its share. Under pipeline
@@ -53,16 +56,16 @@ class GPTMoEModule(pl.LightningModule):
     so every layout that trains the same logs the same; perplexity is exp of that loss.
     """
 
-    def __init__(self, model: GPTMoEConfig, optim: OptimConfig = OptimConfig()) -> None:
+    def __init__(self, model: GPTMoEConfig | LlamaMoEConfig, optim: OptimConfig = OptimConfig()) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model_config, self.optim = model, optim
-        self.model: GPTMoE | None = None
+        self.model: DecoderLM | None = None
         self._val_losses: list[Tensor] = []
 
     def configure_model(self) -> None:
         if self.model is None:  # Lightning calls this hook for every fit, validate, ...
-            self.model = GPTMoE(self.model_config)
+            self.model = self.model_config.build()
 
     def forward(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         return self.model(idx)

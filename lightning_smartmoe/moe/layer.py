@@ -1,4 +1,4 @@
-"""The MoE FFN layer: router -> placement -> dispatcher -> experts -> dispatcher."""
+"""The MoE FFN layer: router -> placement -> dispatcher -> experts -> dispatcher, plus optional shared experts."""
 
 from dataclasses import dataclass
 
@@ -6,6 +6,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_smartmoe.mlp import mlp
+from lightning_smartmoe import init
 from lightning_smartmoe.moe.config import MoEConfig
 from lightning_smartmoe.moe.dispatcher import TokenDispatcher
 from lightning_smartmoe.moe.experts import GroupedExperts
@@ -51,6 +53,10 @@ class MoEStats:
 class MoELayer(nn.Module):
     """Mixture-of-experts FFN. forward(x [B, S, d]) -> (y [B, S, d], scaled aux loss []).
 
+    With `shared_experts`, every token also goes through `shared` (one dense FFN holding the shared experts'
+    hidden units together), optionally scaled by sigmoid(`shared_gate`(x)); its output is added to the routed
+    experts'. Under tensor parallelism it is sharded as a dense FFN (column- then row-parallel).
+
     Built with all experts; `distribute` keeps this rank's share and wires the dispatcher to an
     expert-parallel group. The returned aux loss (aux_loss_coeff * balance + z_loss_coeff * z) must be
     added to the training loss. `placement` (handed in by `distribute` or `relabel`: a
@@ -70,7 +76,12 @@ class MoELayer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = Router(d_model, cfg)
-        self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.expert_hidden or ffn_hidden, out_std)
+        hidden = cfg.expert_hidden or ffn_hidden
+        self.experts = GroupedExperts(cfg.num_experts, d_model, hidden, out_std, cfg.activation)
+        self.shared = mlp(cfg.activation, d_model, cfg.shared_hidden(hidden), out_std) if cfg.shared_experts else None
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if cfg.shared_expert_gate else None
+        if self.shared_gate is not None:
+            init.normal_(self.shared_gate.weight, std=0.02)
         self.placement = None
         self.dispatcher = TokenDispatcher(cfg.num_experts)
         self.ep_group: dist.ProcessGroup | None = None
@@ -82,6 +93,7 @@ class MoELayer(nn.Module):
         self.index: int | None = None  # position among the whole model's MoE layers (set by the strategy)
         self.stats: MoEStats | None = None
         self.sum_stats = False
+        self.bias_load: Tensor | None = None  # [E] assignments routed since the last expert-bias update
 
     def distribute(
         self,
@@ -120,6 +132,10 @@ class MoELayer(nn.Module):
                 self.router.seq_group = tp_group  # capacity is decided over whole sequences
             # each TP rank's router gradient is partial: its token slice's, or (expert_tp) its hidden slice's
             self.router.weight.tp_partial = True
+            if self.shared is not None:
+                self.shared.shard(tp_group, sequence_parallel)
+            if self.shared_gate is not None and sequence_parallel:
+                self.shared_gate.weight.tp_partial = True  # each rank gates its own sequence slice
 
     def local_experts(self, placement) -> list[int]:
         """Logical expert of each of this rank's slots under `placement` (-1 = empty)."""
@@ -140,7 +156,14 @@ class MoELayer(nn.Module):
         self.placement = placement
         self.experts.logical_ids = self.local_experts(placement)
 
+    def take_bias_load(self) -> Tensor:
+        """[E] this rank's assignments since the last call (zeros if none), for the expert-bias update; resets."""
+        load = self.bias_load if self.bias_load is not None else torch.zeros(self.cfg.num_experts, dtype=torch.long)
+        self.bias_load = None
+        return load
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        shared = None if self.shared is None else self._shared_experts(x)
         x = self._enter_tp(x)
         b, s, d = x.shape
         routing = self.router(x)
@@ -160,14 +183,23 @@ class MoELayer(nn.Module):
             aux_loss=balance.detach(),
             z_loss=z.detach(),
         )
-        if self.expert_tp and dist.get_rank(self.tp_group) > 0:
-            stats = stats.nothing()  # the same tokens as TP rank 0: count them once
+        counted = not (self.expert_tp and dist.get_rank(self.tp_group) > 0)  # else the same tokens as TP rank 0
+        if not counted:
+            stats = stats.nothing()
         if not is_recomputing():  # activation recomputation replays the forward: count it once
             self.stats = stats if self.stats is None or not self.sum_stats else self.stats + stats
+            if self.router.expert_bias is not None and self.training and counted:
+                self.bias_load = routing.routed if self.bias_load is None else self.bias_load + routing.routed
         aux = self.cfg.aux_loss_coeff * balance + self.cfg.z_loss_coeff * z
         if self.tp_group is not None:
             aux = aux / dist.get_world_size(self.tp_group)  # this rank's share of the batch's loss
-        return self._exit_tp(y.reshape(b, s, d)), aux
+        y = self._exit_tp(y.reshape(b, s, d))
+        return (y if shared is None else y + shared), aux
+
+    def _shared_experts(self, x: Tensor) -> Tensor:
+        """The shared experts' output for the layer input x (as the layer takes it)."""
+        y = self.shared(x)
+        return y if self.shared_gate is None else torch.sigmoid(self.shared_gate(x)) * y
 
     def _enter_tp(self, x: Tensor) -> Tensor:
         """The layer input as this rank computes on it: its slice of every sequence, or (expert_tp) all

@@ -1,4 +1,5 @@
-"""Token-to-expert router: the gates naive, gshard and switch, with optional capacity dropping."""
+"""Token-to-expert router: the gates naive, gshard and switch, with optional capacity dropping; the naive gate
+with softmax or sigmoid scores, group-limited routing and the aux-loss-free expert bias."""
 
 import math
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from torch import Tensor, nn
 from lightning_smartmoe import init
 from lightning_smartmoe.moe.config import MoEConfig
 from lightning_smartmoe.tensor_parallel import rank_random
-from triton_ops import expert_histogram, topk_softmax
+from triton_ops import expert_histogram, topk_gating
 
 
 @dataclass
@@ -19,7 +20,7 @@ class Routing:
 
     expert_ids: [T, k] int64 logical expert per assignment, -1 where dropped (capacity or random routing).
     weights: [T, k] combine weights (differentiable).
-    probs: [T, E] router probabilities (differentiable, for the aux loss).
+    probs: [T, E] router probabilities (differentiable, for the aux loss; sigmoid scores normalised per token).
     lse: [T] logsumexp of the router logits (differentiable, for the z-loss).
     (Router math runs in fp32, or fp64 for an fp64 model.)
     routed: [E] int64 assignments per expert before any drop (this rank's tokens).
@@ -60,7 +61,11 @@ def capacity_mask(expert_ids: Tensor, num_experts: int, capacity: int) -> Tensor
 class Router(nn.Module):
     """Linear router over d_model features with one of three gates.
 
-    - naive: top-k of the softmax, weights renormalised over the k chosen.
+    - naive: top-k of the softmax (or of the sigmoid scores, `score`), weights renormalised over the k chosen
+      unless `renormalize` is off, times `scaling_factor`; with `groups` > 1 only from the best `group_top_k`
+      expert groups. With `bias_update_rate` > 0 the experts are chosen by score + `expert_bias` [E] (a buffer,
+      checkpointed, not trained by gradients: `update_bias` moves it after each optimizer step towards equal
+      loads), the weights still being the scores (aux-loss-free balancing, DeepSeek-V3).
     - gshard: top-2, weights renormalised; in training the 2nd expert is kept with probability 2 * w2.
     - switch: top-1 with the raw top-1 probability as weight; in training the router input is
       multiplied by U(1 - jitter_eps, 1 + jitter_eps) noise.
@@ -75,7 +80,16 @@ class Router(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.weight = init.normal_(nn.Parameter(torch.empty(cfg.num_experts, d_model)), std=0.02)
+        bias = init.zeros_(torch.empty(cfg.num_experts)) if cfg.bias_update_rate > 0 else None
+        self.register_buffer("expert_bias", bias)  # [E] or None
         self.seq_group: dist.ProcessGroup | None = None
+
+    @torch.no_grad()
+    def update_bias(self, load: Tensor) -> None:
+        """Move `expert_bias` by bias_update_rate towards balance: up for the experts below the mean of `load` [E]
+        (assignments per expert over the global batch since the last update), down for those above."""
+        load = load.to(self.expert_bias.device, torch.float64)
+        self.expert_bias += (self.cfg.bias_update_rate * torch.sign(load.mean() - load)).to(self.expert_bias.dtype)
 
     def capacity(self, seq_len: int) -> int:
         """Per-sequence slots per expert."""
@@ -91,7 +105,12 @@ class Router(nn.Module):
                 x = x * torch.empty_like(x).uniform_(1 - cfg.jitter_eps, 1 + cfg.jitter_eps)
         dtype = torch.promote_types(x.dtype, torch.float32)
         logits = nn.functional.linear(x.reshape(b * s, -1).to(dtype), self.weight.to(dtype))
-        probs, weights, expert_ids, lse = topk_softmax(logits, cfg.top_k, renormalize=cfg.gate != "switch")
+        probs, weights, expert_ids, lse = topk_gating(
+            logits, cfg.top_k, cfg.score, renormalize=cfg.gate != "switch" and cfg.renormalize, bias=self.expert_bias,
+            groups=cfg.groups, group_top_k=cfg.group_top_k,
+        )
+        if cfg.scaling_factor != 1.0:
+            weights = weights * cfg.scaling_factor
         routed, _ = expert_histogram(expert_ids, cfg.num_experts)
         if cfg.gate == "gshard" and self.training and cfg.random_routing:
             with rank_random(self.seq_group, x.device):

@@ -13,12 +13,12 @@ from lightning_smartmoe.placement.map import Placement, moves
 
 
 def slot_fields(layer: MoELayer, optimizers: list[Optimizer], stepped: Callable[[Tensor], Tensor] = lambda p: p) -> list[Tensor]:
-    """Every per-slot tensor of the layer's experts, [slots, ...] each: w1, w2 and, for each, the optimizer
-    state shaped like the tensor the optimizer steps for it (`stepped(p)`: p, or its ZeRO block's master, which
+    """Every per-slot tensor of the layer's experts, [slots, ...] each: each expert parameter (w1, w2, and w3 for
+    SwiGLU) and, for each, the optimizer state shaped like the tensor the optimizer steps for it (`stepped(p)`: p, or its ZeRO block's master, which
     is itself moved when it is not a view of p) (AdamW's exp_avg and exp_avg_sq; any master copy an optimizer
     keeps per element). Per-parameter scalars such as Adam's step are shared by all slots and need no move."""
     fields = []
-    for p in (layer.experts.w1, layer.experts.w2):
+    for p in layer.experts.parameters():
         fields.append(p.data)
         held = stepped(p)
         if held.untyped_storage().data_ptr() != p.untyped_storage().data_ptr():

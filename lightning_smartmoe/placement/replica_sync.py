@@ -15,7 +15,7 @@ class ReplicaExchange:
     """Give every replica of an expert of `layer` the sum of all its replicas' gradients (collective over the
     ranks of the layer's expert-parallel group; nothing to do when its placement has no replicas).
 
-    Each of the expert's gradient tensors (w1 [d, h] and w2 [h, d] of its slot), P elements in all, is cut into
+    Each of the expert's gradient tensors (w1 [d, h], w2 [h, d] and w3 [d, h] of its slot), P elements in all, is cut into
     r chunks for its r replicas. Phase 1 (reduce-scatter): the j-th replica (in rank order) receives chunk j from
     the others. `advance` waits for it, sums chunk j over all replicas in rank order, and starts phase 2
     (all-gather): the sum goes back to the others, straight into their gradient tensors. `wait` ends it. Each
@@ -24,8 +24,8 @@ class ReplicaExchange:
 
     `group`: the ranks of the layer's `ep_group` (default: that group; a separate communicator lets the
     exchange run beside the layer's token all-to-alls). `params`: the tensors whose `.grad` are summed, stacks
-    [slots, ...] like w1 and w2 (default: w1 and w2; under ZeRO their blocks' masters, which every rank of an
-    expert-parallel group holds for the same block).
+    [slots, ...] like the expert parameters (default: those; under ZeRO their blocks' masters, which every rank of
+    an expert-parallel group holds for the same block).
     """
 
     def __init__(self, layer: MoELayer, group: dist.ProcessGroup | None = None, params: list[Tensor] | None = None) -> None:
@@ -37,7 +37,7 @@ class ReplicaExchange:
         self.phase = 0 if self.group is None or int(placement.num_replicas.max()) == 1 else 1
         if not self.phase:
             return
-        params = params if params is not None else [layer.experts.w1, layer.experts.w2]
+        params = params if params is not None else list(layer.experts.parameters())
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -131,16 +131,17 @@ class OverlappedReplicaSync:
         self.enabled = True
         self.running: list[ReplicaExchange] = []
         self._ready = [0] * len(layers)
+        self._needed = [len(list(layer.experts.parameters())) * backwards_per_step for layer in layers]
         self._hooks: list[RemovableHandle] = []
         for i, layer in enumerate(layers):
-            for p in (layer.experts.w1, layer.experts.w2):
+            for p in layer.experts.parameters():
                 self._hooks.append(p.register_post_accumulate_grad_hook(lambda _p, i=i: self._on_grad_ready(i)))
 
     def _on_grad_ready(self, index: int) -> None:
         if not self.enabled:
             return
         self._ready[index] += 1
-        if self._ready[index] != 2 * self.backwards_per_step:
+        if self._ready[index] != self._needed[index]:
             return
         with torch.no_grad():
             for exchange in self.running:
@@ -151,7 +152,7 @@ class OverlappedReplicaSync:
         """End every exchange; start (and end) those of layers whose gradients did not complete here."""
         with torch.no_grad():
             for i, layer in enumerate(self.layers):
-                if self._ready[i] < 2 * self.backwards_per_step:
+                if self._ready[i] < self._needed[i]:
                     self.running.append(ReplicaExchange(layer, self.group))
             for exchange in self.running:
                 exchange.wait()

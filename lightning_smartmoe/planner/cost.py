@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 
 from lightning_smartmoe.layout import ParallelSizes
-from lightning_smartmoe.models.gpt_moe import GPTMoEConfig
+from lightning_smartmoe.models import ModelConfig
 from lightning_smartmoe.planner.hardware import Hardware, Link
 from lightning_smartmoe.planner.memory import (
     PARAM_DTYPES, Layout, ModelTable, RankMemory, activation_bytes, largest, state_bytes,
@@ -243,19 +243,20 @@ class ExpertLayerCost:
 
 
 def expert_layer_cost(hardware: Hardware, sizes: ParallelSizes, d_model: int, hidden: int, precision: str,
-                      micro: int = 1, recompute: bool = False, hidden_phases: int = 0) -> ExpertLayerCost:
+                      micro: int = 1, recompute: bool = False, hidden_phases: int = 0,
+                      matrices: int = 2) -> ExpertLayerCost:
     """ExpertLayerCost of an MoE layer whose experts are d_model x `hidden` (this rank's share of each expert's hidden
-    units) FFNs, on the expert-parallel group of `sizes`, `micro` micro-batches per step (recompute: each block's
-    forward runs again in backward)."""
+    units) FFNs of `matrices` weight matrices (GELU 2, SwiGLU 3), on the expert-parallel group of `sizes`, `micro`
+    micro-batches per step (recompute: each block's forward runs again in backward)."""
     scopes = Scopes(sizes, hardware.gpus_per_node)
     passes = 4 if recompute else 3  # forward + backward (2x), + the recomputed forward
     master = itemsizes(precision)[1]
-    expert_params = 2 * d_model * hidden
+    expert_params = matrices * d_model * hidden
     link = hardware.link("all_to_all", sizes.ep, scopes.ep)
     stride = sizes.tp if sizes.expert_tp else 1  # global ranks between consecutive ranks of the group
     per_node = max(1, hardware.gpus_per_node // stride)
     return ExpertLayerCost(
-        ep=sizes.ep, row_s=passes * 2 * 2 * d_model * hidden / hardware.expert_flops,  # two matmuls per row
+        ep=sizes.ep, row_s=passes * 2 * expert_params / hardware.expert_flops,  # 2 FLOPs per weight per row
         group_s=hardware.expert_group_s * passes / 3 * micro, a2a=link, calls=(6 if recompute else 4) * micro,
         row_bytes=d_model * activation_itemsize(precision), exchange=hardware.link("p2p", 2, False),
         exchange_inter=hardware.link("p2p", 2, True), ranks_per_node=per_node,
@@ -325,7 +326,7 @@ class CostModel:
     `tables` caches a ModelTable per tensor-parallel cut, so pricing many layouts builds each cut once;
     `memories` each layout's memory."""
 
-    cfg: GPTMoEConfig
+    cfg: ModelConfig
     hardware: Hardware
     tables: dict = field(default_factory=dict)
     memories: dict = field(default_factory=dict)
@@ -347,7 +348,8 @@ class CostModel:
         if key not in self.experts:
             hidden = (cfg.moe.expert_hidden or cfg.hidden) // (sizes.tp if sizes.expert_tp else 1)
             self.experts[key] = expert_layer_cost(self.hardware, sizes, cfg.d_model, hidden, layout.precision, key[1],
-                                                  cfg.recompute == "full", hidden_phases)
+                                                  cfg.recompute == "full", hidden_phases,
+                                                  3 if cfg.moe.activation == "swiglu" else 2)
         return self.experts[key]
 
     def rows_per_step(self, layout: Layout) -> float:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_smartmoe.layout import ParallelLayout, ParallelSizes
-from lightning_smartmoe.models.gpt_moe import GPTMoE, GPTMoEConfig
+from lightning_smartmoe.models import ModelConfig
 from lightning_smartmoe.strategy import expert_param_ids, keep_share
 from lightning_smartmoe.zero import cut_dim
 
@@ -80,7 +80,7 @@ def _norm(tokens: float, d: int, b: int) -> float:
     return tokens * (d + 2) * b
 
 
-def block_activation_bytes(cfg: GPTMoEConfig, moe: bool, tokens: int, tp: int, sequence_parallel: bool,
+def block_activation_bytes(cfg: ModelConfig, moe: bool, tokens: int, tp: int, sequence_parallel: bool,
                            expert_tp: bool, ep: int, b: int) -> float:
     """Bytes one transformer block saves for backward on one rank, for `tokens` tokens of its micro-batch (all its
     sequences, whole; a tensor-parallel rank keeps what its shard needs), activations of b bytes each; router and
@@ -100,19 +100,28 @@ def block_activation_bytes(cfg: GPTMoEConfig, moe: bool, tokens: int, tp: int, s
         routed = tokens if expert_tp else tokens / tp  # tokens this rank routes
         rows = routed * k  # rows its experts compute (balanced)
         hidden = (m.expert_hidden or cfg.hidden) / (tp if expert_tp else 1)
+        acts = 3 if m.activation == "swiglu" else 2  # SwiGLU: gate and up projections, and their product
         ffn += (
             routed * d * b  # router input
             + routed * (2 * m.num_experts + k + 2) * f  # probabilities, logits (z-loss), gate weights and sums
             + routed * k * _INDEX  # chosen experts
-            + rows * (3 * d + 2 * hidden) * b  # expert input, GELU input and output, expert output twice (combine)
+            + rows * (3 * d + acts * hidden) * b  # expert input, activation inputs and output, output twice (combine)
             + rows * ((4 if ep > 1 else 3) * _INDEX + f)  # dispatch / combine indices, gathered gate weights
         )
+        if m.shared_experts:  # a dense FFN beside the experts
+            ffn += _dense_ffn(tokens, d, m.shared_hidden(m.expert_hidden or cfg.hidden) / tp, m.activation, b)
     else:
-        ffn += tokens * d * b + 2 * tokens * cfg.hidden / tp * b  # FFN input, GELU input and output
+        ffn += _dense_ffn(tokens, d, cfg.hidden / tp, cfg.dense_activation, b)
     return attention + ffn
 
 
-def stage_activation_bytes(cfg: GPTMoEConfig, layout: Layout, layers: list[int], first: bool, last: bool) -> tuple[float, float]:
+def _dense_ffn(tokens: float, d: int, hidden: float, activation: str, b: int) -> float:
+    """A dense FFN's saved activations: its input, the activation's inputs and output (GELU: 2, SwiGLU: 3 of the
+    rank's `hidden` units)."""
+    return tokens * d * b + (3 if activation == "swiglu" else 2) * tokens * hidden * b
+
+
+def stage_activation_bytes(cfg: ModelConfig, layout: Layout, layers: list[int], first: bool, last: bool) -> tuple[float, float]:
     """(one micro-batch's saved activations on a rank holding `layers` (and the embedding / the head), the
     transient activations of one recomputed block during backward)."""
     sizes = layout.sizes
@@ -144,7 +153,7 @@ def in_flight(layout: Layout, stage: int) -> int:
     return min(m, pp - stage)
 
 
-def activation_bytes(cfg: GPTMoEConfig, layout: Layout, stage: int) -> int:
+def activation_bytes(cfg: ModelConfig, layout: Layout, stage: int) -> int:
     """Peak saved activations of a rank of pipeline stage `stage` (its virtual stages included)."""
     per_chunk_layers = cfg.n_layers // (layout.sizes.pp * layout.virtual_stages)
     chunks = []
@@ -282,7 +291,7 @@ def _block_indices(sizes: ParallelSizes, j: int) -> tuple[int, int]:
     return d, (d // sizes.ep if sizes.expert_tp else j // sizes.ep)
 
 
-def rank_memory(cfg: GPTMoEConfig, layout: Layout) -> list[RankMemory]:
+def rank_memory(cfg: ModelConfig, layout: Layout) -> list[RankMemory]:
     """Every rank's memory, by rank: each stage's part built as its ranks build it (on the meta device, under a fake
     process group of the world's size)."""
     sizes = layout.sizes
@@ -291,7 +300,7 @@ def rank_memory(cfg: GPTMoEConfig, layout: Layout) -> list[RankMemory]:
         with fake_world(stage * sizes.plane, sizes.world_size):  # the stage's first rank stands for the stage
             parallel = ParallelLayout.build(sizes, "cpu") if sizes.world_size > 1 else ParallelLayout(sizes)
             with torch.device("meta"):
-                model = GPTMoE(cfg).to(PARAM_DTYPES[layout.precision])
+                model = cfg.build().to(PARAM_DTYPES[layout.precision])
             keep_share(model, parallel, layout.virtual_stages, layout.sequence_parallel, layout.extra_slots)
         records, activations = records_of(model), activation_bytes(cfg, layout, stage)
         for j in range(sizes.plane):
@@ -304,11 +313,11 @@ class ModelTable:
     parallelism as given), each with the layer it belongs to ("embed" and "head" for the ends), to price any layout
     of those without building it again: `stage_records(layout, stage)` is what `rank_memory` counts for that stage."""
 
-    def __init__(self, cfg: GPTMoEConfig, tp: int, sequence_parallel: bool, expert_tp: bool, precision: str) -> None:
+    def __init__(self, cfg: ModelConfig, tp: int, sequence_parallel: bool, expert_tp: bool, precision: str) -> None:
         self.cfg = cfg
         with fake_world(0, tp):
             with torch.device("meta"):
-                model = GPTMoE(cfg).to(PARAM_DTYPES[precision])
+                model = cfg.build().to(PARAM_DTYPES[precision])
             if tp > 1:
                 model.shard_tensor_parallel(dist.group.WORLD, sequence_parallel)
                 for layer in model.moe_layers():

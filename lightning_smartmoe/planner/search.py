@@ -26,7 +26,7 @@ import torch
 
 from lightning_smartmoe.errors import ConfigError
 from lightning_smartmoe.layout import ParallelSizes
-from lightning_smartmoe.models.gpt_moe import GPTMoEConfig
+from lightning_smartmoe.models import ModelConfig
 from lightning_smartmoe.placement import Placement, migration_time, plan
 from lightning_smartmoe.planner.cost import Breakdown, CostModel, LayerPlacement
 from lightning_smartmoe.planner.memory import Layout
@@ -171,7 +171,7 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def layouts(cfg: GPTMoEConfig, world: int, gpus_per_node: int, global_batch: int, precision: str,
+def layouts(cfg: ModelConfig, world: int, gpus_per_node: int, global_batch: int, precision: str,
             accumulate: int = 1) -> Iterator[Layout]:
     """Every valid layout of `world` ranks (module docstring), slots not yet chosen (extra_slots 0), ZeRO off."""
     E = cfg.moe.num_experts
@@ -197,7 +197,7 @@ def layouts(cfg: GPTMoEConfig, world: int, gpus_per_node: int, global_batch: int
                                              global_batch=global_batch)
 
 
-def _schedules(cfg: GPTMoEConfig, pp: int) -> list[tuple[str, int]]:
+def _schedules(cfg: ModelConfig, pp: int) -> list[tuple[str, int]]:
     if pp == 1:
         return [("1f1b", 1)]
     out = [("gpipe", 1), ("1f1b", 1)]
@@ -221,7 +221,7 @@ def _microbatches(pp: int, per_rank: int, schedule: str) -> list[int]:
 class Search:
     """Plans of one model on one machine for one workload (module docstring)."""
 
-    def __init__(self, cfg: GPTMoEConfig, model: CostModel, load: Workload) -> None:
+    def __init__(self, cfg: ModelConfig, model: CostModel, load: Workload) -> None:
         self.cfg, self.model, self.load = cfg, model, load
         self.moe_layers = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
         # under a capacity factor an expert computes at most cf / E of the routed rows; the rest are dropped
@@ -298,7 +298,7 @@ class Search:
         return plans, seen, refused
 
 
-def search(cfg: GPTMoEConfig, model: CostModel, load: Workload, world: int, global_batch: int, precision: str,
+def search(cfg: ModelConfig, model: CostModel, load: Workload, world: int, global_batch: int, precision: str,
            memory_gb: float | None, policies: Sequence[tuple[str, int]] = POLICIES, accumulate: int = 1) -> dict:
     """Run the search; ConfigError if no layout of `world` is valid or fits. Returns {"plans", "layouts",
     "refused_for_memory", "search_s"}."""
