@@ -120,28 +120,12 @@ def skew_tokens(x, router_weight, skewed: bool):
     return x + u.to(x.dtype)
 
 
-def timed(model, x, gy, steps: int, warmup: int, device) -> float:
+def timed(model, x, gy, steps: int, warmup: int) -> float:
     """Median seconds of forward + backward (weights' and input's gradients, the aux loss included)."""
-    import torch
+    from moe_layer import step
 
-    times = []
-    for i in range(warmup + steps):
-        for p in model.parameters():
-            p.grad = None
-        x.grad = None
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        y, aux = model(x)
-        if aux.requires_grad:
-            torch.autograd.backward([y, aux], [gy, torch.ones_like(aux)])
-        else:
-            y.backward(gy)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = [step(model, x, gy) for _ in range(warmup + steps)]
+    return statistics.median(times[warmup:])
 
 
 def section_layer(check: bool) -> None:
@@ -189,13 +173,13 @@ def section_layer(check: bool) -> None:
                         os.environ["MOE_KERNELS"] = kernels
                     with torch.no_grad():
                         outputs[mode] = ours(x)[0].float()
-                    result[mode] = {"ms": timed(ours, x, gy, steps, warmup, device) * 1e3}
+                    result[mode] = {"ms": timed(ours, x, gy, steps, warmup) * 1e3}
                 os.environ.pop("MOE_KERNELS", None)
                 for mode, model in models.items():
                     if mode != "dense":
                         with torch.no_grad():
                             outputs[mode] = model(x)[0].float()
-                    result[mode] = {"ms": timed(model, x, gy, steps, warmup, device) * 1e3}
+                    result[mode] = {"ms": timed(model, x, gy, steps, warmup) * 1e3}
                 flops = 12 * tokens * k * d * h
                 for mode in list(ours_modes) + list(models):
                     ms = result[mode]["ms"]
@@ -253,8 +237,8 @@ def section_train(check: bool) -> None:
             self.tokens = batch[0].numel()
 
     with tempfile.TemporaryDirectory() as out:
-        cfg.logger.save_dir = out
-        trainer, module, dm = build(cfg, Path(out))
+        cfg.logger.csv.save_dir = out
+        trainer, module, dm, _ = build(cfg, Path(out))  # a fresh run: nothing to resume
         trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)]  # no 2 GB save
         clock = StepClock()
         trainer.callbacks.append(clock)
@@ -354,6 +338,8 @@ def main() -> None:
     summary["kernels_all_ok"] = all(v.get("ok") for v in kernels.values() if isinstance(v, dict)) if kernels else None
     summary["total_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(summary))
+    if any(section["status"] != "ok" for section in summary["sections"].values()):
+        sys.exit(1)  # after the figures, so a failed section loses none of the others'
 
 
 if __name__ == "__main__":

@@ -104,16 +104,20 @@ class DenseFFN(nn.Module):
 
 
 def step(model: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> float:
-    """One timed forward+backward (grads reset before, untimed)."""
+    """One timed forward+backward (grads reset before, untimed; on a GPU, queued work finished on both sides)."""
     for p in model.parameters():
         p.grad = None
     x.grad = None
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     y, aux = model(x)
     if aux.requires_grad:
         torch.autograd.backward([y, aux], [gy, torch.ones_like(aux)])
     else:
         y.backward(gy)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
