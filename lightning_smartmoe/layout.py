@@ -77,14 +77,14 @@ class ParallelSizes:
         return rank // self.plane, rank // self.tp % self.dp, rank % self.tp
 
 
-def _my_group(rank_lists: list[list[int]], rank: int) -> dist.ProcessGroup:
-    """Create one group per list (collective: every rank creates all of them, in order); return this rank's."""
+def _my_group(rank_lists: list[list[int]], rank: int) -> dist.ProcessGroup | None:
+    """Create one group per list (collective: every rank creates all of them, in order); return this rank's (None
+    if it is in none)."""
     mine = None
     for ranks in rank_lists:
         group = dist.new_group(ranks)
         if rank in ranks:
             mine = group
-    assert mine is not None
     return mine
 
 
@@ -103,7 +103,9 @@ class ParallelLayout:
     with the collectives that run in the same backward: `grad_dp_group` (same stage and tp rank: dense
     parameters), `grad_plane_group` (the stage: parameters whose gradient is partial over tp, such as the
     router), `grad_edp_group` (copies of an expert slot over data parallelism), `grad_ep_group` (the ep_group's
-    ranks again: replicas of an expert placed on several of them sum their gradients). `mesh` is the
+    ranks again: replicas of an expert placed on several of them sum their gradients), `embedding_group` (with
+pp > 1, the first and the last stage's ranks of the same plane index, None elsewhere: a head tied to the token
+embedding sums the two stages' gradients of their copies after backward). `mesh` is the
     (pp, dp, tp) DeviceMesh; its "tp" dimension describes tensor-parallel shards to checkpoints, and its
     "dp" dimension blocks of dense parameters cut by ZeRO. `expert_mesh` (built on request: for ZeRO-cut experts)
     is the same ranks as (pp, edp, ep, etp): etp is tp with expert_tp and 1 otherwise; its "edp" dimension
@@ -120,6 +122,7 @@ class ParallelLayout:
     grad_plane_group: dist.ProcessGroup | None = None
     grad_edp_group: dist.ProcessGroup | None = None
     grad_ep_group: dist.ProcessGroup | None = None
+    embedding_group: dist.ProcessGroup | None = None
     expert_mesh: DeviceMesh | None = None
     rank: int = 0
 
@@ -136,6 +139,7 @@ class ParallelLayout:
         expert_planes = dp_lists if sizes.expert_tp else stages  # the ranks that split the experts among them
         ep_lists = [ranks[g : g + ep] for ranks in expert_planes for g in range(0, len(ranks), ep)]
         edp_lists = [ranks[j::ep] for ranks in expert_planes for j in range(ep)]
+        ends = [[first, last] for first, last in zip(stages[0], stages[-1])] if pp > 1 else []
         return cls(
             sizes,
             mesh,
@@ -147,6 +151,7 @@ class ParallelLayout:
             grad_plane_group=_my_group(stages, rank),
             grad_edp_group=_my_group(edp_lists, rank),
             grad_ep_group=_my_group(ep_lists, rank),
+            embedding_group=_my_group(ends, rank),
             expert_mesh=cls._expert_mesh(sizes, device_type) if expert_mesh else None,
             rank=rank,
         )

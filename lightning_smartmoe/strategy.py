@@ -494,13 +494,32 @@ class SmartMoEStrategy(ParallelStrategy):
         if self._grad_sync is not None:
             self._grad_sync.end_backward()
 
+    def _sum_tied_grads(self) -> None:
+        """A head tied to the token embedding under pipeline parallelism: the first and the last stage each hold a copy
+        (`pp_tied`); after the data-parallel average each sums the two copies' gradients (of its ZeRO block: both
+        stages cut the tensor alike), so both take the same optimizer step."""
+        group = self.layout.embedding_group
+        tied = [self.optimizer_tensor(p) for p in self.model.parameters() if getattr(p, "pp_tied", False)]
+        if group is None or not tied:
+            return
+        for t in tied:
+            if t.grad is None:
+                t.grad = torch.zeros_like(t)
+        flat = torch.cat([t.grad.reshape(-1) for t in tied])
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for t in tied:
+            t.grad.copy_(flat[offset : offset + t.numel()].view_as(t.grad))
+            offset += t.numel()
+
     def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: float) -> None:
         """Clip by the norm of the whole model's gradient, each element counted once wherever it lives.
 
         After synchronisation a stage's copies of a gradient are identical, so each rank adds the squares of the
         gradients its optimizer steps weighted by 1 / (copies of them in the stage) and one all-reduce over the
         world sums the stages: tensor-parallel shards have dp copies, other dense parameters dp * tp, an expert
-        slot replicas * edp (0 for an empty slot); a ZeRO block has 1 / n of its parameter's copies.
+        slot replicas * edp (0 for an empty slot); a ZeRO block has 1 / n of its parameter's copies. A head tied to the
+        embedding has a copy on the first and on the last stage: each counts half.
         """
         sizes = self.sizes
         shares = {id(self.optimizer_tensor(p)): layer.slot_shares()
@@ -515,10 +534,9 @@ class SmartMoEStrategy(ParallelStrategy):
             share = shares.get(id(t))
             if share is not None:
                 sq += (g.flatten(1).sum(1) * share.to(g.device)).sum() * cut / sizes.edp
-            elif hasattr(p, "tp_shard_dim"):
-                sq += g.sum() * cut / sizes.dp
             else:
-                sq += g.sum() * cut / sizes.plane
+                copies = (sizes.dp if hasattr(p, "tp_shard_dim") else sizes.plane) * (2 if getattr(p, "pp_tied", False) else 1)
+                sq += g.sum() * cut / copies
         dist.all_reduce(sq)
         scale = clip_val / (sq.sqrt() + 1e-6)
         if scale < 1:
@@ -556,6 +574,7 @@ class SmartMoEStrategy(ParallelStrategy):
                 self._grad_sync.finish()
                 if self._zero is not None:
                     self._zero.set_master_grads()
+                self._sum_tied_grads()
                 if self._replica_sync is None:
                     for layer in self.moe_layers:
                         stepped = [self.optimizer_tensor(p) for p in layer.experts.parameters()]

@@ -38,9 +38,11 @@ def _per_step(run, microbatches: int):
 
 
 def _fit(corpus: str | Path, n_layers: int = 2, every: int = 1, recompute: str = "none", arch: str = "gpt", **kw):
-    """`arch`: gpt (tiny.model_config) or llama (tiny.llama_config: SwiGLU and shared experts, expert bias)."""
-    if arch == "llama":
-        model = tiny.llama_config(capacity_factor=1.0, n_layers=n_layers, every=every, recompute=recompute)
+    """`arch`: gpt (tiny.model_config), llama (tiny.llama_config: SwiGLU and shared experts, expert bias) or
+    llama_tied (its head reuses the token embedding)."""
+    if arch.startswith("llama"):
+        model = tiny.llama_config(capacity_factor=1.0, n_layers=n_layers, every=every, recompute=recompute,
+                                  tie=arch == "llama_tied")
     else:
         model = tiny.model_config(**MODEL, n_layers=n_layers, every=every, recompute=recompute)
     return tiny.fit(Path(corpus), model, steps=STEPS, **kw)
@@ -85,6 +87,10 @@ TWO = [
     ("llama_tp2_sequence_parallel", dict(arch="llama", tp=2, sequence_parallel=True), 1),
     ("llama_tp2_expert_tp", dict(arch="llama", tp=2, expert_tp=True), 1),
     ("llama_pp2_1f1b_mb4", dict(arch="llama", pp=2, microbatches=4, schedule="1f1b"), 4),
+    # a tied head: the last stage's copy of the embedding sums its gradient with the first stage's
+    ("llama_tied_pp2_1f1b_mb4", dict(arch="llama_tied", pp=2, microbatches=4, schedule="1f1b"), 4),
+    ("llama_tied_pp2_interleaved_1f1b_v2_mb4",
+     dict(arch="llama_tied", pp=2, microbatches=4, schedule="interleaved_1f1b", virtual_stages=2, n_layers=4), 4),
 ]
 # Low precision tracks the float64 reference: (name, `_fit` keyword arguments, micro-batches of the reference).
 # Bounds on the per-step losses and on the whole first step's gradient (relative, in norm), each at least 10x the
@@ -254,6 +260,10 @@ def _four_ranks(corpus: str, save: str):
                            "tp2_dp2_ep2_expert_tp_random_switches": len(expert_tp_switches.done),
                            "llama_pp2_dp2_ep2_random_switches": len(llama_switches.done),
                            "llama_tp2_dp2_ep2_expert_tp_random_switches": len(llama_expert_tp_switches.done)}
+    # a tied head with stages between the first and the last, and under ZeRO-2 (the masters' blocks sum), saved
+    results["llama_tied_pp4_mb4"] = _fit(corpus, arch="llama_tied", pp=4, microbatches=4, n_layers=4)
+    results["llama_tied_pp2_dp2_ep2_zero2_mb2"] = _fit(corpus, arch="llama_tied", pp=2, ep=2, microbatches=2, zero=2,
+                                                       save_dir=Path(save) / "tied")
     results["pp2_dp2_ep2_mb2"] = _fit(corpus, pp=2, ep=2, microbatches=2, save_dir=Path(save))
     results["resumed_dp4_ep4"] = _fit(corpus, ep=4, accumulate=2, resume=Path(save) / "epoch=0-step=2.ckpt")
     return results
@@ -294,6 +304,18 @@ def test_llama_placement_switching_per_pipeline_stage(four_ranks, reference):
     """SwiGLU experts with a shared expert and the expert bias, pipelined, switching placements randomly."""
     assert four_ranks[0]["switches"]["llama_pp2_dp2_ep2_random_switches"] >= 1
     assert_same_run(four_ranks[0]["llama_pp2_dp2_ep2_random_switches"], reference(2, arch="llama"))
+
+
+@pytest.mark.timeout(360)
+def test_tied_head_across_pipeline_stages(four_ranks, reference, corpus):
+    """The head reuses the token embedding while they live on different stages: the run equals one process's (tiny.fit
+    also asserts that the two stages' copies stay bitwise equal), and its checkpoint resumes in one process."""
+    results, save = four_ranks
+    assert_same_run(results["llama_tied_pp4_mb4"], reference(4, n_layers=4, arch="llama_tied"))
+    losses, params = results["llama_tied_pp2_dp2_ep2_zero2_mb2"]
+    assert_same_run((losses, params), reference(2, arch="llama_tied"))
+    single = _fit(corpus, arch="llama_tied", accumulate=2, resume=save / "tied" / "epoch=0-step=2.ckpt")
+    assert_same_run(_per_step(single, 2), (losses[2:], tiny.weights(params)))
 
 
 @pytest.mark.timeout(360)

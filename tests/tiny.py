@@ -48,16 +48,17 @@ def model_config(
 
 
 def llama_config(capacity_factor: float | None = None, n_layers: int = 2, every: int = 1, recompute: str = "none",
-                 hf: bool = False) -> LlamaMoEConfig:
+                 hf: bool = False, tie: bool = False) -> LlamaMoEConfig:
     """The Llama-style model at the tiny shape: grouped-query attention (2 key/value heads) with per-head q/k norms,
     SwiGLU experts, a gated shared expert, sigmoid scores with the aux-loss-free expert bias (the aux loss on too,
     so both paths are exercised). `hf`: softmax scores, no bias and no q/k norms instead, a model Hugging Face's
-    Qwen2-MoE computes (for export)."""
+    Qwen2-MoE computes (for export). `tie`: the head reuses the token embedding."""
     moe = MoEConfig(num_experts=8, top_k=2, capacity_factor=capacity_factor, aux_loss_coeff=0.01, z_loss_coeff=0.001,
                     every=every, activation="swiglu", shared_experts=1, shared_expert_hidden=64,
                     shared_expert_gate=True, score="softmax" if hf else "sigmoid", bias_update_rate=0.0 if hf else 0.01)
     return LlamaMoEConfig(vocab_size=VOCAB, seq_len=16, n_layers=n_layers, d_model=32, n_heads=4, n_kv_heads=2,
-                          ffn_hidden=64, qk_norm="none" if hf else "head", recompute=recompute, moe=moe)
+                          ffn_hidden=64, qk_norm="none" if hf else "head", recompute=recompute, moe=moe,
+                          tie_embeddings=tie)
 
 
 def logical_grads(module: torch.nn.Module, stored=unsharded) -> dict[str, torch.Tensor]:

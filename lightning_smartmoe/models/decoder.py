@@ -88,7 +88,8 @@ class DecoderLM(nn.Module):
     `shard_tensor_parallel` and `keep_stages` turn the whole model into one rank's part. A pipeline stage after the
     first takes the hidden states [B, S, d] instead of token ids, and one before the last returns hidden states
     instead of logits. Under tensor parallelism the logits are this rank's vocab shard [B, S, vocab / tp]; `loss`
-    computes the cross-entropy from the shards. A tied head needs the embedding on the last stage: pp = 1 only.
+    computes the cross-entropy from the shards. A tied head keeps a copy of the token embedding on the last stage
+    when that is not the first, marked `pp_tied`: the strategy sums the two copies' gradients, so they stay equal.
     """
 
     _first_stage_extras: tuple[str, ...] = ()
@@ -159,11 +160,14 @@ class DecoderLM(nn.Module):
                 del self.blocks[str(i)]
         first, last = 0 in stages, num_stages - 1 in stages
         if not first:
-            self.tok_emb = None
+            if not (last and self.tie_embeddings):
+                self.tok_emb = None
             for name in self._first_stage_extras:
                 setattr(self, name, None)
         if not last:
             self.ln_f = self.lm_head = None
+        if self.tie_embeddings and first != last:
+            self.tok_emb.weight.pp_tied = True
 
     def stage_layers(self, stage: int) -> range:
         per = self.cfg.n_layers // self.num_stages

@@ -116,9 +116,6 @@ class LlamaMoEConfig:
     def check_parallel(self, tp: int, pp: int, expert_tp: bool = False, virtual_stages: int = 1) -> None:
         """Raise ConfigError unless the model can be sharded over tp ranks (each expert too, with expert_tp)
         and cut into pp * virtual_stages stages."""
-        if self.tie_embeddings and pp > 1:
-            raise ConfigError("model.tie_embeddings=true needs parallel.pp=1 (the head would live on another stage "
-                              "than the embedding it reuses)")
         kv = {"model.n_kv_heads": self.kv_heads} if self.attention == "gqa" else {}
         check_divisible(self, tp, pp, expert_tp, virtual_stages, **kv)
 
