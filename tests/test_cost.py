@@ -7,6 +7,7 @@ import pytest
 
 from lightning_smartmoe.layout import ParallelSizes
 from lightning_smartmoe.models.gpt_moe import GPTMoE, GPTMoEConfig
+from lightning_smartmoe.models.llama_moe import LlamaMoEConfig
 from lightning_smartmoe.moe import MoEConfig
 from lightning_smartmoe.planner.cost import TERMS, CostModel, LayerPlacement
 from lightning_smartmoe.planner.hardware import OPS, Hardware, Link
@@ -145,6 +146,41 @@ def test_interleaved_bubble_is_divided_by_the_virtual_stages():
     assert stage0 > stage1
     assert got.dense == pytest.approx(2 * 2 * DENSE0) and got.p2p == pytest.approx(2 * 3 * p2p)
     assert got.bubble == pytest.approx(stage1 / 2)  # 12.989312 s / 2
+
+
+def llama(tie: bool = False) -> LlamaMoEConfig:
+    """The Llama-style model at the toy shape: 2 key/value heads of 8 (grouped-query), a SwiGLU dense FFN of 128 in
+    layer 0; in layer 1, 4 SwiGLU experts of 64 and a gated SwiGLU shared expert of 64."""
+    moe = MoEConfig(num_experts=4, top_k=2, expert_hidden=64, every=2, activation="swiglu", shared_experts=1,
+                    shared_expert_hidden=64, shared_expert_gate=True)
+    return LlamaMoEConfig(vocab_size=64, seq_len=16, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, ffn_hidden=128,
+                          tie_embeddings=tie, moe=moe)
+
+
+GQA_PROJ = 2 * (32 * 32 + 2 * 16 * 32 + 32 * 32) * 32  # q, k, v, o: 2 x 3072 x T = 196608
+SWIGLU_FFN = 2 * 3 * 32 * 128 * 32  # gate, up, down: 786432
+SHARED = 2 * 3 * 32 * 64 * 32  # the shared expert: 393216
+GATE = 2 * 32 * 32  # its gate, on every tp rank: 2048
+SWIGLU_ROW_S = 3 * 2 * 3 * 32 * 64 / 2e6  # a routed row through a SwiGLU expert: 0.018432 s
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_llama_dense_terms_count_grouped_query_attention_swiglu_and_shared_experts(tp):
+    layout = Layout(ParallelSizes(tp=tp), global_batch=2)
+    got = CostModel(llama(), HW).step(layout, {1: even(rows=16.0 / tp)})
+    assert got.dense == pytest.approx(3 * ((GQA_PROJ + SWIGLU_FFN + GQA_PROJ + SHARED + HEAD + ROUTER) / tp + GATE) / 1e6)
+    assert got.attention == pytest.approx(2 * CORE_S / tp)  # query-key and value widths: 2 x 4 heads x 8 = 2 d
+    assert got.experts == pytest.approx(64 / tp * SWIGLU_ROW_S + 4 * 1e-3)
+    ar, ag = 1.0 + BYTES / 4096, BYTES / 2 / 2048
+    # layer 0: attention and FFN; layer 1: attention, the shared expert, the token slices gathered; the embedding
+    assert got.tp == (0.0 if tp == 1 else pytest.approx(2 * 2 * ar + 2 * 2 * ar + 2 * ag + ar))
+
+
+def test_a_tied_head_under_a_pipeline_sums_its_two_copies_gradients():
+    layout = Layout(ParallelSizes(pp=2), microbatches=2, global_batch=4)
+    untied, tied = (CostModel(llama(tie), HW).step(layout, {1: even(rows=16.0)}) for tie in (False, True))
+    assert tied.grad_sync - untied.grad_sync == pytest.approx(1.0 + 64 * 32 * 4 / 4096)  # all-reduce of [V, d]: 3 s
+    assert CostModel(llama(True), HW).step(Layout(ParallelSizes(), global_batch=2), {1: even()}).grad_sync == 0.0
 
 
 @pytest.mark.parametrize("zero", [0, 1, 2])

@@ -135,17 +135,21 @@ def test_dry_run_of_a_paper_plan_in_one_process(tmp_path):
         (r["activations_bytes"] for r in ranks), reverse=True)
 
 
-@pytest.mark.parametrize("tp,pp,dp,ep,expert_tp,sequence_parallel,zero,precision,virtual_stages", [
-    (1, 1, 4, 2, False, False, 1, "32-true", 1), (2, 2, 2, 4, False, True, 2, "bf16-mixed", 1),
-    (2, 1, 4, 2, True, True, 1, "bf16-mixed", 1), (1, 2, 2, 2, False, False, 2, "64-true", 2),
+@pytest.mark.parametrize("tp,pp,dp,ep,expert_tp,sequence_parallel,zero,precision,virtual_stages,arch", [
+    (1, 1, 4, 2, False, False, 1, "32-true", 1, "gpt"), (2, 2, 2, 4, False, True, 2, "bf16-mixed", 1, "gpt"),
+    (2, 1, 4, 2, True, True, 1, "bf16-mixed", 1, "gpt"), (1, 2, 2, 2, False, False, 2, "64-true", 2, "gpt"),
+    (2, 2, 2, 2, False, False, 1, "32-true", 1, "llama_tied"),  # the last stage keeps a copy of the embedding
 ])
 def test_the_planners_table_counts_what_each_rank_builds(tp, pp, dp, ep, expert_tp, sequence_parallel, zero, precision,
-                                                         virtual_stages):
+                                                         virtual_stages, arch):
     """ModelTable (one meta build per tensor-parallel cut, reused for every layout the search prices) gives every
     rank the bytes rank_memory counts from the rank's own meta-built part."""
     from lightning_smartmoe.planner.memory import ModelTable, state_bytes
 
-    cfg = tiny.model_config(num_experts=8, n_layers=4, every=2)
+    if arch == "gpt":
+        cfg = tiny.model_config(num_experts=8, n_layers=4, every=2)
+    else:
+        cfg = tiny.llama_config(n_layers=4, every=2, tie=True)
     layout = Layout(ParallelSizes(dp=dp, tp=tp, pp=pp, ep=ep, expert_tp=expert_tp), microbatches=2 if pp > 1 else 1,
                     pp_schedule="interleaved_1f1b" if virtual_stages > 1 else "1f1b", virtual_stages=virtual_stages,
                     sequence_parallel=sequence_parallel, extra_slots=1, zero=zero, precision=precision, global_batch=16)

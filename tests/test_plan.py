@@ -1,6 +1,7 @@
 """The offline search and smartmoe-plan: workloads, plans the strategy and smartmoe-train accept, memory pruning, a
 plan file that trains, and one clear error per bad input."""
 
+import dataclasses
 import json
 import re
 
@@ -89,11 +90,16 @@ def test_layouts_are_every_valid_one_and_the_strategy_accepts_each():
     assert all(x.microbatches >= 2 for x in got if x.pp_schedule == "1f1b" and x.sizes.pp == 2)
     assert {x.sizes.ep for x in got if x.sizes.dp == 4} == {1, 2, 4}
     assert len(got) == len(set(got))
+    # ZeRO 0, 1 and 2 wherever something is data-parallel (dense over dp, experts over edp), else 0 only
+    zeros = {}
+    for x in got:
+        zeros.setdefault(dataclasses.replace(x, zero=0), set()).add(x.zero)
+    assert all(z == ({0, 1, 2} if x.sizes.dp > 1 or x.sizes.edp > 1 else {0}) for x, z in zeros.items())
     for x in got:
         s = x.sizes
         SmartMoEStrategy(dp=s.dp, tp=s.tp, pp=s.pp, ep=s.ep, expert_tp=s.expert_tp, microbatches=x.microbatches,
                          pp_schedule=x.pp_schedule, virtual_stages=x.virtual_stages,
-                         sequence_parallel=x.sequence_parallel)
+                         sequence_parallel=x.sequence_parallel, zero=x.zero)
         cfg.check_parallel(s.tp, s.pp, s.expert_tp, x.virtual_stages)
     accumulated = list(layouts(cfg, 4, 1, global_batch=16, precision="32-true", accumulate=16))
     assert accumulated and {(x.sizes.dp, x.sizes.tp, x.microbatches) for x in accumulated} == {(1, 1, 1)}
@@ -114,6 +120,10 @@ def test_search_ranks_plans_and_prunes_by_memory():
     pruned = search(cfg, model, workload("zipf:1.5", 8), 4, 16, "32-true", memory_gb=limit)
     assert pruned["refused_for_memory"] > 0
     assert all(p.memory_bytes <= limit * 2**30 for p in pruned["plans"])
+    # ZeRO is what lets some layouts fit: among those kept, every one refused without it is kept with it
+    kept = {dataclasses.replace(p.layout, zero=0, extra_slots=0) for p in pruned["plans"] if p.layout.zero}
+    unsharded = {dataclasses.replace(p.layout, extra_slots=0) for p in pruned["plans"] if not p.layout.zero}
+    assert kept - unsharded
     with pytest.raises(ConfigError, match=r"^world=4: no layout to plan: all \d+ layouts need more than memory_gb=1e-06"):
         search(cfg, model, workload("uniform", 8), 4, 16, "32-true", memory_gb=1e-6)
     with pytest.raises(ConfigError, match=r"^world=3: no layout to plan: none of dp x tp x pp = 3 fits the model"):

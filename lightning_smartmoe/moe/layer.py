@@ -125,17 +125,22 @@ class MoELayer(nn.Module):
         self.dispatcher = TokenDispatcher(self.placement.slots_per_rank, ep_group)
         self.token_group = token_group
         if tp_group is not None and dist.get_world_size(tp_group) > 1:
-            self.tp_group, self.sequence_parallel, self.expert_tp = tp_group, sequence_parallel, expert_tp
-            if expert_tp:
-                self.experts.shard_hidden(tp_group)
-            else:
-                self.router.seq_group = tp_group  # capacity is decided over whole sequences
-            # each TP rank's router gradient is partial: its token slice's, or (expert_tp) its hidden slice's
-            self.router.weight.tp_partial = True
-            if self.shared is not None:
-                self.shared.shard(tp_group, sequence_parallel)
-            if self.shared_gate is not None and sequence_parallel:
-                self.shared_gate.weight.tp_partial = True  # each rank gates its own sequence slice
+            self.shard_tensor_parallel(tp_group, sequence_parallel, expert_tp)
+
+    def shard_tensor_parallel(self, tp_group: dist.ProcessGroup, sequence_parallel: bool, expert_tp: bool) -> None:
+        """Keep this rank's tensor-parallel part: with `expert_tp` each expert's hidden slice (else every expert whole,
+        for this rank's token slice), the shared experts' hidden slice."""
+        self.tp_group, self.sequence_parallel, self.expert_tp = tp_group, sequence_parallel, expert_tp
+        if expert_tp:
+            self.experts.shard_hidden(tp_group)
+        else:
+            self.router.seq_group = tp_group  # capacity is decided over whole sequences
+        # each TP rank's router gradient is partial: its token slice's, or (expert_tp) its hidden slice's
+        self.router.weight.tp_partial = True
+        if self.shared is not None:
+            self.shared.shard(tp_group, sequence_parallel)
+        if self.shared_gate is not None and sequence_parallel:
+            self.shared_gate.weight.tp_partial = True  # each rank gates its own sequence slice
 
     def local_experts(self, placement) -> list[int]:
         """Logical expert of each of this rank's slots under `placement` (-1 = empty)."""

@@ -3,8 +3,11 @@ model config, the layout, the expert placement, the per-expert load and the mach
 
 Per micro-batch, each pipeline stage's ranks run their layers forward and backward (3x a forward's FLOPs; full
 recomputation adds a forward of each block, selective one of the attention core):
-  dense      attention projections, dense FFN layers, router and LM head: FLOPs / gemm_flops (1/tp each);
-  attention  the attention core (2 S d FLOPs per token forward, causal): / attention_flops;
+  dense      attention projections, dense FFN layers, shared experts (their weights counted from the model, so
+             grouped-query and latent attention and SwiGLU are priced as built), router and LM head:
+             FLOPs / gemm_flops (1/tp each);
+  attention  the attention core (S x the heads' query-key + value widths FLOPs per token forward, causal):
+             / attention_flops;
   experts    the busiest rank of each MoE layer's expert-parallel group under its placement: its rows x the
              FLOPs per row / expert_flops + its non-empty slots x expert_group_s;
   all_to_all each MoE layer's dispatch and combine, forward and backward (again when recomputed), each as long as
@@ -15,7 +18,8 @@ recomputation adds a forward of each block, selective one of the attention core)
 A step is the pipeline of those stage times over the micro-batches: m x (the slowest stage) plus the bubble
 (the other stages once, /virtual stages for interleaved 1F1B), times the accumulation steps; then
   grad_sync  each stage's gradient all-reduce (reduce-scatter at ZeRO 2) over its data-parallel groups, the part
-             the last micro-batch's backward cannot hide (at least the last bucket's);
+             the last micro-batch's backward cannot hide (at least the last bucket's); a head tied to the embedding
+             under pp then sums the first and last stages' gradients of it;
   replicas   the replicated experts' gradient exchange (placement/replica_sync.py), net of what later MoE
              layers' backward hides when it overlaps;
   zero       the all-gather of the updated ZeRO blocks after the step;
@@ -39,6 +43,14 @@ from lightning_smartmoe.planner.memory import (
 )
 
 _INDEX = 8
+
+
+def _attention_width(cfg: ModelConfig) -> int:
+    """Per token, the query-key plus value widths over all heads: the attention core is S x this FLOPs per token
+    forward, causal (GPT-MoE and grouped-query attention: 2 x heads x head size; latent attention: its own dims)."""
+    if getattr(cfg, "attention", "mha") == "mla":
+        return cfg.n_heads * (cfg.mla_qk_nope_head_dim + cfg.mla_qk_rope_head_dim + cfg.mla_v_head_dim)
+    return 2 * cfg.n_heads * getattr(cfg, "head_size", cfg.d_model // cfg.n_heads)
 
 
 def itemsizes(precision: str) -> tuple[int, int]:
@@ -85,6 +97,10 @@ class Scopes:
     @property
     def pp(self) -> bool:  # a stage's peer is plane ranks away; some boundary crosses nodes once the stages do
         return self.sizes.plane >= self.gpus_per_node or self._inter(self.sizes.pp * self.sizes.plane)
+
+    @property
+    def ends(self) -> bool:  # the first and the last stage's peers: (pp - 1) planes apart
+        return self._inter(self.sizes.world_size)
 
 
 @dataclass(frozen=True)
@@ -360,21 +376,20 @@ class CostModel:
 
     # ---- the step ---------------------------------------------------------------------------------------------
 
-    def _dense_layer(self, layout: Layout, moe: bool) -> Breakdown:
-        """Per micro-batch, one layer's common work on a rank (everything but its experts and all-to-all)."""
+    def _dense_layer(self, layout: Layout, layer: int) -> Breakdown:
+        """Per micro-batch, layer `layer`'s common work on a rank (everything but its experts and all-to-all)."""
         cfg, hw, sizes = self.cfg, self.hardware, layout.sizes
         scopes = Scopes(sizes, hw.gpus_per_node)
+        moe, shared = cfg.is_moe_layer(layer), cfg.is_moe_layer(layer) and bool(cfg.moe.shared_experts)
         d, tp, T = cfg.d_model, sizes.tp, self.tokens(layout)
         b = activation_itemsize(layout.precision)
         full, selective = cfg.recompute == "full", cfg.recompute == "selective"
         passes = 4 if full else 3
-        linear = 2 * 4 * d * d / tp * T  # qkv and output projection, forward
+        linear = 2 * self.table(layout).matrix_weights[layer] * T  # projections, dense FFN or shared experts, forward
         if moe:
             routed = T if sizes.expert_tp else T / tp
             linear += 2 * d * cfg.moe.num_experts * routed
-        else:
-            linear += 2 * 2 * d * cfg.hidden / tp * T
-        core = 2 * cfg.seq_len * d / tp * T  # QK^T and AV, causal (half of 4 S d)
+        core = cfg.seq_len * _attention_width(cfg) / tp * T  # QK^T and AV, causal (half of 2 S x width)
         dense = passes * linear / hw.gemm_flops
         attention = (passes + (1 if selective else 0)) * core / hw.attention_flops
         if tp == 1:
@@ -382,11 +397,11 @@ class CostModel:
         ar, ag, rs = (hw.link(op, tp, scopes.tp) for op in ("all_reduce", "all_gather", "reduce_scatter"))
         full_bytes, slice_bytes = T * d * b, T / tp * d * b
         again = 2 if full else 1  # forward collectives, run again when recomputed
-        if layout.sequence_parallel:
-            pairs = 2 if (not moe or sizes.expert_tp) else 1  # (all-gather, reduce-scatter) pairs: attention, FFN
-            comm = pairs * (again + 1) * (ag.time(slice_bytes) + rs.time(full_bytes))
+        # tensor-parallel regions: attention, the dense FFN or the expert-TP output, the shared experts
+        regions = (2 if (not moe or sizes.expert_tp) else 1) + shared
+        if layout.sequence_parallel:  # an (all-gather, reduce-scatter) pair each
+            comm = regions * (again + 1) * (ag.time(slice_bytes) + rs.time(full_bytes))
         else:
-            regions = 2 if (not moe or sizes.expert_tp) else 1  # attention, dense FFN / expert-TP output
             comm = regions * (again + 1) * ar.time(full_bytes)
             if moe and not sizes.expert_tp:  # the MoE layer's token slices: gathered forward, gathered back in backward
                 comm += (again + 1) * ag.time(slice_bytes)
@@ -408,7 +423,7 @@ class CostModel:
 
     def _stage_common(self, layout: Layout, stage: int) -> Breakdown:
         """What _stage adds besides the experts and their all-to-all (cached per layout, slots aside)."""
-        key = (replace(layout, extra_slots=0), stage)
+        key = (replace(layout, extra_slots=0, zero=0), stage)  # neither changes the stage's work
         if key in self.stages:
             return self.stages[key]
         cfg, hw, sizes = self.cfg, self.hardware, layout.sizes
@@ -417,7 +432,7 @@ class CostModel:
         out = Breakdown()
         for c in chunks:
             for i in range(c * per, (c + 1) * per):
-                out = out + self._dense_layer(layout, cfg.is_moe_layer(i))
+                out = out + self._dense_layer(layout, i)
         d, T, b = cfg.d_model, self.tokens(layout), activation_itemsize(layout.precision)
         last = sizes.pp * layout.virtual_stages - 1
         if last in chunks:  # LM head
@@ -487,6 +502,9 @@ class CostModel:
             zero_s = (hw.link("all_gather", sizes.dp, scopes.dp).time(dense / sizes.dp) if sizes.dp > 1 else 0.0) + (
                 hw.link("all_gather", sizes.edp, scopes.edp).time(expert / sizes.edp) if sizes.edp > 1 else 0.0)
             stepped = sum(math.prod(r.shape) / (sizes.edp if r.expert else sizes.dp) for r in records if r.trainable)
+        if getattr(self.cfg, "tie_embeddings", False) and sizes.pp > 1:  # the head's copy of the embedding
+            tied = self.cfg.vocab_size // sizes.tp * self.cfg.d_model // (sizes.dp if layout.zero else 1)
+            exposed += hw.link("all_reduce", 2, scopes.ends).time(tied * itemsizes(layout.precision)[1])
         return Breakdown(grad_sync=exposed, zero=zero_s, optimizer=stepped * hw.optimizer_s_per_param)
 
     # ---- memory -------------------------------------------------------------------------------------------------

@@ -230,16 +230,16 @@ class ParamRecord:
     trainable: bool = True
 
 
-def _record(p: nn.Parameter, expert: bool) -> ParamRecord:
-    return ParamRecord(tuple(p.shape), p.element_size(), expert, getattr(p, "tp_shard_dim", None),
-                       getattr(p, "tp_partial", False), p.requires_grad)
+def _record(t: Tensor, expert: bool) -> ParamRecord:
+    """A parameter's record, or a buffer's (not trainable)."""
+    return ParamRecord(tuple(t.shape), t.element_size(), expert, getattr(t, "tp_shard_dim", None),
+                       getattr(t, "tp_partial", False), t.requires_grad)
 
 
 def records_of(module: nn.Module) -> list[ParamRecord]:
     """The records of every parameter and buffer of `module` (meta tensors are fine)."""
     expert = expert_param_ids(module)
-    out = [_record(p, id(p) in expert) for p in module.parameters()]
-    return out + [ParamRecord(tuple(b.shape), b.element_size(), trainable=False) for b in module.buffers()]
+    return [_record(t, id(t) in expert) for t in (*module.parameters(), *module.buffers())]
 
 
 def state_bytes(records: list[ParamRecord], layout: Layout, dense_block: int = 0, expert_block: int = 0) -> tuple[int, int, int]:
@@ -311,7 +311,9 @@ def rank_memory(cfg: ModelConfig, layout: Layout) -> list[RankMemory]:
 class ModelTable:
     """The records of a whole model cut for `tp` tensor-parallel ranks (sequence parallelism and expert tensor
     parallelism as given), each with the layer it belongs to ("embed" and "head" for the ends), to price any layout
-    of those without building it again: `stage_records(layout, stage)` is what `rank_memory` counts for that stage."""
+    of those without building it again: `stage_records(layout, stage)` is what `rank_memory` counts for that stage.
+    `matrix_weights[i]`: this rank's weights in the matrices layer i applies to each of its tokens (attention
+    projections, the dense FFN or the shared experts; not the router, not the routed experts), for the cost model."""
 
     def __init__(self, cfg: ModelConfig, tp: int, sequence_parallel: bool, expert_tp: bool, precision: str) -> None:
         self.cfg = cfg
@@ -321,15 +323,17 @@ class ModelTable:
             if tp > 1:
                 model.shard_tensor_parallel(dist.group.WORLD, sequence_parallel)
                 for layer in model.moe_layers():
-                    if expert_tp:
-                        layer.experts.shard_hidden(dist.group.WORLD)
-                    layer.router.weight.tp_partial = True
+                    layer.shard_tensor_parallel(dist.group.WORLD, sequence_parallel, expert_tp)
         expert = expert_param_ids(model)
         self.records: list[tuple[str | int, ParamRecord]] = []
         self._stages: dict[tuple, list[ParamRecord]] = {}  # stage_records by (pp, virtual stages, stage, slots)
-        for name, p in model.named_parameters():
+        self.matrix_weights = dict.fromkeys(range(cfg.n_layers), 0)
+        for name, t in (*model.named_parameters(), *model.named_buffers()):
             where = int(name.split(".")[1]) if name.startswith("blocks.") else ("head" if name.startswith(("ln_f", "lm_head")) else "embed")
-            self.records.append((where, _record(p, id(p) in expert)))
+            self.records.append((where, _record(t, id(t) in expert)))
+            matrix = isinstance(t, nn.Parameter) and t.dim() >= 2 and id(t) not in expert and ".router." not in name
+            if isinstance(where, int) and matrix:
+                self.matrix_weights[where] += t.numel()
 
     def stage_records(self, layout: Layout, stage: int) -> list[ParamRecord]:
         sizes, cfg = layout.sizes, self.cfg
@@ -339,7 +343,9 @@ class ModelTable:
             chunks = [stage + i * sizes.pp for i in range(layout.virtual_stages)]
             per = cfg.n_layers // (sizes.pp * layout.virtual_stages)
             layers = {i for c in chunks for i in range(c * per, (c + 1) * per)}
-            keep = layers | ({"embed"} if 0 in chunks else set()) | ({"head"} if sizes.pp * layout.virtual_stages - 1 in chunks else set())
+            last = sizes.pp * layout.virtual_stages - 1 in chunks
+            tied = last and getattr(cfg, "tie_embeddings", False)  # the head's copy of the embedding (DecoderLM)
+            keep = layers | ({"embed"} if 0 in chunks or tied else set()) | ({"head"} if last else set())
             self._stages[key] = [replace(r, shape=(slots, *r.shape[1:])) if r.expert else r
                                  for where, r in self.records if where in keep]
         return self._stages[key]

@@ -5,7 +5,9 @@ The search space: dp x tp x pp = world (tp within a node), ep dividing the exper
 expert_tp and sequence_parallel where tp > 1, micro-batches from pp (1 without a pipeline) up to the per-rank
 batch in powers of two, every pipeline schedule (interleaved with 2 virtual stages where the layers allow), and
 for each a placement policy and slot budget: static, greedy (SmartMoE's permutation) and balanced with 1 or 2
-extra slots. ZeRO and recomputation are not searched: the model's `recompute` is priced as configured, ZeRO off. A plan's time is the mean over the workload's samples of CostModel.step, each MoE layer under the
+extra slots, and ZeRO stage 0, 1 or 2 where something is data-parallel (dp or edp > 1). Recomputation is not
+searched: the model's `recompute` is priced as configured. A plan's time is the mean over the workload's samples of
+CostModel.step, each MoE layer under the
 placement its policy picks from the load before the sample (the online stage's view: it plans from what it has
 seen), plus the migration between consecutive picks spread over the steps between samples (every switch taken:
 an upper bound of the online rule's). Placements are planned once per (ep, expert shard, policy, slots, sample,
@@ -173,7 +175,7 @@ def _divisors(n: int) -> list[int]:
 
 def layouts(cfg: ModelConfig, world: int, gpus_per_node: int, global_batch: int, precision: str,
             accumulate: int = 1) -> Iterator[Layout]:
-    """Every valid layout of `world` ranks (module docstring), slots not yet chosen (extra_slots 0), ZeRO off."""
+    """Every valid layout of `world` ranks (module docstring), slots not yet chosen (extra_slots 0)."""
     E = cfg.moe.num_experts
     for tp in (t for t in _divisors(world) if t <= gpus_per_node):
         for pp in _divisors(world // tp):
@@ -192,9 +194,10 @@ def layouts(cfg: ModelConfig, world: int, gpus_per_node: int, global_batch: int,
                             continue
                         for m in _microbatches(pp, per_rank, schedule):
                             for sp in ((False, True) if tp > 1 else (False,)):
-                                yield Layout(sizes, microbatches=m, pp_schedule=schedule, virtual_stages=virtual,
-                                             sequence_parallel=sp, precision=precision, accumulate=accumulate,
-                                             global_batch=global_batch)
+                                for zero in ((0, 1, 2) if sizes.dp > 1 or sizes.edp > 1 else (0,)):
+                                    yield Layout(sizes, microbatches=m, pp_schedule=schedule, virtual_stages=virtual,
+                                                 sequence_parallel=sp, zero=zero, precision=precision,
+                                                 accumulate=accumulate, global_batch=global_batch)
 
 
 def _schedules(cfg: ModelConfig, pp: int) -> list[tuple[str, int]]:
