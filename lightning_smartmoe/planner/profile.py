@@ -3,8 +3,9 @@
 Two users. `placement.calibrate` (callbacks.py) takes quick start-up figures, each well under a second at the sizes
 training uses: `expert_flops_per_s` (the expert FFN forward + backward at a layer's shape) and `link_bandwidth` (an
 all-to-all inside a process group). smartmoe-profile calls `profile`, which measures every field of a
-`planner.hardware.Hardware` at the shapes one rank of a layout computes (`ModelShapes`) and fits the collectives
-and the expert FFN's per-group cost. Every timing is the median of timed samples (calls back to back for
+`planner.hardware.Hardware` at the shapes one rank of a layout computes (`ModelShapes`) and fits the collectives,
+the expert FFN's per-group cost and the work of a layer and of the model's ends that no rate prices (the model's
+own forward + backward on one process, less what the rates price: `fit_overheads`). Every timing is the median of timed samples (calls back to back for
 SAMPLE_S at least) after warm-up calls; `agree` makes every rank hold the same figures (the mean over the ranks,
 rank 0's copy everywhere), so that every rank plans alike.
 """
