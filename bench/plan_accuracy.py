@@ -347,7 +347,9 @@ def hardware_line(hw: Hardware) -> str:
                      for op, scopes in hw.collectives.items() for n, link in scopes["intra"].items())
     return (f"profile: dense GEMM {hw.gemm_flops / 1e9:.2f} GFLOP/s, attention {hw.attention_flops / 1e9:.2f} "
             f"GFLOP/s, expert FFN {hw.expert_flops / 1e9:.2f} GFLOP/s + {hw.expert_group_s * 1e6:.0f} us per group, "
-            f"AdamW {hw.optimizer_s_per_param * 1e9:.2f} ns/param\n  {fits}")
+            f"AdamW {hw.optimizer_s_per_param * 1e9:.2f} ns/param, per layer {hw.layer_s * 1e3:.2f} ms + "
+            f"{hw.layer_token_s * 1e6:.2f} us/token, ends {hw.ends_s * 1e3:.2f} ms + {hw.ends_token_s * 1e6:.2f} "
+            f"us/token\n  {fits}")
 
 
 def print_table(cases: list[dict]) -> None:

@@ -45,6 +45,11 @@ HEAD_S = 3 * HEAD / 1e6  # 0.393216 s
 CORE_S = 3 * CORE / 5e5  # one layer's attention core at attention_flops: 0.196608 s
 ROW_S = 3 * 2 * 2 * 32 * 64 / 2e6  # one routed row through an expert, forward + backward: 0.012288 s
 BYTES = 32 * 32 * 4  # one micro-batch's hidden states [T, d] in fp32: 4096
+# under tp = 2, on the last stage per micro-batch: the tied head's input-gradient all-reduce of [T, d] and the
+# vocab-parallel loss's two all-reduces ([T] maxima, [2, T] sums, fp32): 2 + 1.03125 + 1.0625 s
+HEAD_TP = (1.0 + BYTES / 4096) + (1.0 + 32 * 4 / 4096) + (1.0 + 2 * 32 * 4 / 4096)
+SCALAR = 1.0 + 8 / 4096  # one scalar all-reduce (8 bytes)
+ROUTED = 1.0 + 4 * 8 / 4096  # an MoE layer's 4 expert counts all-reduced over a stage of 2 ranks, per micro-batch
 
 # Parameters, counted from the config (biases: ln, attn.proj, ffn.fc, ffn.proj; none on qkv, router, lm_head)
 EMBED_P = 64 * 32 + 16 * 32  # token + position embeddings: 2560
@@ -99,7 +104,8 @@ def test_tensor_parallel_collectives(sequence_parallel):
         tp = 2 * 2 * (ag + rs) + 1 * 2 * (ag + rs) + ar  # + the embedding's all-reduce: 32 s
     else:  # layer 0: 2 regions x 2 all-reduces; layer 1: attention's 2 and the token slices gathered both ways
         tp = 2 * 2 * ar + 2 * ar + 2 * ag + ar  # 16 s
-    assert got.tp == pytest.approx(tp)
+    assert got.tp == pytest.approx(tp + HEAD_TP)
+    assert got.control == pytest.approx(ROUTED + 7 * SCALAR)  # the world's 7 scalar collectives per step
     # the dense GEMMs split over tp; the router sees this rank's 16 tokens, the attention core its heads
     assert got.dense == pytest.approx(3 * (ATTN_PROJ / 2 + FFN / 2 + ATTN_PROJ / 2 + ROUTER / 2 + HEAD / 2) / 1e6)
     assert got.attention == pytest.approx(2 * CORE_S / 2)
@@ -111,14 +117,17 @@ def test_embedding_all_reduce_and_sliced_sends_under_a_pipeline(sequence_paralle
     layout = Layout(ParallelSizes(tp=2, pp=2), microbatches=2, sequence_parallel=sequence_parallel, global_batch=4)
     got = CostModel(CFG, HW).step(layout, {1: even(rows=16.0)})
     ar, ag, rs = 1.0 + BYTES / 4096, BYTES / 2 / 2048, BYTES / 1024
-    # stage 0 (layer 0 and the embedding, the only one with its all-reduce) is the slowest: 2 micro-batches of it
+    # stage 0: layer 0 and the embedding (the only one with its all-reduce); stage 1: layer 1 and the head
     stage0_tp = 2 * 2 * (ag + rs) + ar if sequence_parallel else 2 * 2 * ar + ar
-    stage1_tp = 2 * (ag + rs) if sequence_parallel else 2 * ar + 2 * ag  # layer 1 alone
+    stage1_tp = (2 * (ag + rs) if sequence_parallel else 2 * ar + 2 * ag) + HEAD_TP
     p2p = 1.0 + BYTES / (2 if sequence_parallel else 1) / 2048  # under SP a stage sends its slice
-    assert got.tp == pytest.approx(2 * stage0_tp) and got.p2p == pytest.approx(2 * p2p)
     experts = (64 * ROW_S + 4 * 2e-3) / 2  # 16 routed tokens x top-2 x 2 micro-batches, per micro-batch
-    stage1 = 3 * (ATTN_PROJ / 2 + ROUTER / 2 + HEAD / 2) / 1e6 + CORE_S / 2 + experts + stage1_tp + p2p
-    assert got.bubble == pytest.approx(stage1)
+    stage0 = 3 * (ATTN_PROJ / 2 + FFN / 2) / 1e6 + CORE_S / 2 + stage0_tp + p2p
+    stage1 = 3 * (ATTN_PROJ / 2 + ROUTER / 2 + HEAD / 2) / 1e6 + CORE_S / 2 + experts + stage1_tp + p2p + ROUTED
+    slow_tp, fast = (stage0_tp, stage1) if stage0 > stage1 else (stage1_tp, stage0)  # SP: stage 0; else stage 1
+    assert (stage0 > stage1) == sequence_parallel
+    assert got.tp == pytest.approx(2 * slow_tp) and got.p2p == pytest.approx(2 * p2p)  # 2 micro-batches of it
+    assert got.bubble == pytest.approx(fast)
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
@@ -133,7 +142,8 @@ def test_pipeline_is_microbatches_times_the_slowest_stage_plus_the_bubble(accumu
     assert stage0 > stage1
     only(got, dense=micro * DENSE0, attention=micro * CORE_S, p2p=micro * p2p,  # m x the slowest stage ...
          bubble=accumulate * stage1,  # ... + the other stage once, per accumulation step
-         optimizer=(BLOCK1_P + 4 * EXPERT_P + HEAD_P) * 1e-6)  # the stage with the most parameters: 22880
+         optimizer=(BLOCK1_P + 4 * EXPERT_P + HEAD_P) * 1e-6,  # the stage with the most parameters: 22880
+         control=8 * SCALAR)  # the world's 7 scalar collectives and the loss's broadcast over the stages
 
 
 def test_interleaved_bubble_is_divided_by_the_virtual_stages():
@@ -172,8 +182,10 @@ def test_llama_dense_terms_count_grouped_query_attention_swiglu_and_shared_exper
     assert got.attention == pytest.approx(2 * CORE_S / tp)  # query-key and value widths: 2 x 4 heads x 8 = 2 d
     assert got.experts == pytest.approx(64 / tp * SWIGLU_ROW_S + 4 * 1e-3)
     ar, ag = 1.0 + BYTES / 4096, BYTES / 2 / 2048
-    # layer 0: attention and FFN; layer 1: attention, the shared expert, the token slices gathered; the embedding
-    assert got.tp == (0.0 if tp == 1 else pytest.approx(2 * 2 * ar + 2 * 2 * ar + 2 * ag + ar))
+    # layer 0: attention and FFN; layer 1: attention, the shared expert, the token slices gathered; the embedding; the
+    # head's input gradient and the vocab-parallel loss's max [T] and sums [2, T]
+    ends = ar + ar + (1.0 + 32 * 4 / 4096) + (1.0 + 2 * 32 * 4 / 4096)
+    assert got.tp == (0.0 if tp == 1 else pytest.approx(2 * 2 * ar + 2 * 2 * ar + 2 * ag + ends))
 
 
 def test_a_tied_head_under_a_pipeline_sums_its_two_copies_gradients():
@@ -215,7 +227,7 @@ def test_gradient_sync_hides_under_the_last_backward_but_its_last_bucket(gemm_fl
     layout = Layout(ParallelSizes(dp=2), global_batch=4)
     got = CostModel(cfg, hw).step(layout, {1: even()})
     head = 2 * 32 * v * 32  # the head's forward FLOPs
-    stage = 3 * (ATTN_PROJ + FFN + ATTN_PROJ + ROUTER + head) / gemm_flops + 2 * CORE_S + 64 * ROW_S + 4e-3
+    stage = 3 * (ATTN_PROJ + FFN + ATTN_PROJ + ROUTER + head) / gemm_flops + 2 * CORE_S + 64 * ROW_S + 4e-3 + ROUTED
     dense = (v * 32 + 16 * 32 + BLOCK0_P + BLOCK1_P + 2 * 32 + v * 32) * 4  # 33624704 bytes
     expert = 4 * EXPERT_P * 4
     reduce_s = (1.0 + dense / 4096) + (1.0 + expert / 4096)
@@ -283,3 +295,19 @@ def test_migration_passes_through_and_the_terms_add_up():
 ], ids=["dp2_ep2_zero1", "tp2_pp2_sp"])
 def test_memory_is_the_dry_runs_largest_rank(layout):
     assert CostModel(CFG, HW).memory(layout) == largest(rank_memory(CFG, layout))
+
+
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_unpriced_work_per_layer_and_at_the_ends(recompute):
+    hw = dataclasses.replace(HW, layer_s=0.01, layer_token_s=1e-4, ends_s=0.02, ends_token_s=2e-4)
+    cfg = dataclasses.replace(CFG, recompute=recompute)
+    got = CostModel(cfg, hw).step(Layout(ParallelSizes(), global_batch=2), {1: even()})
+    layer = (0.01 + 32 * 1e-4) * (4 / 3 if recompute == "full" else 1)  # T = 32 tokens; a recomputed forward adds a third
+    assert got.overhead == pytest.approx(2 * layer + 0.02 + 32 * 2e-4)  # 2 layers, the ends once
+
+
+def test_expert_parallel_control_collectives():
+    layout = Layout(ParallelSizes(dp=2, ep=2), global_batch=4)
+    got = CostModel(CFG, HW).step(layout, {1: LayerPlacement(((0, 1), (2, 3)), (16.0,) * 4)})
+    counts = 0.5 + 2 * 2 * 8 / 1024  # the all-to-all of 2 slots x 2 ranks of int64 row counts
+    assert got.control == pytest.approx(ROUTED + counts + 7 * SCALAR)

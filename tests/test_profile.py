@@ -30,6 +30,8 @@ def test_two_processes_write_a_calibration_that_loads(tmp_path):
     rates = (hw.memory_gb, hw.gemm_flops, hw.expert_flops, hw.attention_flops, hw.optimizer_s_per_param)
     assert all(math.isfinite(x) and x > 0 for x in rates), hw
     assert hw.expert_group_s > 0  # small groups run slower per row (measured here: 1.7x at 64 rows, 3.7x at 16)
+    overheads = (hw.layer_s, hw.layer_token_s, hw.ends_s, hw.ends_token_s)
+    assert all(math.isfinite(x) and x >= 0 for x in overheads) and hw.layer_overhead(128) > 0, hw
     assert sorted(hw.collectives) == sorted(hardware.OPS)
     for op, scopes in hw.collectives.items():
         assert list(scopes) == ["intra"] and list(scopes["intra"]) == [2], op
@@ -122,3 +124,26 @@ def test_write_leaves_the_old_file_whole_when_writing_fails(tmp_path, monkeypatc
     monkeypatch.undo()
     profile.write(hardware.BUILTIN["a100"], out)
     assert hardware.load(out) == hardware.BUILTIN["a100"]
+
+
+def test_overheads_are_the_model_steps_time_less_what_the_rates_price():
+    """fit_overheads on made-up model-step times: the priced part (unpriced_seconds of 0 s, negated) plus a known
+    layer (3 ms + 2 us per token) and ends (5 ms + 1 us per token) comes back."""
+    from dataclasses import replace
+
+    from lightning_smartmoe.layout import ParallelSizes
+    from lightning_smartmoe.models import GPTMoEConfig, OptimConfig
+    from lightning_smartmoe.moe import MoEConfig
+    from lightning_smartmoe.planner.memory import Layout
+    from lightning_smartmoe.planner.profile import ModelShapes, fit_overheads, unpriced_seconds
+
+    cfg = GPTMoEConfig(vocab_size=64, seq_len=16, n_layers=2, d_model=32, n_heads=4,
+                       moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=64))
+    shapes = ModelShapes.of(cfg, Layout(ParallelSizes(), global_batch=2), OptimConfig())
+    hw = replace(hardware.BUILTIN["a100"], gemm_flops=1e9, expert_flops=2e9, expert_group_s=1e-4, attention_flops=5e8)
+    layer, ends = (lambda t: 3e-3 + 2e-6 * t), (lambda t: 5e-3 + 1e-6 * t)
+    times = {f"model/{n}/{b}": -unpriced_seconds(hw, shapes, n, b, 0.0) + n * layer(16 * b) + ends(16 * b)
+             for n, b in shapes.overhead_cases}
+    assert shapes.overhead_cases == [(1, 2), (1, 8), (2, 2), (2, 8)]
+    got = fit_overheads(hw, shapes, times)
+    assert got == pytest.approx({"layer_s": 3e-3, "layer_token_s": 2e-6, "ends_s": 5e-3, "ends_token_s": 1e-6})

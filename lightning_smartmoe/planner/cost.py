@@ -14,7 +14,11 @@ recomputation adds a forward of each block, selective one of the attention core)
              the busiest rank's traffic: max(rows it receives from others, rows it sends away) x d x bytes;
   tp         the tensor-parallel all-reduces (all-gathers and reduce-scatters under sequence parallelism) of each
              layer, the embedding's, the MoE layer's token gather;
-  p2p        a pipeline stage's sends of activations forward and their gradients backward.
+  p2p        a pipeline stage's sends of activations forward and their gradients backward;
+  overhead   each layer's forward + backward work that no rate above prices (hardware.layer_overhead) and, on the
+             last stage, the embedding's, final norm's and loss's (hardware.ends_overhead);
+  control    the latency-bound collectives that synchronise the ranks: per MoE layer the router's counts
+             all-reduced over the stage's tokens (for the aux loss) and the all-to-all of the dispatch's row counts.
 A step is the pipeline of those stage times over the micro-batches: m x (the slowest stage) plus the bubble
 (the other stages once, /virtual stages for interleaved 1F1B), times the accumulation steps; then
   grad_sync  each stage's gradient all-reduce (reduce-scatter at ZeRO 2) over its data-parallel groups, the part
@@ -24,6 +28,9 @@ A step is the pipeline of those stage times over the micro-batches: m x (the slo
              layers' backward hides when it overlaps;
   zero       the all-gather of the updated ZeRO blocks after the step;
   optimizer  the AdamW step over what this rank steps;
+  control    (again, per step) the world's scalar all-reduces: the loss and the MoE statistics Lightning reduces
+             (a barrier and an all-reduce each), the gradient-clipping norm, the stop-signal check, Lightning's
+             stop-flag broadcast; under pipelining the loss's broadcast over the stages (each at all_reduce prices);
   migration  the seconds a placement policy spends moving experts, per step (from a simulation over the load).
 Every rank of a stage runs the same dense work, so the stage time is its ranks' common work plus its busiest
 expert-parallel rank's.
@@ -290,8 +297,9 @@ def _replicas(rank_experts: Sequence[Sequence[int]], num_experts: int) -> list[i
     return replicas
 
 
-TERMS = ("dense", "attention", "experts", "all_to_all", "tp", "p2p", "bubble", "grad_sync", "replicas", "zero",
-         "optimizer", "migration")
+TERMS = ("dense", "attention", "experts", "all_to_all", "tp", "p2p", "overhead", "control", "bubble", "grad_sync",
+         "replicas", "zero", "optimizer", "migration")
+_WORLD_SCALARS = 7  # per step: 2 x (barrier + all-reduce) of Lightning's reduce, clipping norm, stop check, broadcast
 
 
 @dataclass(frozen=True)
@@ -304,6 +312,8 @@ class Breakdown:
     all_to_all: float = 0.0
     tp: float = 0.0
     p2p: float = 0.0
+    overhead: float = 0.0
+    control: float = 0.0
     bubble: float = 0.0
     grad_sync: float = 0.0
     replicas: float = 0.0
@@ -392,8 +402,10 @@ class CostModel:
         core = cfg.seq_len * _attention_width(cfg) / tp * T  # QK^T and AV, causal (half of 2 S x width)
         dense = passes * linear / hw.gemm_flops
         attention = (passes + (1 if selective else 0)) * core / hw.attention_flops
+        own = Breakdown(dense=dense, attention=attention, overhead=passes / 3 * hw.layer_overhead(T),
+                        control=self._moe_control(layout) if moe else 0.0)
         if tp == 1:
-            return Breakdown(dense=dense, attention=attention)
+            return own
         ar, ag, rs = (hw.link(op, tp, scopes.tp) for op in ("all_reduce", "all_gather", "reduce_scatter"))
         full_bytes, slice_bytes = T * d * b, T / tp * d * b
         again = 2 if full else 1  # forward collectives, run again when recomputed
@@ -407,7 +419,18 @@ class CostModel:
                 comm += (again + 1) * ag.time(slice_bytes)
         if moe and cfg.moe.capacity_factor is not None and not sizes.expert_tp:
             comm += again * ag.time(T / tp * cfg.moe.top_k * _INDEX)  # expert choices, for capacity
-        return Breakdown(dense=dense, attention=attention, tp=comm)
+        return own + Breakdown(tp=comm)
+
+    def _moe_control(self, layout: Layout) -> float:
+        """One MoE layer's forward, per micro-batch: the router's per-expert counts all-reduced over the stage's
+        ranks (the aux loss needs the global fractions) and the all-to-all of the row counts per slot."""
+        cfg, hw, sizes = self.cfg, self.hardware, layout.sizes
+        scopes = Scopes(sizes, hw.gpus_per_node)
+        counts = 0.0
+        if cfg.moe.aux_loss_coeff > 0:
+            counts += hw.link("all_reduce", sizes.plane, scopes.dp).time(cfg.moe.num_experts * _INDEX)
+        slots = cfg.moe.num_experts // sizes.ep + layout.extra_slots
+        return counts + hw.link("all_to_all", sizes.ep, scopes.ep).time(slots * sizes.ep * _INDEX)
 
     def _stage(self, layout: Layout, stage: int, experts: dict[int, Breakdown]) -> Breakdown:
         """One rank of `stage` (all its virtual stages), one micro-batch: forward and backward of its layers."""
@@ -435,8 +458,12 @@ class CostModel:
                 out = out + self._dense_layer(layout, i)
         d, T, b = cfg.d_model, self.tokens(layout), activation_itemsize(layout.precision)
         last = sizes.pp * layout.virtual_stages - 1
-        if last in chunks:  # LM head
-            out = out + Breakdown(dense=3 * 2 * d * cfg.vocab_size / sizes.tp * T / hw.gemm_flops)
+        if last in chunks:  # LM head, embedding, final norm and loss (their per-op work: once per micro-batch)
+            out = out + Breakdown(dense=3 * 2 * d * cfg.vocab_size / sizes.tp * T / hw.gemm_flops,
+                                  overhead=hw.ends_overhead(T))
+            if sizes.tp > 1:  # the head's input gradient all-reduced; the vocab-parallel loss's max and sums
+                ar = hw.link("all_reduce", sizes.tp, Scopes(sizes, hw.gpus_per_node).tp)
+                out = out + Breakdown(tp=ar.time(T * d * b) + ar.time(T * 4) + ar.time(2 * T * 4))
         if 0 in chunks and sizes.tp > 1:  # the vocab-parallel embedding's all-reduce
             out = out + Breakdown(tp=hw.link("all_reduce", sizes.tp, Scopes(sizes, hw.gpus_per_node).tp).time(T * d * b))
         if sizes.pp > 1:
@@ -505,7 +532,11 @@ class CostModel:
         if getattr(self.cfg, "tie_embeddings", False) and sizes.pp > 1:  # the head's copy of the embedding
             tied = self.cfg.vocab_size // sizes.tp * self.cfg.d_model // (sizes.dp if layout.zero else 1)
             exposed += hw.link("all_reduce", 2, scopes.ends).time(tied * itemsizes(layout.precision)[1])
-        return Breakdown(grad_sync=exposed, zero=zero_s, optimizer=stepped * hw.optimizer_s_per_param)
+        world = hw.link("all_reduce", sizes.world_size, sizes.world_size > hw.gpus_per_node)
+        control = _WORLD_SCALARS * world.time(_INDEX)
+        if sizes.pp > 1:
+            control += hw.link("all_reduce", sizes.pp, scopes.pp).time(_INDEX)
+        return Breakdown(grad_sync=exposed, zero=zero_s, optimizer=stepped * hw.optimizer_s_per_param, control=control)
 
     # ---- memory -------------------------------------------------------------------------------------------------
 

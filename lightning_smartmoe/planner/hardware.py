@@ -42,6 +42,9 @@ class Hardware:
     attention_flops: FLOP/s of the attention core (scores and weighted sum).
     optimizer_s_per_param: seconds of the AdamW step per parameter it steps.
     collectives[op][scope][n]: the Link fit of `op` on a group of n ranks.
+    layer_s, layer_token_s: the seconds of a layer's forward + backward per micro-batch that the rates above do not
+        price (norms, activations, softmax, routing, permutes, the framework's per-op dispatch), fixed and per token;
+    ends_s, ends_token_s: the same of the embedding, the final norm and the loss, once per micro-batch.
     """
 
     name: str
@@ -54,6 +57,16 @@ class Hardware:
     attention_flops: float
     optimizer_s_per_param: float
     collectives: dict[str, dict[str, dict[int, Link]]] = field(default_factory=dict)
+    layer_s: float = 0.0
+    layer_token_s: float = 0.0
+    ends_s: float = 0.0
+    ends_token_s: float = 0.0
+
+    def layer_overhead(self, tokens: float) -> float:
+        return self.layer_s + self.layer_token_s * tokens
+
+    def ends_overhead(self, tokens: float) -> float:
+        return self.ends_s + self.ends_token_s * tokens
 
     def link(self, op: str, n: int, inter: bool = False) -> Link:
         """The fit of `op` on n ranks (inter: spanning nodes); the nearest measured size at or above n, else the
@@ -82,6 +95,7 @@ class Hardware:
 
 
 _NUMBERS = ("memory_gb", "gemm_flops", "expert_flops", "expert_group_s", "attention_flops", "optimizer_s_per_param")
+_OVERHEADS = ("layer_s", "layer_token_s", "ends_s", "ends_token_s")  # optional (older files: 0)
 
 
 def from_dict(data: object, where: str) -> Hardware:
@@ -89,7 +103,7 @@ def from_dict(data: object, where: str) -> Hardware:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: a hardware calibration must be a mapping of fields, got {type(data).__name__}")
     fields = {f for f in Hardware.__dataclass_fields__}
-    missing = sorted(fields - set(data))
+    missing = sorted(fields - set(data) - set(_OVERHEADS))
     if missing:
         raise ConfigError(f"{where}: field {missing[0]!r} is missing; a calibration has {', '.join(sorted(fields))}")
     unknown = sorted(set(data) - fields)
@@ -100,9 +114,9 @@ def from_dict(data: object, where: str) -> Hardware:
             raise ConfigError(f"{where}: {key}={data[key]!r} must be a string")
     if isinstance(data["gpus_per_node"], bool) or not isinstance(data["gpus_per_node"], int) or data["gpus_per_node"] < 1:
         raise ConfigError(f"{where}: gpus_per_node={data['gpus_per_node']!r} must be an integer >= 1")
-    for key in _NUMBERS:
+    for key in _NUMBERS + tuple(k for k in _OVERHEADS if k in data):
         value = data[key]
-        zero_ok = key == "expert_group_s"
+        zero_ok = key in ("expert_group_s", *_OVERHEADS)
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
             raise ConfigError(f"{where}: {key}={value!r} must be a finite number {'>= 0' if zero_ok else '> 0'}")
     collectives = data["collectives"]
@@ -125,7 +139,7 @@ def from_dict(data: object, where: str) -> Hardware:
                     raise ConfigError(f"{where}: collectives.{op}.{scope}.{n}={fit!r}: need a group size >= 2 mapped to "
                                       "[latency_s >= 0, bytes_per_s > 0]")
                 parsed[op][scope][n] = Link(float(fit[0]), float(fit[1]))
-    values = {k: data[k] for k in fields if k != "collectives"}
+    values = {k: data[k] for k in fields if k != "collectives" and k in data}
     return Hardware(**values, collectives=parsed)
 
 

@@ -15,7 +15,7 @@ output) are not counted.
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -317,7 +317,7 @@ class ModelTable:
 
     def __init__(self, cfg: ModelConfig, tp: int, sequence_parallel: bool, expert_tp: bool, precision: str) -> None:
         self.cfg = cfg
-        with fake_world(0, tp):
+        with fake_world(0, tp) if tp > 1 else nullcontext():  # none to build uncut (also inside a live group)
             with torch.device("meta"):
                 model = cfg.build().to(PARAM_DTYPES[precision])
             if tp > 1:

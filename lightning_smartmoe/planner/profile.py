@@ -3,8 +3,9 @@
 Two users. `placement.calibrate` (callbacks.py) takes quick start-up figures, each well under a second at the sizes
 training uses: `expert_flops_per_s` (the expert FFN forward + backward at a layer's shape) and `link_bandwidth` (an
 all-to-all inside a process group). smartmoe-profile calls `profile`, which measures every field of a
-`planner.hardware.Hardware` at the shapes one rank of a layout computes (`ModelShapes`) and fits the collectives
-and the expert FFN's per-group cost. Every timing is the median of timed samples (calls back to back for
+`planner.hardware.Hardware` at the shapes one rank of a layout computes (`ModelShapes`) and fits the collectives,
+the expert FFN's per-group cost and the work of a layer and of the model's ends that no rate prices (the model's
+own forward + backward on one process, less what the rates price: `fit_overheads`). Every timing is the median of timed samples (calls back to back for
 SAMPLE_S at least) after warm-up calls; `agree` makes every rank hold the same figures (the mean over the ranks,
 rank 0's copy everywhere), so that every rank plans alike.
 """
@@ -18,7 +19,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -26,9 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_smartmoe.errors import ConfigError
+from lightning_smartmoe.layout import ParallelSizes
 from lightning_smartmoe.models import GPTMoEConfig, OptimConfig
 from lightning_smartmoe.moe.experts import GroupedExperts
 from lightning_smartmoe.planner import memory
+from lightning_smartmoe.planner.cost import CostModel
 from lightning_smartmoe.planner.hardware import OPS, Hardware, Link
 from lightning_smartmoe.zero import all_gather_single, reduce_scatter_single
 
@@ -142,13 +145,30 @@ def attention_step(batch: int, heads: int, seq_len: int, head_dim: int, device: 
     return _forward_backward(lambda: F.scaled_dot_product_attention(*qkv, is_causal=True), qkv)
 
 
-def adamw_step(params: int, device: torch.device, dtype: torch.dtype, optim: OptimConfig) -> Callable[[], object]:
-    """One torch.optim.AdamW step (the settings of `optim`, as training makes it) on one tensor of `params`
-    parameters in `dtype`."""
-    p = nn.Parameter(torch.zeros(params, device=device, dtype=dtype))
-    p.grad = torch.randn_like(p)
-    opt = torch.optim.AdamW([p], lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay)
+def adamw_step(sizes: Sequence[int], device: torch.device, dtype: torch.dtype, optim: OptimConfig) -> Callable[[], object]:
+    """One torch.optim.AdamW step (the settings of `optim`, as training makes it) on tensors of `sizes` parameters
+    in `dtype` (the rank's own tensors: their sizes decide how much of the state stays in cache)."""
+    params = [nn.Parameter(torch.zeros(n, device=device, dtype=dtype)) for n in sizes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW(params, lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay)
     return opt.step
+
+
+def model_step(cfg: GPTMoEConfig, layers: int, batch: int, device: torch.device, dtype: torch.dtype) -> Callable[[], None]:
+    """Forward + backward of the loss (cross-entropy plus aux losses) of `cfg`'s model cut to `layers` layers, on
+    one process, on `batch` random sequences."""
+    torch.manual_seed(0)
+    model = replace(cfg, n_layers=layers).build().to(device=device, dtype=dtype)
+    idx = torch.randint(cfg.vocab_size, (batch + 1, cfg.seq_len), device=device)
+    x, y = idx[:-1], idx[1:]
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        logits, aux = model(x)
+        (model.loss(logits, y) + aux).backward()
+
+    return step
 
 
 # ---- communication -------------------------------------------------------------------------------------------------
@@ -291,8 +311,9 @@ class ModelShapes:
     expert_hidden: int
     expert_slots: int  # experts on the rank
     expert_rows: int  # rows of each of its experts under balanced routing
-    params: int
+    param_sizes: tuple[int, ...]  # the elements of each tensor its optimizer steps
     optim: OptimConfig
+    model: GPTMoEConfig  # for the per-layer work the rates miss (`overhead_cases`)
 
     @classmethod
     def of(cls, cfg: GPTMoEConfig, layout: memory.Layout, optim: OptimConfig) -> ModelShapes:
@@ -307,13 +328,14 @@ class ModelShapes:
                    ("lm_head", tokens, d, cfg.vocab_size // tp, 1)]
         routed = tokens // (tp if tp > 1 and not sizes.expert_tp else 1) * cfg.moe.top_k  # TP ranks route a slice each
         slots = cfg.moe.num_experts // sizes.ep
-        param_bytes = memory.largest(memory.rank_memory(cfg, layout)).params_bytes
+        stage = memory.largest(memory.rank_memory(cfg, layout)).stage
+        table = memory.ModelTable(cfg, tp, layout.sequence_parallel, sizes.expert_tp, layout.precision)
+        param_sizes = tuple(math.prod(r.shape) for r in table.stage_records(layout, stage) if r.trainable)
         return cls(
             precision=layout.precision, batch=layout.micro_sequences, seq_len=cfg.seq_len, heads=cfg.n_heads // tp,
             head_dim=d // cfg.n_heads, linears=tuple(x for x in linears if x[4]), d_model=d,
             expert_hidden=(cfg.moe.expert_hidden or cfg.hidden) // (tp if sizes.expert_tp else 1), expert_slots=slots,
-            expert_rows=max(1, routed // slots), params=param_bytes // memory.PARAM_DTYPES[layout.precision].itemsize,
-            optim=optim,
+            expert_rows=max(1, routed // slots), param_sizes=param_sizes, optim=optim, model=cfg,
         )
 
     @property
@@ -347,8 +369,22 @@ class ModelShapes:
         return self.batch * self.seq_len * 4 * self.seq_len * self.heads * self.head_dim // 2 * 3
 
     @property
-    def optimizer_params(self) -> int:
-        return min(self.params, OPTIMIZER_MAX_PARAMS)
+    def optimizer_sizes(self) -> list[int]:
+        """The tensors of `param_sizes` the AdamW step is timed on: all, or the first OPTIMIZER_MAX_PARAMS elements."""
+        out, total = [], 0
+        for n in self.param_sizes:
+            out.append(min(n, OPTIMIZER_MAX_PARAMS - total))
+            total += out[-1]
+            if total >= OPTIMIZER_MAX_PARAMS:
+                break
+        return out
+
+    @property
+    def overhead_cases(self) -> list[tuple[int, int]]:
+        """(layers, sequences) of the model steps that measure `Hardware.layer_s` and the rest: 1 and 2 layers (the
+        difference is a layer; the 1-layer model less a layer is the ends), at this micro-batch and 4x it (the
+        growth is per token)."""
+        return [(layers, b) for layers in (1, 2) for b in (self.batch, 4 * self.batch)]
 
 
 def _compute_times(shapes: ModelShapes, repeats: int, device: torch.device) -> dict[str, float]:
@@ -367,7 +403,9 @@ def _compute_times(shapes: ModelShapes, repeats: int, device: torch.device) -> d
             steps.update({f"expert/{groups}/{r}": expert_ffn_step(module, x, [r] * groups) for r in rows})
         steps["attention"] = attention_step(shapes.batch, shapes.heads, shapes.seq_len, shapes.head_dim, device,
                                             shapes.compute_dtype)
-        steps["optimizer"] = adamw_step(shapes.optimizer_params, device, shapes.param_dtype, shapes.optim)
+        steps["optimizer"] = adamw_step(shapes.optimizer_sizes, device, shapes.param_dtype, shapes.optim)
+        for layers, batch in shapes.overhead_cases:
+            steps[f"model/{layers}/{batch}"] = model_step(shapes.model, layers, batch, device, shapes.param_dtype)
         return median_seconds(steps, device, repeats)
 
 
@@ -457,11 +495,40 @@ def profile(shapes: ModelShapes, settings: ProfileSettings, device: torch.device
         gemm_flops=sum(f for f, _ in weights) / sum(s for _, s in weights),
         expert_flops=expert_flops, expert_group_s=expert_group_s,
         attention_flops=shapes.attention_flops / t["attention"],
-        optimizer_s_per_param=t["optimizer"] / shapes.optimizer_params,
+        optimizer_s_per_param=t["optimizer"] / sum(shapes.optimizer_sizes),
         collectives=collectives,
     )]
+    hw[0] = replace(hw[0], **fit_overheads(hw[0], shapes, t))
     dist.broadcast_object_list(hw, src=0, device=device)  # nodes may differ in host and device names
     return hw[0], t
+
+
+def unpriced_seconds(hw: Hardware, shapes: ModelShapes, layers: int, batch: int, seconds: float) -> float:
+    """What hw's rates leave unpriced of a measured `model_step(shapes.model, layers, batch)`: its time less the
+    cost model's dense, attention and expert terms for it (one process, balanced routing)."""
+    cfg = replace(shapes.model, n_layers=layers)
+    layout = memory.Layout(ParallelSizes(1, 1, 1, 1), global_batch=batch, precision=shapes.precision)
+    model, experts = CostModel(cfg, hw), range(cfg.moe.num_experts)
+    rows = batch * cfg.seq_len * cfg.moe.top_k / cfg.moe.num_experts
+    expert_s = model.expert_layer(layout).terms([tuple(experts)], [rows for _ in experts])[0]
+    common = model._stage_common(layout, 0)  # noqa: SLF001 (its dense, attention and overhead terms, no experts)
+    return seconds - common.dense - common.attention - expert_s * sum(map(cfg.is_moe_layer, range(layers)))
+
+
+def fit_overheads(hw: Hardware, shapes: ModelShapes, times: Mapping[str, float]) -> dict[str, float]:
+    """Hardware's layer_s, layer_token_s, ends_s, ends_token_s from the model steps of `shapes.overhead_cases`
+    (`times`: profile's, hw: fitted without them): a layer is the 2-layer model's unpriced time less the 1-layer
+    one's, the ends the 1-layer one's less a layer; each t = fixed + per token x tokens, fitted non-negative."""
+    out = {}
+    batches = sorted({b for _, b in shapes.overhead_cases})
+    tokens = [b * shapes.seq_len for b in batches]
+    unpriced = {(n, b): unpriced_seconds(hw, shapes, n, b, times[f"model/{n}/{b}"]) for n, b in shapes.overhead_cases}
+    layer = [max(0.0, unpriced[2, b] - unpriced[1, b]) for b in batches]
+    ends = [max(0.0, unpriced[1, b] - x) for b, x in zip(batches, layer)]
+    for name, values in (("layer", layer), ("ends", ends)):
+        fixed, per_token = nonnegative_fit([1.0] * len(tokens), tokens, [max(v, 1e-9) for v in values])
+        out[f"{name}_s"], out[f"{name}_token_s"] = fixed, per_token
+    return out
 
 
 def group_slowdown(hw: Hardware, rows: int, flops_per_row: float) -> float:
