@@ -359,6 +359,8 @@ class CostModel:
     stages: dict = field(default_factory=dict)  # _stage_common by (layout, stage)
     experts: dict = field(default_factory=dict)  # expert_layer by its inputs
     loads: dict = field(default_factory=dict)  # RankLoads by (placement, load, ranks per node)
+    pipelines: dict = field(default_factory=dict)  # _pipeline's of the last layout priced
+    states: dict = field(default_factory=dict)  # _stepped_state by layout
 
     # ---- per-layer pieces ---------------------------------------------------------------------------------------
 
@@ -477,6 +479,22 @@ class CostModel:
         """Seconds per optimizer step of `layout`, given each MoE layer's placement and load (layer index ->
         LayerPlacement; loads in rows per step of the layer's expert-parallel group) and the migration seconds per
         step of the placement policy."""
+        out, stage_s = self._pipeline(layout, placements)
+        return out + self._after_backward(layout, stage_s) + Breakdown(migration=migration_s)
+
+    def _pipeline(self, layout: Layout, placements: dict[int, LayerPlacement]) -> tuple[Breakdown, float]:
+        """step's terms up to the end of the last backward, and the slowest stage's time per micro-batch. ZeRO does
+        not change them: the search prices a layout's ZeRO stages (each with every policy) one after another, so
+        the results of the last layout priced are kept for the next."""
+        base = replace(layout, zero=0)
+        key = (base, tuple((i, p.rank_experts, p.load, p.scale) for i, p in placements.items()))
+        if replace(base, extra_slots=0) != self.pipelines.get("layout"):  # slots vary with the policy
+            self.pipelines = {"layout": replace(base, extra_slots=0)}
+        if key not in self.pipelines:
+            self.pipelines[key] = self._price_pipeline(layout, placements)
+        return self.pipelines[key]
+
+    def _price_pipeline(self, layout: Layout, placements: dict[int, LayerPlacement]) -> tuple[Breakdown, float]:
         cfg, sizes = self.cfg, layout.sizes
         moe_layers = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
         m = layout.microbatches
@@ -499,8 +517,8 @@ class CostModel:
         slowest = max(range(sizes.pp), key=lambda s: stages[s].step_s)
         pipe = stages[slowest].scaled(m)
         bubble = (sum(t.step_s for t in stages) - stages[slowest].step_s) / layout.virtual_stages
-        out = (pipe + Breakdown(bubble=bubble)).scaled(layout.accumulate)
-        return out + self._after_backward(layout, stages[slowest].step_s) + Breakdown(replicas=max(exchange), migration=migration_s)
+        out = (pipe + Breakdown(bubble=bubble)).scaled(layout.accumulate) + Breakdown(replicas=max(exchange))
+        return out, stages[slowest].step_s
 
     def replica_overlap(self, layout: Layout) -> bool:
         """Whether the strategy sums replica gradients during backward (one copy of each slot: edp = 1)."""
@@ -511,24 +529,17 @@ class CostModel:
         on the busiest stage."""
         sizes, hw = layout.sizes, self.hardware
         scopes = Scopes(sizes, hw.gpus_per_node)
-        table = self.table(layout)
-        stage = max(range(sizes.pp), key=lambda s: sum(math.prod(r.shape) for r in table.stage_records(layout, s)))
-        records = table.stage_records(layout, stage)
-        bf16_masters = bool(layout.zero) and layout.precision == "bf16-mixed"
+        dense, expert, stepped = self._stepped_state(layout)
         reduce_op = "reduce_scatter" if layout.zero == 2 else "all_reduce"
-        dense = sum(math.prod(r.shape) * (2 if bf16_masters else r.itemsize) for r in records if r.trainable and not r.expert)
-        expert = sum(math.prod(r.shape) * (2 if bf16_masters else r.itemsize) for r in records if r.trainable and r.expert)
         dense_s = hw.link(reduce_op, sizes.dp, scopes.dp).time(dense) if sizes.dp > 1 else 0.0
         expert_s = hw.link(reduce_op, sizes.edp, scopes.edp).time(expert) if sizes.edp > 1 else 0.0
         reduce_s = dense_s + expert_s
         bucket = 25 * 2**20
         exposed = max(reduce_s - 2 / 3 * stage_s, reduce_s * min(1.0, bucket / max(1.0, dense + expert)))
         zero_s = 0.0
-        stepped = sum(math.prod(r.shape) for r in records if r.trainable)
         if layout.zero:
             zero_s = (hw.link("all_gather", sizes.dp, scopes.dp).time(dense / sizes.dp) if sizes.dp > 1 else 0.0) + (
                 hw.link("all_gather", sizes.edp, scopes.edp).time(expert / sizes.edp) if sizes.edp > 1 else 0.0)
-            stepped = sum(math.prod(r.shape) / (sizes.edp if r.expert else sizes.dp) for r in records if r.trainable)
         if getattr(self.cfg, "tie_embeddings", False) and sizes.pp > 1:  # the head's copy of the embedding
             tied = self.cfg.vocab_size // sizes.tp * self.cfg.d_model // (sizes.dp if layout.zero else 1)
             exposed += hw.link("all_reduce", 2, scopes.ends).time(tied * itemsizes(layout.precision)[1])
@@ -537,6 +548,24 @@ class CostModel:
         if sizes.pp > 1:
             control += hw.link("all_reduce", sizes.pp, scopes.pp).time(_INDEX)
         return Breakdown(grad_sync=exposed, zero=zero_s, optimizer=stepped * hw.optimizer_s_per_param, control=control)
+
+    def _stepped_state(self, layout: Layout) -> tuple[float, float, float]:
+        """On the stage with the most parameters: (dense, expert) gradient bytes it reduces, elements each rank steps."""
+        key = (layout.sizes, layout.virtual_stages, layout.extra_slots, layout.precision, layout.sequence_parallel,
+               layout.zero)
+        if key not in self.states:
+            sizes, table = layout.sizes, self.table(layout)
+            stage = max(range(sizes.pp), key=lambda s: sum(math.prod(r.shape) for r in table.stage_records(layout, s)))
+            records = [r for r in table.stage_records(layout, stage) if r.trainable]
+            bf16_masters = bool(layout.zero) and layout.precision == "bf16-mixed"
+            dense = sum(math.prod(r.shape) * (2 if bf16_masters else r.itemsize) for r in records if not r.expert)
+            expert = sum(math.prod(r.shape) * (2 if bf16_masters else r.itemsize) for r in records if r.expert)
+            if layout.zero:
+                stepped = sum(math.prod(r.shape) / (sizes.edp if r.expert else sizes.dp) for r in records)
+            else:
+                stepped = sum(math.prod(r.shape) for r in records)
+            self.states[key] = dense, expert, stepped
+        return self.states[key]
 
     # ---- memory -------------------------------------------------------------------------------------------------
 
