@@ -311,3 +311,14 @@ def test_expert_parallel_control_collectives():
     got = CostModel(CFG, HW).step(layout, {1: LayerPlacement(((0, 1), (2, 3)), (16.0,) * 4)})
     counts = 0.5 + 2 * 2 * 8 / 1024  # the all-to-all of 2 slots x 2 ranks of int64 row counts
     assert got.control == pytest.approx(ROUTED + counts + 7 * SCALAR)
+
+
+def test_a_layouts_zero_stages_priced_in_turn_equal_each_priced_alone():
+    """The search prices ZeRO 0, 1, 2 of a layout one after another, reusing the pipeline terms; each must equal a
+    fresh model's price, and a different layout in between must not see the last one's."""
+    layouts = [Layout(ParallelSizes(dp=2, pp=2), microbatches=2, zero=z, global_batch=8) for z in (0, 1, 2)]
+    other = Layout(ParallelSizes(dp=4), global_batch=8)
+    shared = CostModel(CFG, HW)
+    for layout in [*layouts, other, layouts[1]]:
+        alone = CostModel(CFG, HW).step(layout, {1: even(rows=32.0)})
+        assert shared.step(layout, {1: even(rows=32.0)}).as_dict() == alone.as_dict()

@@ -359,7 +359,8 @@ class CostModel:
     stages: dict = field(default_factory=dict)  # _stage_common by (layout, stage)
     experts: dict = field(default_factory=dict)  # expert_layer by its inputs
     loads: dict = field(default_factory=dict)  # RankLoads by (placement, load, ranks per node)
-    pipelines: dict = field(default_factory=dict)  # _pipeline's of the last layout priced
+    pipelines: dict = field(default_factory=dict)  # _pipeline's of the last layout priced: pipelines_of
+    pipelines_of: Layout | None = None
     states: dict = field(default_factory=dict)  # _stepped_state by layout
 
     # ---- per-layer pieces ---------------------------------------------------------------------------------------
@@ -488,8 +489,8 @@ class CostModel:
         the results of the last layout priced are kept for the next."""
         base = replace(layout, zero=0)
         key = (base, tuple((i, p.rank_experts, p.load, p.scale) for i, p in placements.items()))
-        if replace(base, extra_slots=0) != self.pipelines.get("layout"):  # slots vary with the policy
-            self.pipelines = {"layout": replace(base, extra_slots=0)}
+        if replace(base, extra_slots=0) != self.pipelines_of:  # the slots vary with the policy
+            self.pipelines, self.pipelines_of = {}, replace(base, extra_slots=0)
         if key not in self.pipelines:
             self.pipelines[key] = self._price_pipeline(layout, placements)
         return self.pipelines[key]
