@@ -13,7 +13,6 @@ from subprocess import Popen, TimeoutExpired
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
@@ -34,7 +33,6 @@ class ScriptLauncher(_SubprocessScriptLauncher):
         if not self.cluster_environment.creates_processes_externally:
             self._call_children_scripts()
             RankWatcher(self.procs, self.grace_s).start()
-        _set_num_threads_if_needed(num_processes=self.num_processes)
         result = function(*args, **kwargs)
         self._wait_for_ranks()
         return result

@@ -1,6 +1,8 @@
-"""Parallel sizes, their checks, and the device mesh and process groups they induce."""
+"""Parallel sizes, their checks, and the device mesh and process groups they induce (built once per process)."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -77,15 +79,41 @@ class ParallelSizes:
         return rank // self.plane, rank // self.tp % self.dp, rank % self.tp
 
 
-def _my_group(rank_lists: list[list[int]], rank: int) -> dist.ProcessGroup | None:
-    """Create one group per list (collective: every rank creates all of them, in order); return this rank's (None
-    if it is in none)."""
-    mine = None
-    for ranks in rank_lists:
-        group = dist.new_group(ranks)
-        if rank in ranks:
-            mine = group
-    return mine
+class _Built:
+    """This process's groups and meshes, by what they were built from: each is built once and reused, so a process
+    that sets up layout after layout (fits in the same ranks) holds one communicator per distinct group (gloo: three
+    threads on each member) rather than a new set per fit, and the groups a Trainer's model holds stay valid for its
+    later runs. They belong to the current default process group: after `dist.destroy_process_group()` and a new
+    `init_process_group`, everything is built afresh."""
+
+    world: dist.ProcessGroup | None = None
+    items: dict[tuple, Any] = {}
+
+    @classmethod
+    def get(cls, key: tuple, build: Callable[[], Any]) -> Any:
+        """`build()` the first time `key` is asked for (collective as `build` is: every rank asks for the same keys
+        in the same order), the same object afterwards."""
+        if cls.world is not dist.group.WORLD:
+            cls.world, cls.items = dist.group.WORLD, {}
+        if key not in cls.items:
+            cls.items[key] = build()
+        return cls.items[key]
+
+
+def _my_group(role: str, rank_lists: list[list[int]], rank: int) -> dist.ProcessGroup | None:
+    """This rank's group of one group per list (None if it is in none): created for `role` once per process
+    (collective: every rank creates all of them, in order). Roles with the same lists get distinct communicators."""
+
+    def build() -> dist.ProcessGroup | None:
+        groups = [(dist.new_group(ranks), ranks) for ranks in rank_lists]
+        return next((group for group, ranks in groups if rank in ranks), None)
+
+    return _Built.get((role, tuple(map(tuple, rank_lists))), build)
+
+
+def _mesh(device_type: str, shape: tuple[int, ...], names: tuple[str, ...]) -> DeviceMesh:
+    """The DeviceMesh of all ranks in this shape, built once per process."""
+    return _Built.get(("mesh", device_type, shape, names), lambda: init_device_mesh(device_type, shape, mesh_dim_names=names))
 
 
 @dataclass
@@ -109,7 +137,8 @@ embedding sums the two stages' gradients of their copies after backward). `mesh`
     (pp, dp, tp) DeviceMesh; its "tp" dimension describes tensor-parallel shards to checkpoints, and its
     "dp" dimension blocks of dense parameters cut by ZeRO. `expert_mesh` (built on request: for ZeRO-cut experts)
     is the same ranks as (pp, edp, ep, etp): etp is tp with expert_tp and 1 otherwise; its "edp" dimension
-    describes the experts' ZeRO blocks.
+    describes the experts' ZeRO blocks. Layouts of one process share the groups and meshes they have in common,
+    role by role (`_Built`).
     """
 
     sizes: ParallelSizes
@@ -133,25 +162,21 @@ embedding sums the two stages' gradients of their copies after backward). `mesh`
             return cls(sizes)
         rank = dist.get_rank()
         pp, dp, tp, ep, plane = sizes.pp, sizes.dp, sizes.tp, sizes.ep, sizes.plane
-        mesh = init_device_mesh(device_type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
+        mesh = _mesh(device_type, (pp, dp, tp), ("pp", "dp", "tp"))
         stages = [list(range(s * plane, (s + 1) * plane)) for s in range(pp)]
         dp_lists = [stage[t::tp] for stage in stages for t in range(tp)]
         expert_planes = dp_lists if sizes.expert_tp else stages  # the ranks that split the experts among them
         ep_lists = [ranks[g : g + ep] for ranks in expert_planes for g in range(0, len(ranks), ep)]
         edp_lists = [ranks[j::ep] for ranks in expert_planes for j in range(ep)]
         ends = [[first, last] for first, last in zip(stages[0], stages[-1])] if pp > 1 else []
+        groups = dict(ep_group=ep_lists, plane_group=stages, grad_dp_group=dp_lists, grad_plane_group=stages,
+                      grad_edp_group=edp_lists, grad_ep_group=ep_lists, embedding_group=ends)
         return cls(
             sizes,
             mesh,
             tp_group=mesh["tp"].get_group(),
             pp_group=mesh["pp"].get_group(),
-            ep_group=_my_group(ep_lists, rank),
-            plane_group=_my_group(stages, rank),
-            grad_dp_group=_my_group(dp_lists, rank),
-            grad_plane_group=_my_group(stages, rank),
-            grad_edp_group=_my_group(edp_lists, rank),
-            grad_ep_group=_my_group(ep_lists, rank),
-            embedding_group=_my_group(ends, rank),
+            **{role: _my_group(role, lists, rank) for role, lists in groups.items()},
             expert_mesh=cls._expert_mesh(sizes, device_type) if expert_mesh else None,
             rank=rank,
         )
@@ -159,8 +184,7 @@ embedding sums the two stages' gradients of their copies after backward). `mesh`
     @staticmethod
     def _expert_mesh(sizes: ParallelSizes, device_type: str) -> DeviceMesh:
         etp = sizes.tp if sizes.expert_tp else 1
-        shape = (sizes.pp, sizes.edp, sizes.ep, etp)
-        return init_device_mesh(device_type, shape, mesh_dim_names=("pp", "edp", "ep", "etp"))
+        return _mesh(device_type, (sizes.pp, sizes.edp, sizes.ep, etp), ("pp", "edp", "ep", "etp"))
 
     @property
     def stage(self) -> int:

@@ -21,7 +21,6 @@ from pathlib import Path
 import hydra
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
-from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
@@ -73,7 +72,6 @@ def measure_on_rank(strategy: SmartMoEStrategy, shapes: ModelShapes, settings: P
                     source: str) -> None:
     """On every rank: join the process group, measure (planner.profile.profile), and on rank 0 write `out`. Every
     rank prints a digest of the figures it holds, which is the same on all."""
-    _set_num_threads_if_needed(num_processes=strategy.num_processes)  # every rank, not only the launching one
     strategy.setup_environment()
     start = time.perf_counter()  # once every rank has joined
     try:

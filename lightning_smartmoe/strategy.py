@@ -17,6 +17,7 @@ from lightning.fabric.utilities.distributed import (
     _distributed_is_initialized,
     _get_default_process_group_backend_for_device,
     _init_dist_connection,
+    _set_num_threads_if_needed,
     _sync_ddp_if_available,
 )
 from lightning.fabric.utilities.seed import reset_seed
@@ -338,6 +339,8 @@ class SmartMoEStrategy(ParallelStrategy):
     def setup_environment(self) -> None:
         super().setup_environment()
         if self.sizes.world_size > 1:
+            # in every rank, however started; Lightning's rule: OMP_NUM_THREADS if set, else the CPUs / processes
+            _set_num_threads_if_needed(num_processes=self.num_processes)
             reset_seed()
             self.set_world_ranks()
             backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)

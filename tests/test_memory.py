@@ -29,7 +29,9 @@ LAYOUTS = {  # tiny.fit keyword arguments and the same layout for the memory mod
 
 
 def _tensor_bytes() -> int:
-    """Bytes of every storage of every tensor this process holds (each storage once; meta tensors hold none)."""
+    """Bytes of every storage of every tensor this process holds (each storage once; meta tensors hold none), after
+    collecting garbage (earlier fits' tensors in reference cycles)."""
+    gc.collect()
     storages = {}
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor) and not obj.is_meta:
