@@ -45,9 +45,10 @@ def plan_balanced(load: torch.Tensor, current: Placement, cost: ExpertLayerCost)
 
     Candidates (placement/packing.py): the longest-processing-time permutation over all slots, and for each
     slack in SLACKS the node-first packing whose replica counts follow the room each node has left under
-    (1 + slack) x the mean rank load; where the group spans nodes (cost.ranks_per_node < ep) that packing is made
-    twice, free to move experts between nodes and keeping every expert on the nodes that hold it now (not packed
-    when that cannot come within CLOSE, ExpertLayerCost.rows_bound). Each is refined (single-replica moves and
+    (1 + slack) x the mean rank load, free to move experts between nodes; where the group spans nodes
+    (cost.ranks_per_node < ep), for the three smallest slacks also one keeping every expert on the nodes that hold
+    it now, the cheap answer to a load that drifts inside nodes (not packed when that cannot come within CLOSE,
+    ExpertLayerCost.rows_bound). Each is refined (single-replica moves and
     swaps within a node). Of the distinct candidates, `current` among them, whose predicted step time
     (ExpertLayerCost.layout_time) is within CLOSE of the lowest, each relabelled so that experts stay where they
     are, the one with the shortest migration from `current` wins (then the faster). The winner is returned if its
@@ -60,8 +61,8 @@ def plan_balanced(load: torch.Tensor, current: Placement, cost: ExpertLayerCost)
     packings += [lambda slack=slack: packing.by_node(layer, spr, slack, keep=False) for slack in SLACKS]
     keep_from = len(packings)
     if layer.per_node < current.ep:
-        packings += [lambda slack=slack: packing.by_node(layer, spr, slack, keep=True) for slack in SLACKS]
-    now = best_time = placement_time(cost, current, loads)
+        packings += [lambda slack=slack: packing.by_node(layer, spr, slack, keep=True) for slack in SLACKS[:3]]
+    now = best_time = cost.layout_time(current.rank_experts, loads)
     kept = {_key(current.rank_experts): (now, current.rank_experts)}  # distinct layouts within CLOSE of the best
     for i, pack in enumerate(packings):
         if i == keep_from and cost.rows_bound(packing.kept_floor(layer)) > best_time * (1 + CLOSE):

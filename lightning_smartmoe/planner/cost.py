@@ -154,16 +154,18 @@ class ExpertLayerCost:
         away the share of its own tokens (total / ep) routed to the other ranks' slots."""
         if self.ep == 1 or total <= 0:
             return 0.0
-        busiest = max(max(r * (self.ep - 1) / self.ep, total / self.ep * (1 - r / total)) for r in rows)
+        # receiving grows with a rank's rows, sending shrinks: the busiest is the most or the least loaded rank
+        busiest = max(max(rows) * (self.ep - 1) / self.ep, total / self.ep * (1 - min(rows) / total))
         return self.calls * self.a2a.time(busiest * self.row_bytes / self.calls)
 
-    def _exposed(self, copies: float, compute: float, inter_copies: float = 0.0) -> float:
-        """Exposed replica-exchange seconds for a rank sending `copies` experts' gradients inside its node and
-        `inter_copies` across nodes (see the class doc); non-decreasing in every argument."""
-        if not copies and not inter_copies:
-            return 0.0
+    def _phase(self, copies: float, inter_copies: float) -> float:
+        """Seconds of one phase of the replica exchange of a rank sending `copies` experts' gradients inside its node
+        and `inter_copies` across nodes (see the class doc), half of them in each phase."""
         inter = self.exchange_inter or self.exchange
-        phase = self.exchange.time(copies / 2 * self.grad_bytes) + inter.time(inter_copies / 2 * self.grad_bytes)
+        return self.exchange.time(copies / 2 * self.grad_bytes) + inter.time(inter_copies / 2 * self.grad_bytes)
+
+    def _exposed(self, phase: float, compute: float) -> float:
+        """Exposed seconds of the two phases of `phase` seconds each (see the class doc); non-decreasing in phase."""
         hide = 2 / 3 * compute / self.micro
         return sum(max(0.0, phase - hide) if i < self.hidden_phases else phase for i in range(2))
 
@@ -205,10 +207,7 @@ class ExpertLayerCost:
         loads = loads or self.rank_loads(rank_experts, load)
         rows = [r * scale for r in loads.rows]
         compute = max(r * self.row_s + n * self.group_s for r, n in zip(rows, loads.slots))
-        if any(loads.inter):
-            exposed = max(self._exposed(a, compute, b) for a, b in zip(loads.intra, loads.inter))
-        else:  # _exposed is non-decreasing: the rank with the most copies
-            exposed = self._exposed(max(loads.intra), compute)
+        exposed = self._exposed(max(map(self._phase, loads.intra, loads.inter)), compute)
         return compute, self._a2a(rows, loads.total * scale), exposed
 
     def layout_time(self, rank_experts: Sequence[Sequence[int]], load: Sequence[float]) -> float:
