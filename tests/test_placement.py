@@ -207,7 +207,6 @@ def test_replicas_on_one_node_exchange_inside_it():
     across = Placement(4, 4, (0, 2, 1, 3, 0, -1, 1, -1))  # expert 0 on ranks 0, 2; expert 1 on ranks 1, 3
     assert placement_time(cost, inside, load) == pytest.approx(2.0 + 1.0)
     assert placement_time(cost, across, load) == pytest.approx(2.0 + 10.0)
-    assert cost.exchange_time(2, inter=False) == pytest.approx(1.0) and cost.exchange_time(1, inter=True) == 0.0
     got = plan_balanced(torch.tensor(load), Placement.contiguous(4, 4, 1), cost)  # the planner keeps them together
     assert all(len({r // 2 for r in got.ranks_of(e)}) == 1 for e in (0, 1)) and got.num_replicas[0] == 2
 
@@ -233,17 +232,18 @@ def test_expert_layer_cost_from_hardware_by_hand():
     assert recomputed.row_s == pytest.approx(cost.row_s * 4 / 3) and recomputed.calls == 6
 
 
-def test_time_bound_is_a_lower_bound():
+def test_rows_bound_is_a_lower_bound():
     rng = random.Random(0)
     for _ in range(50):
         E, ep = 16, 4
         load = [float(rng.randint(0, 1000)) for _ in range(E)]
         base = replace(TOY, ep=ep, exchange=Link(0.0, 2000.0))
         p = plan_balanced(torch.tensor(load), Placement.contiguous(E, ep, 2), base)
-        replicas = p.num_replicas.tolist()
         for cost in (base, replace(base, hidden_phases=1, group_s=3.0),
                      replace(base, hidden_phases=2, exchange=Link(0.0, 30.0), a2a=Link(0.1, 5.0), row_bytes=1.0)):
-            assert cost.time_bound(replicas, load, ep) <= placement_time(cost, p, load) + 1e-9
+            busiest = max_load(p, load)
+            assert cost.rows_bound(busiest) <= placement_time(cost, p, load) + 1e-9
+            assert cost.rows_bound(busiest * 1.01) > cost.rows_bound(busiest)
 
 
 @pytest.mark.parametrize("key", ["row_s", "group_s", "row_bytes", "grad_bytes", "state_bytes"])

@@ -1,5 +1,6 @@
-"""Expert placement: the slot table of one MoE layer, the planners that choose it, when to switch (online.py),
-migration and the replica gradient exchange. Prices come from the planner's cost model (planner/cost.py), passed in."""
+"""Expert placement: the slot table of one MoE layer, the planners that choose it (packing.py: how they lay experts
+out on ranks and nodes), when to switch (online.py), migration and the replica gradient exchange. Prices come from
+the planner's cost model (planner/cost.py), passed in."""
 
 from lightning_smartmoe.placement.map import EMPTY, Move, Placement, moves
 from lightning_smartmoe.placement.online import SwitchRule, migration_time, placement_time

@@ -177,25 +177,20 @@ class ExpertLayerCost:
         away the share of its own tokens (total / ep) routed to the other ranks' slots."""
         if self.ep == 1 or total <= 0:
             return 0.0
-        busiest = max(max(r * (self.ep - 1) / self.ep, total / self.ep * (1 - r / total)) for r in rows)
+        # receiving grows with a rank's rows, sending shrinks: the busiest is the most or the least loaded rank
+        busiest = max(max(rows) * (self.ep - 1) / self.ep, total / self.ep * (1 - min(rows) / total))
         return self.calls * self.a2a.time(busiest * self.row_bytes / self.calls)
 
-    def _exposed(self, copies: float, compute: float, inter_copies: float = 0.0) -> float:
-        """Exposed replica-exchange seconds for a rank sending `copies` experts' gradients inside its node and
-        `inter_copies` across nodes (see the class doc); non-decreasing in every argument."""
-        if not copies and not inter_copies:
-            return 0.0
+    def _phase(self, copies: float, inter_copies: float) -> float:
+        """Seconds of one phase of the replica exchange of a rank sending `copies` experts' gradients inside its node
+        and `inter_copies` across nodes (see the class doc), half of them in each phase."""
         inter = self.exchange_inter or self.exchange
-        phase = self.exchange.time(copies / 2 * self.grad_bytes) + inter.time(inter_copies / 2 * self.grad_bytes)
+        return self.exchange.time(copies / 2 * self.grad_bytes) + inter.time(inter_copies / 2 * self.grad_bytes)
+
+    def _exposed(self, phase: float, compute: float) -> float:
+        """Exposed seconds of the two phases of `phase` seconds each (see the class doc); non-decreasing in phase."""
         hide = 2 / 3 * compute / self.micro
         return sum(max(0.0, phase - hide) if i < self.hidden_phases else phase for i in range(2))
-
-    def exchange_time(self, replicas: int, inter: bool) -> float:
-        """Seconds one replica of an expert with `replicas` replicas spends exchanging its gradient, none of it hidden."""
-        if replicas < 2:
-            return 0.0
-        link = (self.exchange_inter or self.exchange) if inter else self.exchange
-        return 2 * link.time((replicas - 1) / replicas * self.grad_bytes)
 
     def rank_loads(self, rank_experts: Sequence[Sequence[int]], load: Sequence[float]) -> RankLoads:
         """What `terms` needs of a placement and a load: rank r holds the experts rank_experts[r], replicas split
@@ -205,17 +200,27 @@ class ExpertLayerCost:
         if self.ranks_per_node < len(rank_experts):
             first = [-1] * len(load)  # the node of each expert's first replica
             for r, experts in enumerate(rank_experts):
+                node = r // self.ranks_per_node
                 for e in experts:
-                    node = r // self.ranks_per_node
-                    spans[e] = spans[e] or (first[e] >= 0 and first[e] != node)
-                    first[e] = node if first[e] < 0 else first[e]
-        intra, inter = [], []
+                    if first[e] < 0:
+                        first[e] = node
+                    elif first[e] != node:
+                        spans[e] = True
+        share = [x / r if r else 0.0 for x, r in zip(load, replicas)]
+        copies = [2 * (r - 1) / r if r > 1 else 0.0 for r in replicas]
+        rows, intra, inter = [], [], []
         for experts in rank_experts:
-            shares = [(2 * (replicas[e] - 1) / replicas[e], spans[e]) for e in experts if replicas[e] > 1]
-            intra.append(sum(x for x, across in shares if not across))
-            inter.append(sum(x for x, across in shares if across))
-        rows = tuple(sum(load[e] / replicas[e] for e in experts) for experts in rank_experts)
-        return RankLoads(rows, tuple(len(e) for e in rank_experts), tuple(intra), tuple(inter), float(sum(load)))
+            computed = inside = across = 0.0
+            for e in experts:
+                computed += share[e]
+                if spans[e]:
+                    across += copies[e]
+                else:
+                    inside += copies[e]
+            rows.append(computed)
+            intra.append(inside)
+            inter.append(across)
+        return RankLoads(tuple(rows), tuple(len(e) for e in rank_experts), tuple(intra), tuple(inter), float(sum(load)))
 
     def terms(self, rank_experts: Sequence[Sequence[int]], load: Sequence[float], scale: float = 1.0,
               loads: RankLoads | None = None) -> tuple[float, float, float]:
@@ -225,23 +230,21 @@ class ExpertLayerCost:
         loads = loads or self.rank_loads(rank_experts, load)
         rows = [r * scale for r in loads.rows]
         compute = max(r * self.row_s + n * self.group_s for r, n in zip(rows, loads.slots))
-        exposed = max(self._exposed(a, compute, b) for a, b in zip(loads.intra, loads.inter))
+        exposed = self._exposed(max(map(self._phase, loads.intra, loads.inter)), compute)
         return compute, self._a2a(rows, loads.total * scale), exposed
 
     def layout_time(self, rank_experts: Sequence[Sequence[int]], load: Sequence[float]) -> float:
         """Seconds per step when rank r holds the experts rank_experts[r] (the sum of `terms`)."""
         return sum(self.terms(rank_experts, load))
 
-    def time_bound(self, replicas: Sequence[int], load: Sequence[float], ep: int) -> float:
-        """A lower bound of layout_time over layouts with replicas[e] replicas of expert e on ep ranks: the busiest
-        rank carries at least the mean and the largest replica's rows, and receives their (ep - 1) / ep; the busiest
-        link at least the mean exchange, all of it inside nodes (the faster link)."""
-        total = sum(load)
-        busiest = max(total / ep, max(x / r for x, r in zip(load, replicas)))
-        compute = max(total / ep * self.row_s + sum(replicas) / ep * self.group_s, busiest * self.row_s + self.group_s)
-        a2a = self.calls * self.a2a.time(busiest * (ep - 1) / ep * self.row_bytes / self.calls) if ep > 1 and total else 0.0
-        copies = sum(2 * (r - 1) for r in replicas) / ep
-        return compute + a2a + self._exposed(copies, compute)
+    def rows_bound(self, busiest: float) -> float:
+        """A lower bound of layout_time over placements whose busiest rank computes `busiest` rows: that rank's
+        compute (one slot at least) and its receiving (ep - 1) / ep of them; no exchange."""
+        if busiest <= 0:
+            return 0.0
+        received = busiest * (self.ep - 1) / self.ep * self.row_bytes
+        a2a = self.calls * self.a2a.time(received / self.calls) if self.calls else 0.0
+        return busiest * self.row_s + self.group_s + a2a
 
     def ideal_time(self, load: Sequence[float]) -> float:
         """Perfect balance: every rank the mean rows and slots, balanced traffic, no replica exchange."""
