@@ -327,6 +327,7 @@ def predict(hw: Hardware, res: dict, kind: str) -> dict:
         "hot_share": round(sum(sum(case["load"][i][e] for e in HOT) for i in range(MODEL["n_layers"]))
                            / (rows * MODEL["n_layers"]), 3),
         "rank_experts": case["rank_experts"],
+        "load": case["load"],  # rows per step of each layer's experts: with the above, enough to price it again
     }
 
 

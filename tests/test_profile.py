@@ -144,6 +144,23 @@ def test_overheads_are_the_model_steps_time_less_what_the_rates_price():
     layer, ends = (lambda t: 3e-3 + 2e-6 * t), (lambda t: 5e-3 + 1e-6 * t)
     times = {f"model/{n}/{b}": -unpriced_seconds(hw, shapes, n, b, 0.0) + n * layer(16 * b) + ends(16 * b)
              for n, b in shapes.overhead_cases}
-    assert shapes.overhead_cases == [(1, 2), (1, 8), (2, 2), (2, 8)]
+    assert shapes.overhead_cases == [(1, 2), (1, 4), (1, 8), (2, 2), (2, 4), (2, 8)]
     got = fit_overheads(hw, shapes, times)
     assert got == pytest.approx({"layer_s": 3e-3, "layer_token_s": 2e-6, "ends_s": 5e-3, "ends_token_s": 1e-6})
+
+
+def test_nonnegative_least_squares_keeps_every_coefficient_at_or_above_zero():
+    """Exact data come back; where the unconstrained solution has a negative coefficient, the best fit with that
+    coefficient at 0 is returned (here y = 2 + 3 x - 0.01 x^2 on 0..4: the quadratic term goes, and the rest is
+    the least-squares line through the points)."""
+    from lightning_smartmoe.planner.profile import nonnegative_least_squares
+
+    xs = [0.0, 1.0, 2.0, 3.0, 4.0]
+    ones, squares = [1.0] * 5, [x * x for x in xs]
+    assert nonnegative_least_squares([ones, xs, squares], [2 + 3 * x + 0.5 * x * x for x in xs]) == pytest.approx(
+        [2.0, 3.0, 0.5])
+    got = nonnegative_least_squares([ones, xs, squares], [2 + 3 * x - 0.01 * x * x for x in xs])
+    slope = sum((x - 2) * (2 + 3 * x - 0.01 * x * x) for x in xs) / sum((x - 2) ** 2 for x in xs)
+    intercept = sum(2 + 3 * x - 0.01 * x * x for x in xs) / 5 - 2 * slope
+    assert got == pytest.approx([intercept, slope, 0.0])
+    assert nonnegative_least_squares([ones], [-1.0] * 5) == [0.0]  # nothing non-negative fits better than 0

@@ -122,7 +122,9 @@ class MoELayer(nn.Module):
         self.ep_group, self.ep_rank = ep_group, dist.get_rank(ep_group)
         self.placement = placement
         self.experts.select(self.local_experts(self.placement))
-        self.dispatcher = TokenDispatcher(self.placement.slots_per_rank, ep_group)
+        # a group of one rank dispatches locally: no all-to-all of counts and rows with itself
+        exchange = ep_group if dist.get_world_size(ep_group) > 1 else None
+        self.dispatcher = TokenDispatcher(self.placement.slots_per_rank, exchange)
         self.token_group = token_group
         if tp_group is not None and dist.get_world_size(tp_group) > 1:
             self.shard_tensor_parallel(tp_group, sequence_parallel, expert_tp)

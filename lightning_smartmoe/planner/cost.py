@@ -39,6 +39,7 @@ expert-parallel rank's.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 
@@ -139,6 +140,9 @@ class ExpertLayerCost:
         taken as 2/3 of this layer's compute in the last of the step's `micro` micro-batches.
     state_bytes: bytes one migrated expert sends (weights and optimizer state), in one all-to-all over `move`
         inside a node and `move_inter` across nodes.
+    sharing: Hardware.sharing: row_s and group_s are rates with every rank of the node computing; a rank that
+        computes while the others wait runs `sharing` times faster, so the layer's compute is the longer of the
+        busiest rank's at that speed and the ranks' mean.
     """
 
     ep: int
@@ -156,8 +160,11 @@ class ExpertLayerCost:
     state_bytes: float = 0.0
     move: Link = Link(0.0, math.inf)
     move_inter: Link | None = None  # None: the same as `move`
+    sharing: float = 1.0
 
     def __post_init__(self) -> None:
+        if isinstance(self.sharing, bool) or not isinstance(self.sharing, int | float) or not 1 <= self.sharing < math.inf:
+            raise ValueError(f"cost.sharing={self.sharing!r} must be a finite number >= 1")
         for key in ("row_s", "group_s", "row_bytes", "grad_bytes", "state_bytes"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0 or math.isinf(value):
@@ -229,9 +236,14 @@ class ExpertLayerCost:
         busiest rank's compute, the busiest rank's traffic, the rank whose exchange is exposed longest."""
         loads = loads or self.rank_loads(rank_experts, load)
         rows = [r * scale for r in loads.rows]
-        compute = max(r * self.row_s + n * self.group_s for r, n in zip(rows, loads.slots))
+        compute = self.compute_time([r * self.row_s + n * self.group_s for r, n in zip(rows, loads.slots)])
         exposed = self._exposed(max(map(self._phase, loads.intra, loads.inter)), compute)
         return compute, self._a2a(rows, loads.total * scale), exposed
+
+    def compute_time(self, rank_s: Sequence[float]) -> float:
+        """Seconds until every rank has computed its `rank_s` seconds (at the all-busy rate): the busiest rank's
+        alone (`sharing` times faster) or the ranks' mean, whichever is longer."""
+        return max(max(rank_s) / self.sharing, sum(rank_s) / len(rank_s))
 
     def layout_time(self, rank_experts: Sequence[Sequence[int]], load: Sequence[float]) -> float:
         """Seconds per step when rank r holds the experts rank_experts[r] (the sum of `terms`)."""
@@ -244,7 +256,7 @@ class ExpertLayerCost:
             return 0.0
         received = busiest * (self.ep - 1) / self.ep * self.row_bytes
         a2a = self.calls * self.a2a.time(received / self.calls) if self.calls else 0.0
-        return busiest * self.row_s + self.group_s + a2a
+        return (busiest * self.row_s + self.group_s) / self.sharing + a2a
 
     def ideal_time(self, load: Sequence[float]) -> float:
         """Perfect balance: every rank the mean rows and slots, balanced traffic, no replica exchange."""
@@ -288,7 +300,7 @@ def expert_layer_cost(hardware: Hardware, sizes: ParallelSizes, d_model: int, hi
         exchange_inter=hardware.link("p2p", 2, True), ranks_per_node=per_node,
         grad_bytes=expert_params * master, hidden_phases=min(hidden_phases, 2), micro=micro,
         state_bytes=expert_params * 3 * master,  # weight and AdamW's two moments
-        move=hardware.link("all_to_all", min(sizes.ep, per_node), False), move_inter=link,
+        move=hardware.link("all_to_all", min(sizes.ep, per_node), False), move_inter=link, sharing=hardware.sharing,
     )
 
 
@@ -519,9 +531,14 @@ class CostModel:
                 exchange[stage] += exposed
         stages = [self._stage(layout, s, experts) for s in range(sizes.pp)]
         slowest = max(range(sizes.pp), key=lambda s: stages[s].step_s)
-        pipe = stages[slowest].scaled(m)
         bubble = (sum(t.step_s for t in stages) - stages[slowest].step_s) / layout.virtual_stages
-        out = (pipe + Breakdown(bubble=bubble)).scaled(layout.accumulate) + Breakdown(replicas=max(exchange))
+        span = stages[slowest].scaled(m) + Breakdown(bubble=bubble)
+        # sharing the node's cores, the stages run faster while others wait, but no faster than their mean work
+        mean = Breakdown(**{k: statistics.fmean(getattr(t, k) for t in stages) for k in TERMS}).scaled(m)
+        pipe = span.scaled(1 / self.hardware.sharing)
+        if mean.step_s > pipe.step_s:
+            pipe = mean
+        out = pipe.scaled(layout.accumulate) + Breakdown(replicas=max(exchange))
         return out, stages[slowest].step_s
 
     def replica_overlap(self, layout: Layout) -> bool:

@@ -45,6 +45,9 @@ class Hardware:
     layer_s, layer_token_s: the seconds of a layer's forward + backward per micro-batch that the rates above do not
         price (norms, activations, softmax, routing, permutes, the framework's per-op dispatch), fixed and per token;
     ends_s, ends_token_s: the same of the embedding, the final norm and the loss, once per micro-batch.
+    sharing: how many times longer a rank's compute takes when every rank of its node computes at once than when
+        it computes alone: 1 where each rank has a device of its own; on a CPU with more processes than cores
+        about processes / cores. The rates above are the all-busy ones.
     """
 
     name: str
@@ -61,6 +64,7 @@ class Hardware:
     layer_token_s: float = 0.0
     ends_s: float = 0.0
     ends_token_s: float = 0.0
+    sharing: float = 1.0
 
     def layer_overhead(self, tokens: float) -> float:
         return self.layer_s + self.layer_token_s * tokens
@@ -96,6 +100,7 @@ class Hardware:
 
 _NUMBERS = ("memory_gb", "gemm_flops", "expert_flops", "expert_group_s", "attention_flops", "optimizer_s_per_param")
 _OVERHEADS = ("layer_s", "layer_token_s", "ends_s", "ends_token_s")  # optional (older files: 0)
+_OPTIONAL = (*_OVERHEADS, "sharing")  # older files: their defaults
 
 
 def from_dict(data: object, where: str) -> Hardware:
@@ -103,7 +108,7 @@ def from_dict(data: object, where: str) -> Hardware:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: a hardware calibration must be a mapping of fields, got {type(data).__name__}")
     fields = {f for f in Hardware.__dataclass_fields__}
-    missing = sorted(fields - set(data) - set(_OVERHEADS))
+    missing = sorted(fields - set(data) - set(_OPTIONAL))
     if missing:
         raise ConfigError(f"{where}: field {missing[0]!r} is missing; a calibration has {', '.join(sorted(fields))}")
     unknown = sorted(set(data) - fields)
@@ -119,6 +124,9 @@ def from_dict(data: object, where: str) -> Hardware:
         zero_ok = key in ("expert_group_s", *_OVERHEADS)
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
             raise ConfigError(f"{where}: {key}={value!r} must be a finite number {'>= 0' if zero_ok else '> 0'}")
+    sharing = data.get("sharing", 1.0)
+    if isinstance(sharing, bool) or not isinstance(sharing, int | float) or not 1 <= sharing < math.inf:
+        raise ConfigError(f"{where}: sharing={sharing!r} must be a finite number >= 1")
     collectives = data["collectives"]
     if not isinstance(collectives, dict) or sorted(collectives) != sorted(OPS):
         raise ConfigError(f"{where}: collectives must map exactly {', '.join(OPS)} to their fits")

@@ -234,23 +234,51 @@ def group_sizes(world: int, per_node: int) -> list[tuple[int, str]]:
 # ---- fits ----------------------------------------------------------------------------------------------------------
 
 
+def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float] | None:
+    """x with matrix x = rhs by Gaussian elimination with partial pivoting; None if the matrix is singular."""
+    n = len(rhs)
+    a = [row[:] + [b] for row, b in zip(matrix, rhs)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
+        if abs(a[pivot][col]) < 1e-12 * max(1.0, max(abs(x) for row in a for x in row[:n])):
+            return None
+        a[col], a[pivot] = a[pivot], a[col]
+        for r in range(col + 1, n):
+            f = a[r][col] / a[col][col]
+            a[r] = [x - f * y for x, y in zip(a[r], a[col])]
+    x = [0.0] * n
+    for r in reversed(range(n)):
+        x[r] = (a[r][n] - sum(a[r][c] * x[c] for c in range(r + 1, n))) / a[r][r]
+    return x
+
+
+def nonnegative_least_squares(columns: Sequence[Sequence[float]], targets: Sequence[float]) -> list[float]:
+    """Coefficients x >= 0 minimising sum_i (sum_j x_j columns[j][i] - targets[i])^2: the best of the
+    least-squares solutions on every subset of the columns (the others 0) that come out non-negative. Plain float
+    arithmetic, so every rank gets the same bits from the same data."""
+    k = len(columns)
+    best, best_residual = [0.0] * k, sum(t * t for t in targets)
+    for mask in range(1, 2**k):
+        used = [j for j in range(k) if mask >> j & 1]
+        gram = [[sum(u * v for u, v in zip(columns[a], columns[b])) for b in used] for a in used]
+        x = _solve(gram, [sum(u * t for u, t in zip(columns[a], targets)) for a in used])
+        if x is None or min(x) < 0:
+            continue
+        full = [0.0] * k
+        for j, value in zip(used, x):
+            full[j] = value
+        residual = sum((sum(full[j] * columns[j][i] for j in used) - t) ** 2 for i, t in enumerate(targets))
+        if residual < best_residual:
+            best, best_residual = full, residual
+    return best
+
+
 def nonnegative_fit(first: Sequence[float], second: Sequence[float], times: Sequence[float]) -> tuple[float, float]:
     """Coefficients (x, y) >= 0 of t ~ x * first + y * second by least squares on relative errors ((fit - t) / t:
-    small and large cases count alike): the best non-negative one of the two-term solution and the one-term ones
-    (the other coefficient 0). Plain float arithmetic, so every rank gets the same bits from the same data."""
-    a = [u / t for u, t in zip(first, times)]
-    b = [v / t for v, t in zip(second, times)]
-    aa, bb, ab = sum(u * u for u in a), sum(v * v for v in b), sum(u * v for u, v in zip(a, b))
-    sa, sb = sum(a), sum(b)
-    candidates = [(0.0, 0.0), (sa / aa, 0.0) if aa else (0.0, 0.0), (0.0, sb / bb) if bb else (0.0, 0.0)]
-    det = aa * bb - ab * ab
-    if det > 0:
-        candidates.append(((sa * bb - sb * ab) / det, (sb * aa - sa * ab) / det))
-
-    def residual(x: float, y: float) -> float:
-        return sum((x * u + y * v - 1) ** 2 for u, v in zip(a, b))
-
-    return min((c for c in candidates if c[0] >= 0 and c[1] >= 0), key=lambda c: residual(*c))
+    small and large cases count alike)."""
+    x, y = nonnegative_least_squares([[u / t for u, t in zip(first, times)], [v / t for v, t in zip(second, times)]],
+                                     [1.0] * len(times))
+    return x, y
 
 
 def fit_link(payloads: Sequence[float], times: Sequence[float]) -> Link:
@@ -381,10 +409,9 @@ class ModelShapes:
 
     @property
     def overhead_cases(self) -> list[tuple[int, int]]:
-        """(layers, sequences) of the model steps that measure `Hardware.layer_s` and the rest: 1 and 2 layers (the
-        difference is a layer; the 1-layer model less a layer is the ends), at this micro-batch and 4x it (the
-        growth is per token)."""
-        return [(layers, b) for layers in (1, 2) for b in (self.batch, 4 * self.batch)]
+        """(layers, sequences) of the model steps that measure `Hardware.layer_s` and the rest (`fit_overheads`): 1
+        and 2 layers, at this micro-batch, 2x and 4x it."""
+        return [(layers, b) for layers in (1, 2) for b in (self.batch, 2 * self.batch, 4 * self.batch)]
 
 
 def _compute_times(shapes: ModelShapes, repeats: int, device: torch.device) -> dict[str, float]:
@@ -452,6 +479,22 @@ def _collective_fits(shapes: ModelShapes, settings: ProfileSettings, device: tor
     return fits
 
 
+def measure_sharing(step: Callable[[], object], device: torch.device, per_node: int, repeats: int) -> float:
+    """Hardware.sharing (collective over the world): the median time of `step` when every rank runs it at once
+    over its time on each node's first rank while the node's other ranks wait (the same number of back-to-back
+    calls per sample everywhere, a barrier before each sample); at least 1."""
+    first = agree(median_seconds({"": step}, device, 1, {"": 1}, dist.barrier), device)[""]
+    counts = {"": calls_per_sample(first)}
+    alone = None
+    dist.barrier()
+    if dist.get_rank() % per_node == 0:
+        alone = median_seconds({"": step}, device, repeats, counts, warmup=0)[""]
+    dist.barrier()
+    together = median_seconds({"": step}, device, repeats, counts, dist.barrier, warmup=0)[""]
+    figures = agree({"alone": alone, "together": together}, device)
+    return max(1.0, figures["together"] / figures["alone"])
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -490,13 +533,15 @@ def profile(shapes: ModelShapes, settings: ProfileSettings, device: torch.device
     except ValueError as err:
         raise ConfigError(f"repeats={settings.repeats}: {err}; measure with more repeats") from None
     collectives = _collective_fits(shapes, settings, device, per_node)
+    sharing = measure_sharing(model_step(shapes.model, 1, shapes.batch, device, shapes.param_dtype), device, per_node,
+                              settings.repeats)
     hw = [Hardware(
         name=device_name(device), source=source, gpus_per_node=per_node, memory_gb=t["memory_gb"],
         gemm_flops=sum(f for f, _ in weights) / sum(s for _, s in weights),
         expert_flops=expert_flops, expert_group_s=expert_group_s,
         attention_flops=shapes.attention_flops / t["attention"],
         optimizer_s_per_param=t["optimizer"] / sum(shapes.optimizer_sizes),
-        collectives=collectives,
+        collectives=collectives, sharing=sharing,
     )]
     hw[0] = replace(hw[0], **fit_overheads(hw[0], shapes, t))
     dist.broadcast_object_list(hw, src=0, device=device)  # nodes may differ in host and device names
@@ -517,18 +562,17 @@ def unpriced_seconds(hw: Hardware, shapes: ModelShapes, layers: int, batch: int,
 
 def fit_overheads(hw: Hardware, shapes: ModelShapes, times: Mapping[str, float]) -> dict[str, float]:
     """Hardware's layer_s, layer_token_s, ends_s, ends_token_s from the model steps of `shapes.overhead_cases`
-    (`times`: profile's, hw: fitted without them): a layer is the 2-layer model's unpriced time less the 1-layer
-    one's, the ends the 1-layer one's less a layer; each t = fixed + per token x tokens, fitted non-negative."""
-    out = {}
-    batches = sorted({b for _, b in shapes.overhead_cases})
-    tokens = [b * shapes.seq_len for b in batches]
-    unpriced = {(n, b): unpriced_seconds(hw, shapes, n, b, times[f"model/{n}/{b}"]) for n, b in shapes.overhead_cases}
-    layer = [max(0.0, unpriced[2, b] - unpriced[1, b]) for b in batches]
-    ends = [max(0.0, unpriced[1, b] - x) for b, x in zip(batches, layer)]
-    for name, values in (("layer", layer), ("ends", ends)):
-        fixed, per_token = nonnegative_fit([1.0] * len(tokens), tokens, [max(v, 1e-9) for v in values])
-        out[f"{name}_s"], out[f"{name}_token_s"] = fixed, per_token
-    return out
+    (`times`: profile's, hw: fitted without them): what the rates leave unpriced of a step of n layers on T tokens
+    is ends_s + ends_token_s T + n (layer_s + layer_token_s T), fitted to every case at once, non-negative, each
+    case's error relative to its measured step (the noise grows with it, not with the small remainder)."""
+    cases = shapes.overhead_cases
+    steps = [times[f"model/{n}/{b}"] for n, b in cases]
+    tokens = [b * shapes.seq_len for _, b in cases]
+    unpriced = [unpriced_seconds(hw, shapes, n, b, t) for (n, b), t in zip(cases, steps)]
+    columns = [[1.0] * len(cases), tokens, [n for n, _ in cases], [n * t for (n, _), t in zip(cases, tokens)]]
+    x = nonnegative_least_squares([[c / t for c, t in zip(col, steps)] for col in columns],
+                                  [u / t for u, t in zip(unpriced, steps)])
+    return dict(zip(("ends_s", "ends_token_s", "layer_s", "layer_token_s"), x))
 
 
 def group_slowdown(hw: Hardware, rows: int, flops_per_row: float) -> float:
