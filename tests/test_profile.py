@@ -5,14 +5,23 @@ import math
 import os
 import re
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 import cli
+from distributed import run_distributed
 from lightning_smartmoe import config, profile
+from lightning_smartmoe.layout import ParallelSizes
+from lightning_smartmoe.models import GPTMoEConfig, OptimConfig
+from lightning_smartmoe.moe import MoEConfig
 from lightning_smartmoe.planner import hardware
+from lightning_smartmoe.planner.memory import Layout
+from lightning_smartmoe.planner.profile import (ModelShapes, ProfileSettings, collective_fits, collective_groups,
+                                               fit_overheads, unpriced_seconds)
 
 config.register_recipes()
 
@@ -126,20 +135,17 @@ def test_write_leaves_the_old_file_whole_when_writing_fails(tmp_path, monkeypatc
     assert hardware.load(out) == hardware.BUILTIN["a100"]
 
 
+def tiny_shapes():
+    """ModelShapes of a tiny model on one rank (built outside a process group: the memory model makes its own)."""
+    cfg = GPTMoEConfig(vocab_size=64, seq_len=16, n_layers=2, d_model=32, n_heads=4,
+                       moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=64))
+    return ModelShapes.of(cfg, Layout(ParallelSizes(), global_batch=2), OptimConfig())
+
+
 def test_overheads_are_the_model_steps_time_less_what_the_rates_price():
     """fit_overheads on made-up model-step times: the priced part (unpriced_seconds of 0 s, negated) plus a known
     layer (3 ms + 2 us per token) and ends (5 ms + 1 us per token) comes back."""
-    from dataclasses import replace
-
-    from lightning_smartmoe.layout import ParallelSizes
-    from lightning_smartmoe.models import GPTMoEConfig, OptimConfig
-    from lightning_smartmoe.moe import MoEConfig
-    from lightning_smartmoe.planner.memory import Layout
-    from lightning_smartmoe.planner.profile import ModelShapes, fit_overheads, unpriced_seconds
-
-    cfg = GPTMoEConfig(vocab_size=64, seq_len=16, n_layers=2, d_model=32, n_heads=4,
-                       moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=64))
-    shapes = ModelShapes.of(cfg, Layout(ParallelSizes(), global_batch=2), OptimConfig())
+    shapes = tiny_shapes()
     hw = replace(hardware.BUILTIN["a100"], gemm_flops=1e9, expert_flops=2e9, expert_group_s=1e-4, attention_flops=5e8)
     layer, ends = (lambda t: 3e-3 + 2e-6 * t), (lambda t: 5e-3 + 1e-6 * t)
     times = {f"model/{n}/{b}": -unpriced_seconds(hw, shapes, n, b, 0.0) + n * layer(16 * b) + ends(16 * b)
@@ -147,3 +153,68 @@ def test_overheads_are_the_model_steps_time_less_what_the_rates_price():
     assert shapes.overhead_cases == [(1, 2), (1, 8), (2, 2), (2, 8)]
     got = fit_overheads(hw, shapes, times)
     assert got == pytest.approx({"layer_s": 3e-3, "layer_token_s": 2e-6, "ends_s": 5e-3, "ends_token_s": 1e-6})
+
+
+# ---- collectives: the groups measured, a simulated second node ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "world,per_node,fits",
+    [
+        (16, 8, {(2, "intra"): [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11], [12, 13], [14, 15]],
+                 (4, "intra"): [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]],
+                 (8, "intra"): [list(range(8)), list(range(8, 16))],
+                 (2, "inter"): [[j, j + 8] for j in range(8)],
+                 (16, "inter"): [list(range(16))]}),
+        (32, 8, {(2, "intra"): [[r, r + 1] for r in range(0, 32, 2)],
+                 (4, "intra"): [list(range(r, r + 4)) for r in range(0, 32, 4)],
+                 (8, "intra"): [list(range(r, r + 8)) for r in range(0, 32, 8)],
+                 (2, "inter"): [[j, j + 8] for j in range(8)] + [[j, j + 8] for j in range(16, 24)],
+                 (4, "inter"): [[j, j + 8, j + 16, j + 24] for j in range(8)],
+                 (16, "inter"): [list(range(16)), list(range(16, 32))],
+                 (32, "inter"): [list(range(32))]}),
+        (4, 2, {(2, "intra"): [[0, 1], [2, 3]], (2, "inter"): [[0, 2], [1, 3]], (4, "inter"): [[0, 1, 2, 3]]}),
+        (8, 8, {(2, "intra"): [[0, 1], [2, 3], [4, 5], [6, 7]], (4, "intra"): [[0, 1, 2, 3], [4, 5, 6, 7]],
+                (8, "intra"): [list(range(8))]}),
+        (12, 6, {(2, "intra"): [[r, r + 1] for r in range(0, 12, 2)], (6, "intra"): [list(range(6)), list(range(6, 12))],
+                 (2, "inter"): [[j, j + 6] for j in range(6)], (12, "inter"): [list(range(12))]}),
+        (2, 1, {(2, "inter"): [[0, 1]]}),
+        (1, 1, {}),
+    ],
+)
+def test_collective_groups_are_nodes_whole_nodes_and_one_rank_per_node(world, per_node, fits):
+    groups = collective_groups(world, per_node)
+    assert {(n, scope): ranks for n, scope, ranks in groups} == fits
+    assert [scope for _, scope, _ in groups] == sorted((scope for _, scope, _ in groups), key="intra inter".split().index)
+    for n, scope, ranks in groups:  # every rank in one group of n, all measured at once
+        assert sorted(r for g in ranks for r in g) == list(range(world)) and {len(g) for g in ranks} == {n}
+        nodes = [{r // per_node for r in g} for g in ranks]
+        assert all(len(x) == 1 for x in nodes) if scope == "intra" else all(len(x) > 1 for x in nodes)
+
+
+def test_link_takes_the_one_rank_per_node_fits_for_small_inter_groups():
+    """On 2 nodes of 8 the profile fits inter n=2 (one rank per node) and n=16 (both nodes): a pipeline boundary
+    or a tied head between two nodes (n=2) gets the n=2 fit, not the whole world's; larger groups get n=16."""
+    fits = {(n, scope): hardware.Link(1e-6 * n, 1e9 * (1 + (scope == "inter"))) for n, scope, _ in collective_groups(16, 8)}
+    collectives = {op: {scope: {n: link for (n, s), link in fits.items() if s == scope} for scope in hardware.SCOPES}
+                   for op in hardware.OPS}
+    hw = replace(hardware.BUILTIN["h100"], collectives=collectives)
+    assert hw.link("p2p", 2, inter=True) == fits[2, "inter"] and hw.link("all_reduce", 2, inter=True) == fits[2, "inter"]
+    assert hw.link("all_reduce", 4, inter=True) == fits[16, "inter"]  # the nearest measured size at or above
+    assert hw.link("all_to_all", 16, inter=True) == fits[16, "inter"]
+    assert hw.link("all_to_all", 32, inter=True) == fits[16, "inter"]  # the largest measured
+    assert hw.link("p2p", 2) == fits[2, "intra"] and hw.link("all_gather", 8) == fits[8, "intra"]
+
+
+@pytest.mark.timeout(130)  # 17-27 s at load 4-6; once over 50 s in a longer session
+def test_four_processes_as_two_nodes_fit_intra_and_inter_groups(tmp_path):
+    """4 gloo processes taken as 2 nodes of 2 (the CLI needs a launch per node): intra n=2 (ranks 0-1, 2-3), inter
+    n=2 (ranks 0-2, 1-3: one per node) and n=4; every rank holds the same fits, which load."""
+    settings = ProfileSettings(repeats=1, payload_bytes=(4096, 2**20))
+    fits = run_distributed(4, collective_fits, tiny_shapes(), settings, torch.device("cpu"), 2, timeout=100)
+    assert all(f == fits[0] for f in fits[1:])
+    for op in hardware.OPS:
+        assert {scope: list(sizes) for scope, sizes in fits[0][op].items()} == {"intra": [2], "inter": [2, 4]}, op
+    replace(hardware.BUILTIN["h100"], gpus_per_node=2, collectives=fits[0]).to_yaml(tmp_path / "hw.yaml")
+    hw = hardware.load(tmp_path / "hw.yaml")
+    assert hw.link("p2p", 2, inter=True) == fits[0]["p2p"]["inter"][2] != hw.link("p2p", 2)

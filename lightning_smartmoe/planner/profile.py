@@ -3,8 +3,9 @@
 Two users. `placement.calibrate` (callbacks.py) takes quick start-up figures, each well under a second at the sizes
 training uses: `expert_flops_per_s` (the expert FFN forward + backward at a layer's shape) and `link_bandwidth` (an
 all-to-all inside a process group). smartmoe-profile calls `profile`, which measures every field of a
-`planner.hardware.Hardware` at the shapes one rank of a layout computes (`ModelShapes`) and fits the collectives,
-the expert FFN's per-group cost and the work of a layer and of the model's ends that no rate prices (the model's
+`planner.hardware.Hardware` at the shapes one rank of a layout computes (`ModelShapes`) and fits the collectives
+(on the groups of `collective_groups`), the expert FFN's per-group cost and the work of a layer and of the model's
+ends that no rate prices (the model's
 own forward + backward on one process, less what the rates price: `fit_overheads`). Every timing is the median of timed samples (calls back to back for
 SAMPLE_S at least) after warm-up calls; `agree` makes every rank hold the same figures (the mean over the ranks,
 rank 0's copy everywhere), so that every rank plans alike.
@@ -223,12 +224,26 @@ def link_bandwidth(group: dist.ProcessGroup, nbytes: int, device: torch.device, 
     return (size - 1) * per_peer * 4 / seconds
 
 
-def group_sizes(world: int, per_node: int) -> list[tuple[int, str]]:
-    """(n, scope) of every collective fit on `world` ranks, `per_node` to a node: n = 2, 4, 8 ... dividing the
-    world, and the world; groups of n consecutive ranks, `intra` when they share a node, `inter` when they span
-    whole nodes (a size whose groups would straddle node boundaries is left out)."""
-    sizes = sorted({2**i for i in range(1, world.bit_length()) if world % 2**i == 0} | {world})
-    return [(n, "intra" if per_node % n == 0 else "inter") for n in sizes if per_node % n == 0 or n % per_node == 0]
+def _sizes(count: int) -> list[int]:
+    """2, 4, 8 ... dividing `count`, and `count` itself, from 2 up."""
+    return sorted(n for n in {2**i for i in range(1, count.bit_length()) if count % 2**i == 0} | {count} if n >= 2)
+
+
+def collective_groups(world: int, per_node: int) -> list[tuple[int, str, list[list[int]]]]:
+    """(n, scope, groups) of every collective fit on `world` ranks, `per_node` to a node: the groups of n ranks that
+    partition the world and are measured at once (every rank in one, as in training):
+    - intra, n = 2, 4, 8 ... dividing per_node, and per_node: n consecutive ranks, inside a node;
+    - inter, n = per_node times 2, 4 ... dividing the nodes, and the world: n consecutive ranks, whole nodes;
+    - inter, n = 2, 4 ... dividing the nodes, and the nodes, where whole nodes give no fit of that n: one rank per
+      node, the same local rank on n consecutive nodes (ranks j + k * per_node: every rank on its own NIC)."""
+    nodes = world // per_node
+    out = [(n, "intra", [list(range(s, s + n)) for s in range(0, world, n)]) for n in _sizes(per_node)]
+    whole = [per_node * k for k in _sizes(nodes)]
+    out += [(n, "inter", [list(range(s, s + n)) for s in range(0, world, n)]) for n in whole]
+    out += [(n, "inter", [list(range(b + j, b + n * per_node, per_node))
+                          for b in range(0, world, n * per_node) for j in range(per_node)])
+            for n in _sizes(nodes) if n not in whole]
+    return sorted(out, key=lambda fit: (fit[1] == "inter", fit[0]))
 
 
 # ---- fits ----------------------------------------------------------------------------------------------------------
@@ -440,15 +455,16 @@ def _fit_collective(op: str, group: dist.ProcessGroup, shapes: ModelShapes, sett
                       "bytes; give larger payloads or more repeats")
 
 
-def _collective_fits(shapes: ModelShapes, settings: ProfileSettings, device: torch.device,
-                     per_node: int) -> dict[str, dict[str, dict[int, Link]]]:
-    """Every op's fit on every group size (`group_sizes`), each rank in its group of consecutive ranks."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    fits: dict[str, dict[str, dict[int, Link]]] = {op: {} for op in OPS}
-    for n, scope in group_sizes(world, per_node):
-        groups = [dist.new_group(list(range(start, start + n))) for start in range(0, world, n)]
+def collective_fits(shapes: ModelShapes, settings: ProfileSettings, device: torch.device,
+                    per_node: int) -> dict[str, dict[str, dict[int, Link]]]:
+    """Every op's fit on every group size and scope of `collective_groups` (collective over the world), each rank in
+    its own group."""
+    fits: dict[str, dict[str, dict[int, Link]]] = {}
+    for n, scope, rank_lists in collective_groups(dist.get_world_size(), per_node):
+        groups = [dist.new_group(ranks) for ranks in rank_lists]  # every rank creates every group, in turn
+        group = next(g for g, ranks in zip(groups, rank_lists) if dist.get_rank() in ranks)
         for op in OPS:
-            fits[op].setdefault(scope, {})[n] = _fit_collective(op, groups[rank // n], shapes, settings, device)
+            fits.setdefault(op, {}).setdefault(scope, {})[n] = _fit_collective(op, group, shapes, settings, device)
     return fits
 
 
@@ -489,7 +505,7 @@ def profile(shapes: ModelShapes, settings: ProfileSettings, device: torch.device
             shapes.expert_flops_per_row)
     except ValueError as err:
         raise ConfigError(f"repeats={settings.repeats}: {err}; measure with more repeats") from None
-    collectives = _collective_fits(shapes, settings, device, per_node)
+    collectives = collective_fits(shapes, settings, device, per_node)
     hw = [Hardware(
         name=device_name(device), source=source, gpus_per_node=per_node, memory_gb=t["memory_gb"],
         gemm_flops=sum(f for f, _ in weights) / sum(s for _, s in weights),
