@@ -15,13 +15,15 @@ from hydra import compose, initialize_config_dir
 import cli
 from distributed import run_distributed
 from lightning_smartmoe import config, profile
+from lightning_smartmoe.errors import ConfigError
 from lightning_smartmoe.layout import ParallelSizes
 from lightning_smartmoe.models import GPTMoEConfig, OptimConfig
 from lightning_smartmoe.moe import MoEConfig
 from lightning_smartmoe.planner import hardware
 from lightning_smartmoe.planner.memory import Layout
-from lightning_smartmoe.planner.profile import (ModelShapes, ProfileSettings, collective_fits, collective_groups,
-                                               fit_overheads, unpriced_seconds)
+from lightning_smartmoe.planner.profile import (CollectivesFrom, ModelShapes, ProfileSettings, collective_fits,
+                                               collective_groups, fit_overheads, unpriced_seconds,
+                                               with_collectives_from)
 
 config.register_recipes()
 
@@ -50,6 +52,34 @@ def test_two_processes_write_a_calibration_that_loads(tmp_path):
     digests = re.findall(r"rank (\d) of 2 holds figures (\w+)", run.stdout)
     assert sorted(r for r, _ in digests) == ["0", "1"] and len({d for _, d in digests}) == 1, run.stdout
     assert "expert FFN" in run.stdout and f"wrote {out}" in run.stdout
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("collectives_from", [None, "h100"])
+def test_one_process_writes_a_calibration_that_loads(tmp_path, collectives_from):
+    """trainer.devices=1 measures every compute figure in the launching process (no process group, no other
+    process); the collectives are none, or collectives_from's, labelled as such."""
+    out = tmp_path / "one.yaml"
+    lend = [f"collectives_from={collectives_from}"] if collectives_from else []
+    run = cli.run("lightning_smartmoe.profile", *TINY, "trainer.devices=1", "repeats=2", *lend, f"out={out}",
+                  cwd=tmp_path, timeout=80, env={"OMP_NUM_THREADS": "1"})  # torch's 2 threads stall on a busy 2-core box
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.yaml"] and "rank 0 of 1 holds figures" in run.stdout
+    hw = hardware.load(out)
+    rates = (hw.memory_gb, hw.gemm_flops, hw.expert_flops, hw.attention_flops, hw.optimizer_s_per_param)
+    assert all(math.isfinite(x) and x > 0 for x in rates), hw
+    assert hw.source.startswith("measured on ") and "trainer.devices=1" in hw.source
+    if collectives_from is None:
+        assert hw.collectives == {} and hw.gpus_per_node == 1
+        assert hw.source.endswith("; collectives: none (one device, no collectives_from)"), hw.source
+        with pytest.raises(ConfigError, match=r"^hardware 'cpu .*' \(measured on .*\) has no fit of p2p on 2 ranks: it "
+                                              r"was profiled on one device; profile on >= 2 devices"):
+            hw.link("p2p", 2, inter=True)
+        assert hw.link("p2p", 1) == hardware.Link(0.0, math.inf)
+    else:
+        assert hw.collectives == hardware.BUILTIN["h100"].collectives and hw.gpus_per_node == 8
+        assert hw.source.endswith("; collectives: intra and inter from collectives_from=h100 (datasheet peaks of the "
+                                  "H100 (not measured); collectives by ring algebra)"), hw.source
 
 
 @pytest.mark.timeout(150)
@@ -83,18 +113,35 @@ def unwritable_dir(tmp_path):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["trainer.devices=1", "out=x.yaml"], r"trainer\.devices=1: smartmoe-profile fits collectives between the "
-                                              r"processes of a node; give trainer\.devices >= 2"),
-        (["+outt=x.yaml", "out=x.yaml"], r"outt is not a known key; allowed: .*\bout\b.*\brepeats\b"),
+        (["+outt=x.yaml", "out=x.yaml"], r"outt is not a known key; allowed: .*\bcollectives_from\b.*\bout\b"),
         (["+parallel.dpp=2", "out=x.yaml"], r"parallel\.dpp is not a known key"),
         (["out=x.yaml", "repeats=0"], r"repeats=0 must be an integer >= 1"),
         (["out=x.yaml", "payload_bytes=[1024,1024]"], r"payload_bytes=\[1024, 1024\] must be a list of at least 2 "),
         (["out=x.yaml", "trainer.precision=16-mixed"], r"trainer\.precision='16-mixed': smartmoe-profile measures at "),
         (["out={tmp}"], r"out='.*' is a directory; give the path of the YAML file to write"),
         (["out={tmp}/no/such/x.yaml"], r"out='.*/no/such/x\.yaml': there is no directory .*/no/such$"),
+        (["out=x.yaml", "collectives_from=h900"], r"collectives_from='h900': no such file; give a built-in name "
+                                                  r"\(h100, h200, a100\) or a smartmoe-profile file$"),
+        (["out=x.yaml", "collectives_from={tmp}/no.yaml"], r"collectives_from='.*/no\.yaml': no such file; "),
+        (["out=x.yaml", "collectives_from={tmp}/corrupt.yaml"],
+         r"collectives_from='.*/corrupt\.yaml': not a readable YAML calibration: .* at line 3, column 1$"),
+        (["out=x.yaml", "collectives_from={tmp}/fields.yaml"],
+         r"collectives_from='.*/fields\.yaml': field 'attention_flops' is missing; a calibration has "),
+        (["out=x.yaml", "collectives_from=3"], r"collectives_from=3 must be null, h100, h200, a100 or a "
+                                               r"smartmoe-profile calibration file$"),
+        (["out=x.yaml", "trainer.num_nodes=2", "collectives_from=h100"],
+         r"collectives_from='h100': trainer\.devices=2 x trainer\.num_nodes=2 measures every collective \(intra and "
+         r"inter\); leave collectives_from null$"),
+        (["out=x.yaml", "collectives_from={tmp}/one.yaml"], r"collectives_from='.*/one\.yaml' has no inter fits, "
+                                                            r"which this run does not measure; give h100, h200, a100 "),
+        (["out=x.yaml", "trainer.devices=1", "collectives_from={tmp}/one.yaml"],
+         r"collectives_from='.*/one\.yaml' has no intra or inter fits, which this run does not measure"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, overrides, message):
+    (tmp_path / "corrupt.yaml").write_text("name: x\ncollectives: [1, 2\n")
+    (tmp_path / "fields.yaml").write_text("name: x\n")
+    replace(hardware.BUILTIN["h100"], collectives={}).to_yaml(tmp_path / "one.yaml")  # one device: no collectives
     cfg = _profile_cfg(["trainer.devices=2", *(o.format(tmp=tmp_path) for o in overrides)])
     with pytest.raises(SystemExit) as stop:
         profile.run(cfg)
@@ -155,7 +202,7 @@ def test_overheads_are_the_model_steps_time_less_what_the_rates_price():
     assert got == pytest.approx({"layer_s": 3e-3, "layer_token_s": 2e-6, "ends_s": 5e-3, "ends_token_s": 1e-6})
 
 
-# ---- collectives: the groups measured, a simulated second node ------------------------------------------------------
+# ---- collectives: the groups measured, a simulated second node, the fits of the scopes not measured ----------------
 
 
 @pytest.mark.parametrize(
@@ -204,6 +251,8 @@ def test_link_takes_the_one_rank_per_node_fits_for_small_inter_groups():
     assert hw.link("all_to_all", 16, inter=True) == fits[16, "inter"]
     assert hw.link("all_to_all", 32, inter=True) == fits[16, "inter"]  # the largest measured
     assert hw.link("p2p", 2) == fits[2, "intra"] and hw.link("all_gather", 8) == fits[8, "intra"]
+    inter_only = replace(hw, collectives={op: {"inter": s["inter"]} for op, s in collectives.items()})
+    assert inter_only.link("p2p", 2) == fits[2, "inter"]  # a scope without fits takes the other's (1 GPU per node)
 
 
 @pytest.mark.timeout(130)  # 17-27 s at load 4-6; once over 50 s in a longer session
@@ -218,3 +267,23 @@ def test_four_processes_as_two_nodes_fit_intra_and_inter_groups(tmp_path):
     replace(hardware.BUILTIN["h100"], gpus_per_node=2, collectives=fits[0]).to_yaml(tmp_path / "hw.yaml")
     hw = hardware.load(tmp_path / "hw.yaml")
     assert hw.link("p2p", 2, inter=True) == fits[0]["p2p"]["inter"][2] != hw.link("p2p", 2)
+
+
+def test_collectives_from_lends_the_scopes_not_measured():
+    """Each scope the run did not measure comes whole from collectives_from, with its GPUs per node when it lends
+    the intra fits; the source says which is which."""
+    h100, a100 = hardware.BUILTIN["h100"], hardware.BUILTIN["a100"]
+    intra = {op: {"intra": {2: hardware.Link(1e-3, 1e9)}} for op in hardware.OPS}
+    node = replace(a100, name="cpu", source="measured on box", gpus_per_node=2, collectives=intra)
+    lent = with_collectives_from(node, CollectivesFrom("h100", h100))
+    assert lent.collectives == {op: {"intra": intra[op]["intra"], "inter": h100.collectives[op]["inter"]}
+                                for op in hardware.OPS}
+    assert lent.gpus_per_node == 2 and lent.source == (f"measured on box; collectives: intra measured, inter from "
+                                                       f"collectives_from=h100 ({h100.source})")
+    one = replace(node, gpus_per_node=1, collectives={})
+    lent = with_collectives_from(one, CollectivesFrom("/x/cpu4.yaml", node))
+    assert lent.collectives == intra and lent.gpus_per_node == 2  # the node the intra fits describe
+    assert lent.source == "measured on box; collectives: intra from collectives_from=/x/cpu4.yaml (measured on box)"
+    alone = with_collectives_from(one, None)
+    assert alone.collectives == {} and alone.scopes == [] and alone.gpus_per_node == 1
+    assert alone.source == "measured on box; collectives: none (one device, no collectives_from)"

@@ -4,8 +4,8 @@ Two users. `placement.calibrate` (callbacks.py) takes quick start-up figures, ea
 training uses: `expert_flops_per_s` (the expert FFN forward + backward at a layer's shape) and `link_bandwidth` (an
 all-to-all inside a process group). smartmoe-profile calls `profile`, which measures every field of a
 `planner.hardware.Hardware` at the shapes one rank of a layout computes (`ModelShapes`) and fits the collectives
-(on the groups of `collective_groups`), the expert FFN's per-group cost and the work of a layer and of the model's
-ends that no rate prices (the model's
+(on the groups of `collective_groups`; none in one process, where `with_collectives_from` may lend them), the
+expert FFN's per-group cost and the work of a layer and of the model's ends that no rate prices (the model's
 own forward + backward on one process, less what the rates price: `fit_overheads`). Every timing is the median of timed samples (calls back to back for
 SAMPLE_S at least) after warm-up calls; `agree` makes every rank hold the same figures (the mean over the ranks,
 rank 0's copy everywhere), so that every rank plans alike.
@@ -33,7 +33,7 @@ from lightning_smartmoe.models import GPTMoEConfig, OptimConfig
 from lightning_smartmoe.moe.experts import GroupedExperts
 from lightning_smartmoe.planner import memory
 from lightning_smartmoe.planner.cost import CostModel
-from lightning_smartmoe.planner.hardware import OPS, Hardware, Link
+from lightning_smartmoe.planner.hardware import OPS, SCOPES, Hardware, Link
 from lightning_smartmoe.zero import all_gather_single, reduce_scatter_single
 
 OPTIMIZER_MAX_PARAMS = 2**26  # the AdamW step is timed on at most this many parameters (1 GiB of fp32 state)
@@ -305,6 +305,15 @@ def agree(figures: Mapping[str, float | None], device: torch.device) -> dict[str
 
 
 @dataclass(frozen=True)
+class CollectivesFrom:
+    """smartmoe-profile's `collectives_from`: a built-in datasheet profile or a calibration file (`name`, as given)
+    and its Hardware, whose fits stand in for the scopes a run does not measure."""
+
+    name: str
+    hardware: Hardware
+
+
+@dataclass(frozen=True)
 class ProfileSettings:
     repeats: int  # timed samples per figure (median), after warm-up calls
     payload_bytes: tuple[int, ...]  # per-rank payloads of every collective fit
@@ -458,7 +467,9 @@ def _fit_collective(op: str, group: dist.ProcessGroup, shapes: ModelShapes, sett
 def collective_fits(shapes: ModelShapes, settings: ProfileSettings, device: torch.device,
                     per_node: int) -> dict[str, dict[str, dict[int, Link]]]:
     """Every op's fit on every group size and scope of `collective_groups` (collective over the world), each rank in
-    its own group."""
+    its own group; empty in one process (no process group), which has no collective to measure."""
+    if not dist.is_initialized():
+        return {}
     fits: dict[str, dict[str, dict[int, Link]]] = {}
     for n, scope, rank_lists in collective_groups(dist.get_world_size(), per_node):
         groups = [dist.new_group(ranks) for ranks in rank_lists]  # every rank creates every group, in turn
@@ -486,13 +497,35 @@ def device_memory_gb(device: torch.device, processes_per_node: int) -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 / processes_per_node
 
 
+def measured_scopes(devices: int, nodes: int) -> list[str]:
+    """The scopes whose collectives a run of `devices` processes on each of `nodes` nodes measures."""
+    return (["intra"] if devices >= 2 else []) + (["inter"] if nodes >= 2 else [])
+
+
+def with_collectives_from(hw: Hardware, collectives_from: CollectivesFrom | None) -> Hardware:
+    """`hw` (as measured) with each scope it has no fits of taken whole from `collectives_from`, and its GPUs per
+    node too when those give the intra fits (the node the fits describe); the source says which collectives were
+    measured and where the others come from."""
+    measured, lender = hw.scopes, collectives_from.hardware if collectives_from is not None else None
+    borrowed = [scope for scope in lender.scopes if scope not in measured] if lender is not None else []
+    collectives = {op: {scope: (hw if scope in measured else lender).collectives[op][scope]
+                        for scope in SCOPES if scope in measured + borrowed} for op in OPS if measured + borrowed}
+    parts = [f"{' and '.join(measured)} measured"] if measured else []
+    if borrowed:
+        parts.append(f"{' and '.join(borrowed)} from collectives_from={collectives_from.name} "
+                     f"({collectives_from.hardware.source})")
+    gpus_per_node = lender.gpus_per_node if "intra" in borrowed else hw.gpus_per_node
+    provenance = ", ".join(parts) or "none (one device, no collectives_from)"
+    return replace(hw, collectives=collectives, gpus_per_node=gpus_per_node, source=f"{hw.source}; collectives: {provenance}")
+
+
 def profile(shapes: ModelShapes, settings: ProfileSettings, device: torch.device, per_node: int,
             source: str) -> tuple[Hardware, dict[str, float]]:
     """Every Hardware field, measured on the world's ranks at `shapes` (collective: every rank calls it with the
     same arguments, on its own device; all measure at the same time, as in training). Every timing is agreed over
     the ranks before it is fitted, and rank 0's Hardware (its device name and `source`) is broadcast: every rank
-    returns the same one, with the agreed compute timings (seconds by name) it was fitted to. ConfigError if a fit
-    finds no growth of time with size."""
+    returns the same one, with the agreed compute timings (seconds by name) it was fitted to. One process (no
+    process group) measures the compute figures only. ConfigError if a fit finds no growth of time with size."""
     times = _compute_times(shapes, settings.repeats, device)
     times["memory_gb"] = device_memory_gb(device, per_node)
     t = agree(times, device)
@@ -515,7 +548,8 @@ def profile(shapes: ModelShapes, settings: ProfileSettings, device: torch.device
         collectives=collectives,
     )]
     hw[0] = replace(hw[0], **fit_overheads(hw[0], shapes, t))
-    dist.broadcast_object_list(hw, src=0, device=device)  # nodes may differ in host and device names
+    if dist.is_initialized():
+        dist.broadcast_object_list(hw, src=0, device=device)  # nodes may differ in host and device names
     return hw[0], t
 
 
