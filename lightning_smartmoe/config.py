@@ -36,12 +36,12 @@ from lightning_smartmoe.planner import memory
 from lightning_smartmoe.planner import search as planner_search
 from lightning_smartmoe.planner.cost import CostModel
 from lightning_smartmoe.planner.memory import Layout
-from lightning_smartmoe.planner.profile import ProfileSettings
+from lightning_smartmoe.planner.profile import CollectivesFrom, ProfileSettings, measured_scopes
 
 PACKAGE = Path(__file__).resolve().parent
 GROUPS = ("model", "moe", "parallel", "placement", "data", "optim", "trainer", "logger", "callbacks")
 TOP_LEVEL = ("seed", "ckpt_path", "checkpoint_every_n_steps", "dry_run", "memory_gb", "hardware", "plan", "workload")
-PROFILE_KEYS = ("out", "repeats", "payload_bytes")  # smartmoe-profile's own top-level keys (conf/profile.yaml)
+PROFILE_KEYS = ("out", "repeats", "payload_bytes", "collectives_from")  # smartmoe-profile's (conf/profile.yaml)
 PLAN_KEYS = ("world", "gpus_per_node", "top", "out")  # smartmoe-plan's (conf/plan.yaml)
 PLANNED = {"parallel": ("dp", "tp", "pp", "ep", "expert_tp", "sequence_parallel", "microbatches", "pp_schedule",
                         "virtual_stages", "zero"),
@@ -282,8 +282,13 @@ def check_run(cfg: DictConfig, tool_keys: typing.Iterable[str] = (), here: bool 
 def search(cfg: DictConfig, model: ModelConfig, world: int, gpus_per_node: int | None = None,
            policies: typing.Sequence[tuple[str, int]] = planner_search.POLICIES) -> dict:
     """planner.search over `world` ranks for this run's model, batch, precision, `hardware` (its GPUs per node
-    replaced by `gpus_per_node`), `workload` and `memory_gb` (default: the hardware's)."""
+    replaced by `gpus_per_node`), `workload` and `memory_gb` (default: the hardware's). ConfigError if `world`
+    has more than one rank and the hardware no collective fits."""
     hw = hardware(cfg)
+    if _is(world, int) and world > 1 and not hw.collectives:
+        raise ConfigError(f"hardware={cfg.hardware!r} has no collective fits (a smartmoe-profile of one device without "
+                          f"collectives_from): it prices world=1 only, not {world} ranks; profile on >= 2 devices, or "
+                          f"with collectives_from={'|'.join(hardware_profiles.BUILTIN)}|FILE")
     if gpus_per_node is not None:
         hw = dataclasses.replace(hw, gpus_per_node=gpus_per_node)
     load = planner_search.workload(cfg.workload, model.moe.num_experts)
@@ -435,10 +440,10 @@ def callbacks(cfg: DictConfig) -> list[pl.Callback]:
     return _instantiate_group(cfg, "callbacks", pl.Callback)
 
 
-def profile_settings(cfg: DictConfig) -> tuple[Path, ProfileSettings]:
+def profile_settings(cfg: DictConfig) -> tuple[Path, ProfileSettings, CollectivesFrom | None]:
     """smartmoe-profile's own keys, checked (the file to write: its folder exists and is writable; what to
-    measure), and a run it can measure (two processes per node at least, a precision it knows). Returns the
-    file's absolute path and the settings."""
+    measure; where the collectives it does not measure come from), and a precision it knows. Returns the file's
+    absolute path, the settings and `collectives_from`."""
     if OmegaConf.is_missing(cfg, "out"):
         raise ConfigError("out is required: out=PATH, the calibration YAML to write")
     if not isinstance(cfg.out, str) or not cfg.out:
@@ -457,10 +462,28 @@ def profile_settings(cfg: DictConfig) -> tuple[Path, ProfileSettings]:
         shown = OmegaConf.to_container(payloads) if OmegaConf.is_list(payloads) else payloads
         raise ConfigError(f"payload_bytes={shown!r} must be a list of at least 2 different integers >= 1 (bytes "
                           "per rank of each collective call)")
-    if cfg.trainer.devices < 2:
-        raise ConfigError(f"trainer.devices={cfg.trainer.devices}: smartmoe-profile fits collectives between the "
-                          "processes of a node; give trainer.devices >= 2")
     if str(cfg.trainer.precision) not in memory.PARAM_DTYPES:
         raise ConfigError(f"trainer.precision={cfg.trainer.precision!r}: smartmoe-profile measures at "
                           f"{', '.join(memory.PARAM_DTYPES)}")
-    return out, ProfileSettings(cfg.repeats, tuple(sorted(set(payloads))))
+    return out, ProfileSettings(cfg.repeats, tuple(sorted(set(payloads)))), collectives_from(cfg)
+
+
+def collectives_from(cfg: DictConfig) -> CollectivesFrom | None:
+    """smartmoe-profile's `collectives_from`, checked: null, or a built-in profile or calibration file that has fits
+    of a scope this run does not measure (intra: trainer.devices = 1; inter: trainer.num_nodes = 1)."""
+    name = cfg.collectives_from
+    if name is None:
+        return None
+    builtin = ", ".join(hardware_profiles.BUILTIN)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"collectives_from={name!r} must be null, {builtin} or a smartmoe-profile calibration file")
+    lender = hardware_profiles.resolve(name, key="collectives_from")
+    devices, nodes = cfg.trainer.devices, cfg.trainer.num_nodes
+    unmeasured = [s for s in hardware_profiles.SCOPES if s not in measured_scopes(devices, nodes)]
+    if not unmeasured:
+        raise ConfigError(f"collectives_from={name!r}: trainer.devices={devices} x trainer.num_nodes={nodes} "
+                          "measures every collective (intra and inter); leave collectives_from null")
+    if not set(unmeasured) & set(lender.scopes):
+        raise ConfigError(f"collectives_from={name!r} has no {' or '.join(unmeasured)} fits, which this run does "
+                          f"not measure; give {builtin} or a calibration file that has them")
+    return CollectivesFrom(name, lender)

@@ -2,12 +2,14 @@
 (`python -m lightning_smartmoe.profile`).
 
     smartmoe-profile recipe=gpt_moe_tiny trainer.devices=4 out=cpu4.yaml
+    smartmoe-profile recipe=gpt_moe_tiny trainer.devices=1 collectives_from=h100 out=one.yaml
 
 smartmoe-train's groups and recipes choose the model, the layout whose shapes one rank computes, the devices and
 the precision; the processes start as smartmoe-train's do (one per device: its own launcher, torchrun, SLURM or
-spawn). What is measured and how: planner/profile.py; the file: planner/hardware.py, written by rank 0 (to a
-temporary file, then renamed). Exit codes: 0 when the file is written; 2 for bad input (one line on stderr, before
-any process starts).
+spawn); one device runs in this process, with no process group, and measures no collective (`collectives_from`
+gives them: conf/profile.yaml). What is measured and how: planner/profile.py; the file: planner/hardware.py,
+written by rank 0 (to a temporary file, then renamed). Exit codes: 0 when the file is written; 2 for bad input
+(one line on stderr, before any process starts).
 """
 
 import functools
@@ -27,8 +29,8 @@ from omegaconf import DictConfig
 from lightning_smartmoe import config, train
 from lightning_smartmoe.errors import ConfigError
 from lightning_smartmoe.planner.hardware import Hardware
-from lightning_smartmoe.planner.profile import (ModelShapes, ProfileSettings, expert_fit_errors, group_slowdown,
-                                               profile)
+from lightning_smartmoe.planner.profile import (CollectivesFrom, ModelShapes, ProfileSettings, expert_fit_errors,
+                                               group_slowdown, profile, with_collectives_from)
 from lightning_smartmoe.strategy import SmartMoEStrategy
 
 
@@ -45,8 +47,9 @@ def write(hw: Hardware, out: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def summary(hw: Hardware, shapes: ModelShapes, times: dict[str, float], seconds: float) -> str:
-    """The figures in a few lines, for people (`times`: the compute timings they were fitted to)."""
+def summary(hw: Hardware, written: Hardware, shapes: ModelShapes, times: dict[str, float], seconds: float) -> str:
+    """The measured figures `hw` in a few lines, for people (`times`: the compute timings they were fitted to), and
+    the node and the source of the file `written` (with collectives_from's fits)."""
     errors = [abs(e) for e in expert_fit_errors(hw, shapes, times)]
     slowdown = ", ".join(f"{rows} rows {group_slowdown(hw, rows, shapes.expert_flops_per_row):.2f}x"
                          for rows in sorted({r for _, r in shapes.expert_cases}))
@@ -65,23 +68,28 @@ def summary(hw: Hardware, shapes: ModelShapes, times: dict[str, float], seconds:
         for scope, fits in scopes.items():
             lines.append(f"  {op:<14} {scope}: " + ", ".join(
                 f"n={n} {link.latency_s * 1e6:.0f} us + {link.bytes_per_s / 1e9:.2f} GB/s" for n, link in fits.items()))
+    lines.append(f"  written: gpus_per_node {written.gpus_per_node}, source: {written.source}")
     return "\n".join(lines)
 
 
-def measure_on_rank(strategy: SmartMoEStrategy, shapes: ModelShapes, settings: ProfileSettings, out: Path,
-                    source: str) -> None:
-    """On every rank: join the process group, measure (planner.profile.profile), and on rank 0 write `out`. Every
-    rank prints a digest of the figures it holds, which is the same on all."""
+def measure_on_rank(strategy: SmartMoEStrategy, shapes: ModelShapes, settings: ProfileSettings,
+                    collectives_from: CollectivesFrom | None, out: Path, source: str) -> None:
+    """On every rank: join the process group (none for one process), measure (planner.profile.profile), add the
+    fits of the scopes not measured from `collectives_from`, and on rank 0 write `out`. Every rank prints a digest
+    of the figures it holds, which is the same on all."""
     strategy.setup_environment()
     start = time.perf_counter()  # once every rank has joined
     try:
-        hw, times = profile(shapes, settings, strategy.root_device, strategy.num_processes, source)
-        dist.barrier()
+        measured, times = profile(shapes, settings, strategy.root_device, strategy.num_processes, source)
+        if dist.is_initialized():
+            dist.barrier()
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    hw = with_collectives_from(measured, collectives_from)
     if strategy.global_rank == 0:
         write(hw, out)
-        print(summary(hw, shapes, times, time.perf_counter() - start))
+        print(summary(measured, hw, shapes, times, time.perf_counter() - start))
         print(f"wrote {out}")
     digest = hashlib.sha256(repr(hw).encode()).hexdigest()[:16]
     print(f"smartmoe-profile: rank {strategy.global_rank} of {strategy.world_size} holds figures {digest}", flush=True)
@@ -91,13 +99,14 @@ def run(cfg: DictConfig) -> None:
     """Check everything, start the processes and measure; exit code 2 with one line on bad input."""
     try:
         model_cfg, sizes, strategy, _ = train.check(cfg, load_data=False, tool_keys=config.PROFILE_KEYS)
-        out, settings = config.profile_settings(cfg)
+        out, settings, collectives_from = config.profile_settings(cfg)
         shapes = ModelShapes.of(model_cfg, config.memory_layout(cfg, sizes), config.optim_config(cfg))
         strategy = train.make_trainer(cfg, strategy, logger=False).strategy
         when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         command = " ".join(["smartmoe-profile", *HydraConfig.get().overrides.task])
         source = f"measured on {socket.gethostname()} {when} by {command}"
-        measure = functools.partial(measure_on_rank, strategy, shapes, settings, out, source)  # spawn: passed whole
+        measure = functools.partial(measure_on_rank, strategy, shapes, settings, collectives_from, out,
+                                    source)  # spawn: passed whole
         if strategy.launcher is not None:
             strategy.launcher.launch(measure)
         else:

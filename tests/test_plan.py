@@ -191,6 +191,9 @@ def test_cli_prints_a_ranked_table_and_json_and_writes_the_plan(monkeypatch, cap
         (["world=4", "workload=normal"], r"workload='normal' is unknown"),
         (["world=4", "hardware=h900"], r"hardware='h900': no such file"),
         (["world=4", "hardware=BADHW"], r"hardware='.*bad.yaml': field 'collectives' is missing"),
+        (["world=4", "hardware=ONEDEV"], r"hardware='.*one.yaml' has no collective fits \(a smartmoe-profile of one "
+                                         r"device without collectives_from\): it prices world=1 only, not 4 ranks; "
+                                         r"profile on >= 2 devices, or with collectives_from=h100\|h200\|a100\|FILE$"),
         (["world=4", "top=-1"], r"top=-1 must be an integer >= 0"),
         (["world=4", "gpus_per_node=0"], r"gpus_per_node=0 must be an integer >= 1"),
         (["world=4", "memory_gb=0.00001"], r"all \d+ layouts need more than memory_gb=1e-05 GiB"),
@@ -200,11 +203,22 @@ def test_cli_bad_input_gives_one_clear_error(monkeypatch, capsys, tmp_path, extr
     bad = tmp_path / "bad.yaml"
     data = {k: v for k, v in vars(BUILTIN["h100"]).items() if k != "collectives"}
     bad.write_text(yaml.safe_dump(data))
-    extra = [e.replace("BADHW", str(bad)) for e in extra]
+    dataclasses.replace(BUILTIN["h100"], collectives={}).to_yaml(tmp_path / "one.yaml")
+    extra = [e.replace("BADHW", str(bad)).replace("ONEDEV", str(tmp_path / "one.yaml")) for e in extra]
     code, out, err = run_cli(monkeypatch, capsys, tmp_path, *TINY, *extra)
     assert code == 2 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("smartmoe-plan: error: ") and re.search(message, lines[0]), lines
+
+
+def test_a_profile_of_one_device_plans_one_rank(monkeypatch, capsys, tmp_path):
+    """A calibration without collective fits (smartmoe-profile trainer.devices=1) prices world=1."""
+    dataclasses.replace(BUILTIN["h100"], collectives={}).to_yaml(tmp_path / "one.yaml")
+    code, out, err = run_cli(monkeypatch, capsys, tmp_path, *TINY, "world=1", f"hardware={tmp_path / 'one.yaml'}")
+    assert code == 0, err
+    plans = json.loads(out.strip().splitlines()[-1])["plans"]
+    assert plans and all((p["dp"], p["tp"], p["pp"], p["ep"]) == (1, 1, 1, 1) for p in plans)
+    assert all(p["step_ms"] > 0 for p in plans)
 
 
 # ---------------------------------------------------------------- a plan trains

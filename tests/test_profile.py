@@ -5,14 +5,26 @@ import math
 import os
 import re
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 import cli
+from distributed import run_distributed
 from lightning_smartmoe import config, profile
+from lightning_smartmoe.errors import ConfigError
+from lightning_smartmoe.layout import ParallelSizes
+from lightning_smartmoe.models import GPTMoEConfig, OptimConfig
+from lightning_smartmoe.moe import MoEConfig
 from lightning_smartmoe.planner import hardware
+from lightning_smartmoe.planner import profile as planner_profile
+from lightning_smartmoe.planner.memory import Layout
+from lightning_smartmoe.planner.profile import (CollectivesFrom, ModelShapes, ProfileSettings, collective_fits,
+                                               collective_groups, fit_overheads, unpriced_seconds,
+                                               with_collectives_from)
 
 config.register_recipes()
 
@@ -41,6 +53,34 @@ def test_two_processes_write_a_calibration_that_loads(tmp_path):
     digests = re.findall(r"rank (\d) of 2 holds figures (\w+)", run.stdout)
     assert sorted(r for r, _ in digests) == ["0", "1"] and len({d for _, d in digests}) == 1, run.stdout
     assert "expert FFN" in run.stdout and f"wrote {out}" in run.stdout
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("collectives_from", [None, "h100"])
+def test_one_process_writes_a_calibration_that_loads(tmp_path, collectives_from):
+    """trainer.devices=1 measures every compute figure in the launching process (no process group, no other
+    process); the collectives are none, or collectives_from's, labelled as such."""
+    out = tmp_path / "one.yaml"
+    lend = [f"collectives_from={collectives_from}"] if collectives_from else []
+    run = cli.run("lightning_smartmoe.profile", *TINY, "trainer.devices=1", "repeats=3", *lend, f"out={out}",
+                  cwd=tmp_path, timeout=80, env={"OMP_NUM_THREADS": "1"})  # torch's 2 threads stall on a busy 2-core box
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.yaml"] and "rank 0 of 1 holds figures" in run.stdout
+    hw = hardware.load(out)
+    rates = (hw.memory_gb, hw.gemm_flops, hw.expert_flops, hw.attention_flops, hw.optimizer_s_per_param)
+    assert all(math.isfinite(x) and x > 0 for x in rates), hw
+    assert hw.source.startswith("measured on ") and "trainer.devices=1" in hw.source
+    if collectives_from is None:
+        assert hw.collectives == {} and hw.gpus_per_node == 1
+        assert hw.source.endswith("; collectives: none (one device, no collectives_from)"), hw.source
+        with pytest.raises(ConfigError, match=r"^hardware 'cpu .*' \(measured on .*\) has no fit of p2p on 2 ranks: it "
+                                              r"was profiled on one device; profile on >= 2 devices"):
+            hw.link("p2p", 2, inter=True)
+        assert hw.link("p2p", 1) == hardware.Link(0.0, math.inf)
+    else:
+        assert hw.collectives == hardware.BUILTIN["h100"].collectives and hw.gpus_per_node == 8
+        assert hw.source.endswith("; collectives: intra and inter from collectives_from=h100 (datasheet peaks of the "
+                                  "H100 (not measured); collectives by ring algebra)"), hw.source
 
 
 @pytest.mark.timeout(150)
@@ -74,18 +114,35 @@ def unwritable_dir(tmp_path):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["trainer.devices=1", "out=x.yaml"], r"trainer\.devices=1: smartmoe-profile fits collectives between the "
-                                              r"processes of a node; give trainer\.devices >= 2"),
-        (["+outt=x.yaml", "out=x.yaml"], r"outt is not a known key; allowed: .*\bout\b.*\brepeats\b"),
+        (["+outt=x.yaml", "out=x.yaml"], r"outt is not a known key; allowed: .*\bcollectives_from\b.*\bout\b"),
         (["+parallel.dpp=2", "out=x.yaml"], r"parallel\.dpp is not a known key"),
         (["out=x.yaml", "repeats=0"], r"repeats=0 must be an integer >= 1"),
         (["out=x.yaml", "payload_bytes=[1024,1024]"], r"payload_bytes=\[1024, 1024\] must be a list of at least 2 "),
         (["out=x.yaml", "trainer.precision=16-mixed"], r"trainer\.precision='16-mixed': smartmoe-profile measures at "),
         (["out={tmp}"], r"out='.*' is a directory; give the path of the YAML file to write"),
         (["out={tmp}/no/such/x.yaml"], r"out='.*/no/such/x\.yaml': there is no directory .*/no/such$"),
+        (["out=x.yaml", "collectives_from=h900"], r"collectives_from='h900': no such file; give a built-in name "
+                                                  r"\(h100, h200, a100\) or a smartmoe-profile file$"),
+        (["out=x.yaml", "collectives_from={tmp}/no.yaml"], r"collectives_from='.*/no\.yaml': no such file; "),
+        (["out=x.yaml", "collectives_from={tmp}/corrupt.yaml"],
+         r"collectives_from='.*/corrupt\.yaml': not a readable YAML calibration: .* at line 3, column 1$"),
+        (["out=x.yaml", "collectives_from={tmp}/fields.yaml"],
+         r"collectives_from='.*/fields\.yaml': field 'attention_flops' is missing; a calibration has "),
+        (["out=x.yaml", "collectives_from=3"], r"collectives_from=3 must be null, h100, h200, a100 or a "
+                                               r"smartmoe-profile calibration file$"),
+        (["out=x.yaml", "trainer.num_nodes=2", "collectives_from=h100"],
+         r"collectives_from='h100': trainer\.devices=2 x trainer\.num_nodes=2 measures every collective \(intra and "
+         r"inter\); leave collectives_from null$"),
+        (["out=x.yaml", "collectives_from={tmp}/one.yaml"], r"collectives_from='.*/one\.yaml' has no inter fits, "
+                                                            r"which this run does not measure; give h100, h200, a100 "),
+        (["out=x.yaml", "trainer.devices=1", "collectives_from={tmp}/one.yaml"],
+         r"collectives_from='.*/one\.yaml' has no intra or inter fits, which this run does not measure"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, overrides, message):
+    (tmp_path / "corrupt.yaml").write_text("name: x\ncollectives: [1, 2\n")
+    (tmp_path / "fields.yaml").write_text("name: x\n")
+    replace(hardware.BUILTIN["h100"], collectives={}).to_yaml(tmp_path / "one.yaml")  # one device: no collectives
     cfg = _profile_cfg(["trainer.devices=2", *(o.format(tmp=tmp_path) for o in overrides)])
     with pytest.raises(SystemExit) as stop:
         profile.run(cfg)
@@ -126,20 +183,17 @@ def test_write_leaves_the_old_file_whole_when_writing_fails(tmp_path, monkeypatc
     assert hardware.load(out) == hardware.BUILTIN["a100"]
 
 
+def tiny_shapes():
+    """ModelShapes of a tiny model on one rank (built outside a process group: the memory model makes its own)."""
+    cfg = GPTMoEConfig(vocab_size=64, seq_len=16, n_layers=2, d_model=32, n_heads=4,
+                       moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=64))
+    return ModelShapes.of(cfg, Layout(ParallelSizes(), global_batch=2), OptimConfig())
+
+
 def test_overheads_are_the_model_steps_time_less_what_the_rates_price():
     """fit_overheads on made-up model-step times: the priced part (unpriced_seconds of 0 s, negated) plus a known
     layer (3 ms + 2 us per token) and ends (5 ms + 1 us per token) comes back."""
-    from dataclasses import replace
-
-    from lightning_smartmoe.layout import ParallelSizes
-    from lightning_smartmoe.models import GPTMoEConfig, OptimConfig
-    from lightning_smartmoe.moe import MoEConfig
-    from lightning_smartmoe.planner.memory import Layout
-    from lightning_smartmoe.planner.profile import ModelShapes, fit_overheads, unpriced_seconds
-
-    cfg = GPTMoEConfig(vocab_size=64, seq_len=16, n_layers=2, d_model=32, n_heads=4,
-                       moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=64))
-    shapes = ModelShapes.of(cfg, Layout(ParallelSizes(), global_batch=2), OptimConfig())
+    shapes = tiny_shapes()
     hw = replace(hardware.BUILTIN["a100"], gemm_flops=1e9, expert_flops=2e9, expert_group_s=1e-4, attention_flops=5e8)
     layer, ends = (lambda t: 3e-3 + 2e-6 * t), (lambda t: 5e-3 + 1e-6 * t)
     times = {f"model/{n}/{b}": -unpriced_seconds(hw, shapes, n, b, 0.0) + n * layer(16 * b) + ends(16 * b)
@@ -147,6 +201,101 @@ def test_overheads_are_the_model_steps_time_less_what_the_rates_price():
     assert shapes.overhead_cases == [(1, 2), (1, 4), (1, 8), (2, 2), (2, 4), (2, 8)]
     got = fit_overheads(hw, shapes, times)
     assert got == pytest.approx({"layer_s": 3e-3, "layer_token_s": 2e-6, "ends_s": 5e-3, "ends_token_s": 1e-6})
+
+
+# ---- collectives: the groups measured, a simulated second node, the fits of the scopes not measured ----------------
+
+
+@pytest.mark.parametrize(
+    "world,per_node,fits",
+    [
+        (16, 8, {(2, "intra"): [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11], [12, 13], [14, 15]],
+                 (4, "intra"): [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]],
+                 (8, "intra"): [list(range(8)), list(range(8, 16))],
+                 (2, "inter"): [[j, j + 8] for j in range(8)],
+                 (16, "inter"): [list(range(16))]}),
+        (32, 8, {(2, "intra"): [[r, r + 1] for r in range(0, 32, 2)],
+                 (4, "intra"): [list(range(r, r + 4)) for r in range(0, 32, 4)],
+                 (8, "intra"): [list(range(r, r + 8)) for r in range(0, 32, 8)],
+                 (2, "inter"): [[j, j + 8] for j in range(8)] + [[j, j + 8] for j in range(16, 24)],
+                 (4, "inter"): [[j, j + 8, j + 16, j + 24] for j in range(8)],
+                 (16, "inter"): [list(range(16)), list(range(16, 32))],
+                 (32, "inter"): [list(range(32))]}),
+        (4, 2, {(2, "intra"): [[0, 1], [2, 3]], (2, "inter"): [[0, 2], [1, 3]], (4, "inter"): [[0, 1, 2, 3]]}),
+        (8, 8, {(2, "intra"): [[0, 1], [2, 3], [4, 5], [6, 7]], (4, "intra"): [[0, 1, 2, 3], [4, 5, 6, 7]],
+                (8, "intra"): [list(range(8))]}),
+        (12, 6, {(2, "intra"): [[r, r + 1] for r in range(0, 12, 2)], (6, "intra"): [list(range(6)), list(range(6, 12))],
+                 (2, "inter"): [[j, j + 6] for j in range(6)], (12, "inter"): [list(range(12))]}),
+        (2, 1, {(2, "inter"): [[0, 1]]}),
+        (1, 1, {}),
+    ],
+)
+def test_collective_groups_are_nodes_whole_nodes_and_one_rank_per_node(world, per_node, fits):
+    groups = collective_groups(world, per_node)
+    assert {(n, scope): ranks for n, scope, ranks in groups} == fits
+    assert [scope for _, scope, _ in groups] == sorted((scope for _, scope, _ in groups), key="intra inter".split().index)
+    for n, scope, ranks in groups:  # every rank in one group of n, all measured at once
+        assert sorted(r for g in ranks for r in g) == list(range(world)) and {len(g) for g in ranks} == {n}
+        nodes = [{r // per_node for r in g} for g in ranks]
+        assert all(len(x) == 1 for x in nodes) if scope == "intra" else all(len(x) > 1 for x in nodes)
+
+
+def test_link_takes_the_one_rank_per_node_fits_for_small_inter_groups():
+    """On 2 nodes of 8 the profile fits inter n=2 (one rank per node) and n=16 (both nodes): a pipeline boundary
+    or a tied head between two nodes (n=2) gets the n=2 fit, not the whole world's; larger groups get n=16."""
+    fits = {(n, scope): hardware.Link(1e-6 * n, 1e9 * (1 + (scope == "inter"))) for n, scope, _ in collective_groups(16, 8)}
+    collectives = {op: {scope: {n: link for (n, s), link in fits.items() if s == scope} for scope in hardware.SCOPES}
+                   for op in hardware.OPS}
+    hw = replace(hardware.BUILTIN["h100"], collectives=collectives)
+    assert hw.link("p2p", 2, inter=True) == fits[2, "inter"] and hw.link("all_reduce", 2, inter=True) == fits[2, "inter"]
+    assert hw.link("all_reduce", 4, inter=True) == fits[16, "inter"]  # the nearest measured size at or above
+    assert hw.link("all_to_all", 16, inter=True) == fits[16, "inter"]
+    assert hw.link("all_to_all", 32, inter=True) == fits[16, "inter"]  # the largest measured
+    assert hw.link("p2p", 2) == fits[2, "intra"] and hw.link("all_gather", 8) == fits[8, "intra"]
+    inter_only = replace(hw, collectives={op: {"inter": s["inter"]} for op, s in collectives.items()})
+    assert inter_only.link("p2p", 2) == fits[2, "inter"]  # a scope without fits takes the other's (1 GPU per node)
+
+
+def collective_fits_of_short_samples(*args):
+    """collective_fits with timed samples of 2 ms instead of 20 (SAMPLE_S): which groups are fitted, not how well;
+    fewer collectives, which a busy 2-core box runs slowly (run_distributed)."""
+    planner_profile.SAMPLE_S = 0.002
+    return collective_fits(*args)
+
+
+@pytest.mark.timeout(200)  # 15-20 s at load 4-6; a run at load 8 with 20 ms samples took over 100 s
+def test_four_processes_as_two_nodes_fit_intra_and_inter_groups(tmp_path):
+    """4 gloo processes taken as 2 nodes of 2 (the CLI needs a launch per node): intra n=2 (ranks 0-1, 2-3), inter
+    n=2 (ranks 0-2, 1-3: one per node) and n=4; every rank holds the same fits, which load."""
+    settings = ProfileSettings(repeats=2, payload_bytes=(4096, 2**22))
+    fits = run_distributed(4, collective_fits_of_short_samples, tiny_shapes(), settings, torch.device("cpu"), 2,
+                           timeout=170)
+    assert all(f == fits[0] for f in fits[1:])
+    for op in hardware.OPS:
+        assert {scope: list(sizes) for scope, sizes in fits[0][op].items()} == {"intra": [2], "inter": [2, 4]}, op
+    replace(hardware.BUILTIN["h100"], gpus_per_node=2, collectives=fits[0]).to_yaml(tmp_path / "hw.yaml")
+    hw = hardware.load(tmp_path / "hw.yaml")
+    assert hw.link("p2p", 2, inter=True) == fits[0]["p2p"]["inter"][2] != hw.link("p2p", 2)
+
+
+def test_collectives_from_lends_the_scopes_not_measured():
+    """Each scope the run did not measure comes whole from collectives_from, with its GPUs per node when it lends
+    the intra fits; the source says which is which."""
+    h100, a100 = hardware.BUILTIN["h100"], hardware.BUILTIN["a100"]
+    intra = {op: {"intra": {2: hardware.Link(1e-3, 1e9)}} for op in hardware.OPS}
+    node = replace(a100, name="cpu", source="measured on box", gpus_per_node=2, collectives=intra)
+    lent = with_collectives_from(node, CollectivesFrom("h100", h100))
+    assert lent.collectives == {op: {"intra": intra[op]["intra"], "inter": h100.collectives[op]["inter"]}
+                                for op in hardware.OPS}
+    assert lent.gpus_per_node == 2 and lent.source == (f"measured on box; collectives: intra measured, inter from "
+                                                       f"collectives_from=h100 ({h100.source})")
+    one = replace(node, gpus_per_node=1, collectives={})
+    lent = with_collectives_from(one, CollectivesFrom("/x/cpu4.yaml", node))
+    assert lent.collectives == intra and lent.gpus_per_node == 2  # the node the intra fits describe
+    assert lent.source == "measured on box; collectives: intra from collectives_from=/x/cpu4.yaml (measured on box)"
+    alone = with_collectives_from(one, None)
+    assert alone.collectives == {} and alone.scopes == [] and alone.gpus_per_node == 1
+    assert alone.source == "measured on box; collectives: none (one device, no collectives_from)"
 
 
 def test_nonnegative_least_squares_keeps_every_coefficient_at_or_above_zero():

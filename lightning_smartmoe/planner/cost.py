@@ -296,8 +296,8 @@ def expert_layer_cost(hardware: Hardware, sizes: ParallelSizes, d_model: int, hi
     return ExpertLayerCost(
         ep=sizes.ep, row_s=passes * 2 * expert_params / hardware.expert_flops,  # 2 FLOPs per weight per row
         group_s=hardware.expert_group_s * passes / 3 * micro, a2a=link, calls=(6 if recompute else 4) * micro,
-        row_bytes=d_model * activation_itemsize(precision), exchange=hardware.link("p2p", 2, False),
-        exchange_inter=hardware.link("p2p", 2, True), ranks_per_node=per_node,
+        row_bytes=d_model * activation_itemsize(precision), exchange=hardware.link("p2p", min(2, sizes.ep), False),
+        exchange_inter=hardware.link("p2p", min(2, sizes.ep), True), ranks_per_node=per_node,
         grad_bytes=expert_params * master, hidden_phases=min(hidden_phases, 2), micro=micro,
         state_bytes=expert_params * 3 * master,  # weight and AdamW's two moments
         move=hardware.link("all_to_all", min(sizes.ep, per_node), False), move_inter=link, sharing=hardware.sharing,

@@ -5,7 +5,8 @@ Collectives are fitted per operation, scope (`intra`: the group's ranks share a 
 and group size n as t = latency_s + payload / bytes_per_s, the payload being each rank's input: the tensor of an
 all-reduce, the local shard of an all-gather, the local full input of a reduce-scatter, the local send buffer of
 an all-to-all, the message of a point-to-point send. The algorithm (ring factors such as 2 (n - 1) / n) is inside
-the fitted rate, so nothing about it is assumed.
+the fitted rate, so nothing about it is assumed. A profile of one device has no collective fits (`collectives` is
+empty): it prices one rank only.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class Hardware:
         adds per forward + backward (small groups run slower per row: this is where it shows).
     attention_flops: FLOP/s of the attention core (scores and weighted sum).
     optimizer_s_per_param: seconds of the AdamW step per parameter it steps.
-    collectives[op][scope][n]: the Link fit of `op` on a group of n ranks.
+    collectives[op][scope][n]: the Link fit of `op` on a group of n ranks (empty: none measured, one device).
     layer_s, layer_token_s: the seconds of a layer's forward + backward per micro-batch that the rates above do not
         price (norms, activations, softmax, routing, permutes, the framework's per-op dispatch), fixed and per token;
     ends_s, ends_token_s: the same of the embedding, the final norm and the loss, once per micro-batch.
@@ -72,12 +73,24 @@ class Hardware:
     def ends_overhead(self, tokens: float) -> float:
         return self.ends_s + self.ends_token_s * tokens
 
+    @property
+    def scopes(self) -> list[str]:
+        """The scopes (of SCOPES) that every op has fits of; none for a profile of one device."""
+        return [s for s in SCOPES if self.collectives and all(s in scopes for scopes in self.collectives.values())]
+
     def link(self, op: str, n: int, inter: bool = False) -> Link:
-        """The fit of `op` on n ranks (inter: spanning nodes); the nearest measured size at or above n, else the
-        largest (a fit measured on fewer ranks is optimistic, which the name says)."""
+        """The fit of `op` on n ranks (inter: spanning nodes; a scope without fits takes the other's); the nearest
+        measured size at or above n, else the largest (a fit measured on fewer ranks is optimistic, which the name
+        says). ConfigError if there is no fit of `op` (a profile of one device)."""
         if n < 2:
             return Link(0.0, math.inf)
-        fits = self.collectives[op]["inter" if inter and "inter" in self.collectives[op] else "intra"]
+        scopes = self.collectives.get(op)
+        if not scopes:
+            raise ConfigError(f"hardware {self.name!r} ({self.source}) has no fit of {op} on {n} ranks: it was "
+                              "profiled on one device; profile on >= 2 devices, or on one with smartmoe-profile's "
+                              f"collectives_from={'|'.join(BUILTIN)}|FILE")
+        wanted = "inter" if inter else "intra"
+        fits = scopes[wanted] if wanted in scopes else next(iter(scopes.values()))
         sizes = sorted(fits)
         above = [s for s in sizes if s >= n]
         return fits[above[0] if above else sizes[-1]]
@@ -128,12 +141,13 @@ def from_dict(data: object, where: str) -> Hardware:
     if isinstance(sharing, bool) or not isinstance(sharing, int | float) or not 1 <= sharing < math.inf:
         raise ConfigError(f"{where}: sharing={sharing!r} must be a finite number >= 1")
     collectives = data["collectives"]
-    if not isinstance(collectives, dict) or sorted(collectives) != sorted(OPS):
-        raise ConfigError(f"{where}: collectives must map exactly {', '.join(OPS)} to their fits")
+    if not isinstance(collectives, dict) or (collectives and sorted(collectives) != sorted(OPS)):
+        raise ConfigError(f"{where}: collectives must map exactly {', '.join(OPS)} to their fits, or be empty {{}} "
+                          "(a profile of one device)")
     parsed: dict[str, dict[str, dict[int, Link]]] = {}
     for op, scopes in collectives.items():
-        if not isinstance(scopes, dict) or "intra" not in scopes or not set(scopes) <= set(SCOPES):
-            raise ConfigError(f"{where}: collectives.{op} must map 'intra' (and optionally 'inter') to fits by group size")
+        if not isinstance(scopes, dict) or not scopes or not set(scopes) <= set(SCOPES):
+            raise ConfigError(f"{where}: collectives.{op} must map 'intra', 'inter' or both to fits by group size")
         parsed[op] = {}
         for scope, fits in scopes.items():
             if not isinstance(fits, dict) or not fits:
@@ -151,15 +165,19 @@ def from_dict(data: object, where: str) -> Hardware:
     return Hardware(**values, collectives=parsed)
 
 
-def load(path: str | Path) -> Hardware:
-    """A calibration file written by smartmoe-profile; ConfigError if unreadable or malformed."""
-    where = f"hardware={str(path)!r}"
+def load(path: str | Path, key: str = "hardware") -> Hardware:
+    """A calibration file written by smartmoe-profile; ConfigError naming `key` if unreadable or malformed."""
+    where = f"{key}={str(path)!r}"
     try:
         data = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"{where}: no such file; give a built-in name ({', '.join(BUILTIN)}) or a smartmoe-profile file") from None
-    except (OSError, yaml.YAMLError) as err:
+    except OSError as err:
         raise ConfigError(f"{where}: not a readable YAML calibration: {err}") from None
+    except yaml.YAMLError as err:  # its message spans lines: the problem and where it is
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{where}: not a readable YAML calibration: {getattr(err, 'problem', None) or err}{at}") from None
     return from_dict(data, where)
 
 
@@ -191,8 +209,8 @@ BUILTIN = {  # SXM parts, bf16 dense tensor-core peak, HBM, NVLink per direction
 }
 
 
-def resolve(name_or_path: str) -> Hardware:
-    """`hardware=`: a built-in name or a smartmoe-profile calibration file."""
+def resolve(name_or_path: str, key: str = "hardware") -> Hardware:
+    """`hardware=` (or another `key`): a built-in name or a smartmoe-profile calibration file."""
     if name_or_path in BUILTIN:
         return BUILTIN[name_or_path]
-    return load(name_or_path)
+    return load(name_or_path, key)

@@ -3,8 +3,9 @@
 Two users. `placement.calibrate` (callbacks.py) takes quick start-up figures, each well under a second at the sizes
 training uses: `expert_flops_per_s` (the expert FFN forward + backward at a layer's shape) and `link_bandwidth` (an
 all-to-all inside a process group). smartmoe-profile calls `profile`, which measures every field of a
-`planner.hardware.Hardware` at the shapes one rank of a layout computes (`ModelShapes`) and fits the collectives,
-the expert FFN's per-group cost and the work of a layer and of the model's ends that no rate prices (the model's
+`planner.hardware.Hardware` at the shapes one rank of a layout computes (`ModelShapes`) and fits the collectives
+(on the groups of `collective_groups`; none in one process, where `with_collectives_from` may lend them), the
+expert FFN's per-group cost and the work of a layer and of the model's ends that no rate prices (the model's
 own forward + backward on one process, less what the rates price: `fit_overheads`). Every timing is the median of timed samples (calls back to back for
 SAMPLE_S at least) after warm-up calls; `agree` makes every rank hold the same figures (the mean over the ranks,
 rank 0's copy everywhere), so that every rank plans alike.
@@ -32,7 +33,7 @@ from lightning_smartmoe.models import GPTMoEConfig, OptimConfig
 from lightning_smartmoe.moe.experts import GroupedExperts
 from lightning_smartmoe.planner import memory
 from lightning_smartmoe.planner.cost import CostModel
-from lightning_smartmoe.planner.hardware import OPS, Hardware, Link
+from lightning_smartmoe.planner.hardware import OPS, SCOPES, Hardware, Link
 from lightning_smartmoe.zero import all_gather_single, reduce_scatter_single
 
 OPTIMIZER_MAX_PARAMS = 2**26  # the AdamW step is timed on at most this many parameters (1 GiB of fp32 state)
@@ -223,12 +224,26 @@ def link_bandwidth(group: dist.ProcessGroup, nbytes: int, device: torch.device, 
     return (size - 1) * per_peer * 4 / seconds
 
 
-def group_sizes(world: int, per_node: int) -> list[tuple[int, str]]:
-    """(n, scope) of every collective fit on `world` ranks, `per_node` to a node: n = 2, 4, 8 ... dividing the
-    world, and the world; groups of n consecutive ranks, `intra` when they share a node, `inter` when they span
-    whole nodes (a size whose groups would straddle node boundaries is left out)."""
-    sizes = sorted({2**i for i in range(1, world.bit_length()) if world % 2**i == 0} | {world})
-    return [(n, "intra" if per_node % n == 0 else "inter") for n in sizes if per_node % n == 0 or n % per_node == 0]
+def _sizes(count: int) -> list[int]:
+    """2, 4, 8 ... dividing `count`, and `count` itself, from 2 up."""
+    return sorted(n for n in {2**i for i in range(1, count.bit_length()) if count % 2**i == 0} | {count} if n >= 2)
+
+
+def collective_groups(world: int, per_node: int) -> list[tuple[int, str, list[list[int]]]]:
+    """(n, scope, groups) of every collective fit on `world` ranks, `per_node` to a node: the groups of n ranks that
+    partition the world and are measured at once (every rank in one, as in training):
+    - intra, n = 2, 4, 8 ... dividing per_node, and per_node: n consecutive ranks, inside a node;
+    - inter, n = per_node times 2, 4 ... dividing the nodes, and the world: n consecutive ranks, whole nodes;
+    - inter, n = 2, 4 ... dividing the nodes, and the nodes, where whole nodes give no fit of that n: one rank per
+      node, the same local rank on n consecutive nodes (ranks j + k * per_node: every rank on its own NIC)."""
+    nodes = world // per_node
+    out = [(n, "intra", [list(range(s, s + n)) for s in range(0, world, n)]) for n in _sizes(per_node)]
+    whole = [per_node * k for k in _sizes(nodes)]
+    out += [(n, "inter", [list(range(s, s + n)) for s in range(0, world, n)]) for n in whole]
+    out += [(n, "inter", [list(range(b + j, b + n * per_node, per_node))
+                          for b in range(0, world, n * per_node) for j in range(per_node)])
+            for n in _sizes(nodes) if n not in whole]
+    return sorted(out, key=lambda fit: (fit[1] == "inter", fit[0]))
 
 
 # ---- fits ----------------------------------------------------------------------------------------------------------
@@ -315,6 +330,15 @@ def agree(figures: Mapping[str, float | None], device: torch.device) -> dict[str
 
 
 # ---- the whole profile ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CollectivesFrom:
+    """smartmoe-profile's `collectives_from`: a built-in datasheet profile or a calibration file (`name`, as given)
+    and its Hardware, whose fits stand in for the scopes a run does not measure."""
+
+    name: str
+    hardware: Hardware
 
 
 @dataclass(frozen=True)
@@ -467,22 +491,27 @@ def _fit_collective(op: str, group: dist.ProcessGroup, shapes: ModelShapes, sett
                       "bytes; give larger payloads or more repeats")
 
 
-def _collective_fits(shapes: ModelShapes, settings: ProfileSettings, device: torch.device,
-                     per_node: int) -> dict[str, dict[str, dict[int, Link]]]:
-    """Every op's fit on every group size (`group_sizes`), each rank in its group of consecutive ranks."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    fits: dict[str, dict[str, dict[int, Link]]] = {op: {} for op in OPS}
-    for n, scope in group_sizes(world, per_node):
-        groups = [dist.new_group(list(range(start, start + n))) for start in range(0, world, n)]
+def collective_fits(shapes: ModelShapes, settings: ProfileSettings, device: torch.device,
+                    per_node: int) -> dict[str, dict[str, dict[int, Link]]]:
+    """Every op's fit on every group size and scope of `collective_groups` (collective over the world), each rank in
+    its own group; empty in one process (no process group), which has no collective to measure."""
+    if not dist.is_initialized():
+        return {}
+    fits: dict[str, dict[str, dict[int, Link]]] = {}
+    for n, scope, rank_lists in collective_groups(dist.get_world_size(), per_node):
+        groups = [dist.new_group(ranks) for ranks in rank_lists]  # every rank creates every group, in turn
+        group = next(g for g, ranks in zip(groups, rank_lists) if dist.get_rank() in ranks)
         for op in OPS:
-            fits[op].setdefault(scope, {})[n] = _fit_collective(op, groups[rank // n], shapes, settings, device)
+            fits.setdefault(op, {}).setdefault(scope, {})[n] = _fit_collective(op, group, shapes, settings, device)
     return fits
 
 
 def measure_sharing(step: Callable[[], object], device: torch.device, per_node: int, repeats: int) -> float:
     """Hardware.sharing (collective over the world): the median time of `step` when every rank runs it at once
     over its time on each node's first rank while the node's other ranks wait (the same number of back-to-back
-    calls per sample everywhere, a barrier before each sample); at least 1."""
+    calls per sample everywhere, a barrier before each sample); at least 1, and 1 in one process."""
+    if not dist.is_initialized():
+        return 1.0
     first = agree(median_seconds({"": step}, device, 1, {"": 1}, dist.barrier), device)[""]
     counts = {"": calls_per_sample(first)}
     alone = None
@@ -513,13 +542,35 @@ def device_memory_gb(device: torch.device, processes_per_node: int) -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 / processes_per_node
 
 
+def measured_scopes(devices: int, nodes: int) -> list[str]:
+    """The scopes whose collectives a run of `devices` processes on each of `nodes` nodes measures."""
+    return (["intra"] if devices >= 2 else []) + (["inter"] if nodes >= 2 else [])
+
+
+def with_collectives_from(hw: Hardware, collectives_from: CollectivesFrom | None) -> Hardware:
+    """`hw` (as measured) with each scope it has no fits of taken whole from `collectives_from`, and its GPUs per
+    node too when those give the intra fits (the node the fits describe); the source says which collectives were
+    measured and where the others come from."""
+    measured, lender = hw.scopes, collectives_from.hardware if collectives_from is not None else None
+    borrowed = [scope for scope in lender.scopes if scope not in measured] if lender is not None else []
+    collectives = {op: {scope: (hw if scope in measured else lender).collectives[op][scope]
+                        for scope in SCOPES if scope in measured + borrowed} for op in OPS if measured + borrowed}
+    parts = [f"{' and '.join(measured)} measured"] if measured else []
+    if borrowed:
+        parts.append(f"{' and '.join(borrowed)} from collectives_from={collectives_from.name} "
+                     f"({collectives_from.hardware.source})")
+    gpus_per_node = lender.gpus_per_node if "intra" in borrowed else hw.gpus_per_node
+    provenance = ", ".join(parts) or "none (one device, no collectives_from)"
+    return replace(hw, collectives=collectives, gpus_per_node=gpus_per_node, source=f"{hw.source}; collectives: {provenance}")
+
+
 def profile(shapes: ModelShapes, settings: ProfileSettings, device: torch.device, per_node: int,
             source: str) -> tuple[Hardware, dict[str, float]]:
     """Every Hardware field, measured on the world's ranks at `shapes` (collective: every rank calls it with the
     same arguments, on its own device; all measure at the same time, as in training). Every timing is agreed over
     the ranks before it is fitted, and rank 0's Hardware (its device name and `source`) is broadcast: every rank
-    returns the same one, with the agreed compute timings (seconds by name) it was fitted to. ConfigError if a fit
-    finds no growth of time with size."""
+    returns the same one, with the agreed compute timings (seconds by name) it was fitted to. One process (no
+    process group) measures the compute figures only. ConfigError if a fit finds no growth of time with size."""
     times = _compute_times(shapes, settings.repeats, device)
     times["memory_gb"] = device_memory_gb(device, per_node)
     t = agree(times, device)
@@ -532,7 +583,7 @@ def profile(shapes: ModelShapes, settings: ProfileSettings, device: torch.device
             shapes.expert_flops_per_row)
     except ValueError as err:
         raise ConfigError(f"repeats={settings.repeats}: {err}; measure with more repeats") from None
-    collectives = _collective_fits(shapes, settings, device, per_node)
+    collectives = collective_fits(shapes, settings, device, per_node)
     sharing = measure_sharing(model_step(shapes.model, 1, shapes.batch, device, shapes.param_dtype), device, per_node,
                               settings.repeats)
     hw = [Hardware(
@@ -544,7 +595,8 @@ def profile(shapes: ModelShapes, settings: ProfileSettings, device: torch.device
         collectives=collectives, sharing=sharing,
     )]
     hw[0] = replace(hw[0], **fit_overheads(hw[0], shapes, t))
-    dist.broadcast_object_list(hw, src=0, device=device)  # nodes may differ in host and device names
+    if dist.is_initialized():
+        dist.broadcast_object_list(hw, src=0, device=device)  # nodes may differ in host and device names
     return hw[0], t
 
 
