@@ -322,3 +322,52 @@ def test_a_layouts_zero_stages_priced_in_turn_equal_each_priced_alone():
     for layout in [*layouts, other, layouts[1]]:
         alone = CostModel(CFG, HW).step(layout, {1: even(rows=32.0)})
         assert shared.step(layout, {1: even(rows=32.0)}).as_dict() == alone.as_dict()
+
+
+# ---- ranks that share a node's cores (Hardware.sharing > 1: more processes than cores) -------------------------------
+
+CORES_SHARED = dataclasses.replace(HW, sharing=2.0)
+
+
+def test_sharing_prices_an_imbalanced_layer_by_its_busiest_rank_alone_or_the_ranks_mean():
+    """sharing 1.25: rank 0 computing 96 rows and rank 1 32, rank 0 alone (1.25x faster) is still longer than the
+    ranks' mean; with 72 and 56 rows the mean is longer."""
+    hw = dataclasses.replace(HW, sharing=1.25)
+    layout = Layout(ParallelSizes(dp=2, ep=2), global_batch=4)
+    ranks = ((0, 1), (2, 3))
+    mean = (128 * ROW_S + 4e-3) / 2  # 2 slots each
+    skewed = CostModel(CFG, hw).step(layout, {1: LayerPlacement(ranks, (80.0, 16.0, 16.0, 16.0))})
+    assert skewed.experts == pytest.approx((96 * ROW_S + 2e-3) / 1.25) and skewed.experts > mean
+    mild = CostModel(CFG, hw).step(layout, {1: LayerPlacement(ranks, (40.0, 32.0, 28.0, 28.0))})
+    assert mild.experts == pytest.approx(mean) and (72 * ROW_S + 2e-3) / 1.25 < mean
+    dedicated = CostModel(CFG, HW).step(layout, {1: LayerPlacement(ranks, (40.0, 32.0, 28.0, 28.0))})
+    assert dedicated.experts == pytest.approx(72 * ROW_S + 2e-3)  # sharing 1: the busiest rank
+
+
+def test_sharing_lets_a_pipelines_stages_run_alone_through_the_bubble_but_no_faster_than_their_mean_work():
+    """2 stages, 2 micro-batches: dedicated devices take 2 x stage 0 + stage 1 (the bubble); ranks that share the
+    cores run 2x faster alone, which would be stage 0 + stage 1 / 2, but the work is 2 x the stages' mean,
+    stage 0 + stage 1: no bubble, every term the stages' mean."""
+    layout = Layout(ParallelSizes(pp=2), microbatches=2, global_batch=4)
+    p2p = 1.0 + BYTES / 2048
+    experts = (128 * ROW_S + 4 * 2e-3) / 2  # the step's 128 rows and 2 x 4 slots, per micro-batch
+    stage0, stage1 = DENSE0 + CORE_S + p2p, DENSE1 + HEAD_S + CORE_S + experts + p2p
+    assert CostModel(CFG, HW).step(layout, {1: even(rows=32.0)}).bubble == pytest.approx(stage1)
+    got = CostModel(CFG, CORES_SHARED).step(layout, {1: even(rows=32.0)})
+    assert stage0 + stage1 / 2 < stage0 + stage1
+    only(got, dense=DENSE0 + DENSE1 + HEAD_S, attention=2 * CORE_S, p2p=2 * p2p, experts=experts,
+         optimizer=(BLOCK1_P + 4 * EXPERT_P + HEAD_P) * 1e-6, control=8 * SCALAR)
+
+
+def test_sharing_hides_no_collective_under_the_backward():
+    cfg = config(n_layers=4)
+    layout = Layout(ParallelSizes(dp=2, ep=2), extra_slots=1, global_batch=4)
+    got = CostModel(cfg, CORES_SHARED).step(layout, {1: REPLICATED, 3: REPLICATED})
+    assert got.replicas == pytest.approx(4 * PHASE)  # neither layer's exchange hides (2 * PHASE + PHASE - HIDE + PHASE)
+    v = 2**17
+    big = config(vocab_size=v)
+    dp = Layout(ParallelSizes(dp=2), global_batch=4)
+    dense = (v * 32 + 16 * 32 + BLOCK0_P + BLOCK1_P + 2 * 32 + v * 32) * 4
+    reduce_s = (1.0 + dense / 4096) + (1.0 + 4 * EXPERT_P * 4 / 4096)
+    assert CostModel(big, CORES_SHARED).step(dp, {1: even()}).grad_sync == pytest.approx(reduce_s)  # all of it
+    assert CostModel(big, HW).step(dp, {1: even()}).grad_sync < reduce_s

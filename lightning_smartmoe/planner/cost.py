@@ -298,7 +298,8 @@ def expert_layer_cost(hardware: Hardware, sizes: ParallelSizes, d_model: int, hi
         group_s=hardware.expert_group_s * passes / 3 * micro, a2a=link, calls=(6 if recompute else 4) * micro,
         row_bytes=d_model * activation_itemsize(precision), exchange=hardware.link("p2p", min(2, sizes.ep), False),
         exchange_inter=hardware.link("p2p", min(2, sizes.ep), True), ranks_per_node=per_node,
-        grad_bytes=expert_params * master, hidden_phases=min(hidden_phases, 2), micro=micro,
+        grad_bytes=expert_params * master, micro=micro,
+        hidden_phases=min(hidden_phases, 2) if hardware.sharing == 1 else 0,  # shared cores hide nothing
         state_bytes=expert_params * 3 * master,  # weight and AdamW's two moments
         move=hardware.link("all_to_all", min(sizes.ep, per_node), False), move_inter=link, sharing=hardware.sharing,
     )
@@ -557,6 +558,8 @@ class CostModel:
         reduce_s = dense_s + expert_s
         bucket = 25 * 2**20
         exposed = max(reduce_s - 2 / 3 * stage_s, reduce_s * min(1.0, bucket / max(1.0, dense + expert)))
+        if hw.sharing > 1:  # the collectives' work needs the cores the backward keeps busy
+            exposed = reduce_s
         zero_s = 0.0
         if layout.zero:
             zero_s = (hw.link("all_gather", sizes.dp, scopes.dp).time(dense / sizes.dp) if sizes.dp > 1 else 0.0) + (

@@ -41,7 +41,8 @@ class Hardware:
     expert_flops: expert FFN FLOP/s on large groups of rows; expert_group_s: seconds each non-empty expert group
         adds per forward + backward (small groups run slower per row: this is where it shows).
     attention_flops: FLOP/s of the attention core (scores and weighted sum).
-    optimizer_s_per_param: seconds of the AdamW step per parameter it steps.
+    optimizer_s_per_param: seconds of the optimizer step per parameter it steps: AdamW, after gradient clipping
+        where training clips (its float64 norm and the scaling).
     collectives[op][scope][n]: the Link fit of `op` on a group of n ranks (empty: none measured, one device).
     layer_s, layer_token_s: the seconds of a layer's forward + backward per micro-batch that the rates above do not
         price (norms, activations, softmax, routing, permutes, the framework's per-op dispatch), fixed and per token;

@@ -146,14 +146,25 @@ def attention_step(batch: int, heads: int, seq_len: int, head_dim: int, device: 
     return _forward_backward(lambda: F.scaled_dot_product_attention(*qkv, is_causal=True), qkv)
 
 
-def adamw_step(sizes: Sequence[int], device: torch.device, dtype: torch.dtype, optim: OptimConfig) -> Callable[[], object]:
+def optimizer_step(sizes: Sequence[int], device: torch.device, dtype: torch.dtype, optim: OptimConfig,
+                   clip: bool) -> Callable[[], object]:
     """One torch.optim.AdamW step (the settings of `optim`, as training makes it) on tensors of `sizes` parameters
-    in `dtype` (the rank's own tensors: their sizes decide how much of the state stays in cache)."""
+    in `dtype` (the rank's own tensors: their sizes decide how much of the state stays in cache), after gradient
+    clipping as the strategy runs it when `clip` (the float64 sum of every gradient's squares, then every gradient
+    scaled)."""
     params = [nn.Parameter(torch.zeros(n, device=device, dtype=dtype)) for n in sizes]
     for p in params:
         p.grad = torch.randn_like(p)
+    grads = [p.grad for p in params]
     opt = torch.optim.AdamW(params, lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay)
-    return opt.step
+
+    def step() -> None:
+        if clip:
+            sq = sum(g.double().square().sum() for g in grads)
+            torch._foreach_mul_(grads, float(1.0 / (sq.sqrt() + 1e-6)))
+        opt.step()
+
+    return step
 
 
 def model_step(cfg: GPTMoEConfig, layers: int, batch: int, device: torch.device, dtype: torch.dtype) -> Callable[[], None]:
@@ -250,12 +261,13 @@ def collective_groups(world: int, per_node: int) -> list[tuple[int, str, list[li
 
 
 def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float] | None:
-    """x with matrix x = rhs by Gaussian elimination with partial pivoting; None if the matrix is singular."""
+    """x with matrix x = rhs by Gaussian elimination with partial pivoting; None if the matrix is singular (a
+    pivot below 1e-12: for a Gram matrix of unit columns, columns that are nearly parallel)."""
     n = len(rhs)
     a = [row[:] + [b] for row, b in zip(matrix, rhs)]
     for col in range(n):
         pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
-        if abs(a[pivot][col]) < 1e-12 * max(1.0, max(abs(x) for row in a for x in row[:n])):
+        if abs(a[pivot][col]) < 1e-12:
             return None
         a[col], a[pivot] = a[pivot], a[col]
         for r in range(col + 1, n):
@@ -272,16 +284,20 @@ def nonnegative_least_squares(columns: Sequence[Sequence[float]], targets: Seque
     least-squares solutions on every subset of the columns (the others 0) that come out non-negative. Plain float
     arithmetic, so every rank gets the same bits from the same data."""
     k = len(columns)
+    norms = [math.sqrt(sum(u * u for u in col)) for col in columns]
+    unit = [[u / n for u in col] if n > 0 else col for col, n in zip(columns, norms)]  # solved unit-scaled
     best, best_residual = [0.0] * k, sum(t * t for t in targets)
     for mask in range(1, 2**k):
-        used = [j for j in range(k) if mask >> j & 1]
-        gram = [[sum(u * v for u, v in zip(columns[a], columns[b])) for b in used] for a in used]
-        x = _solve(gram, [sum(u * t for u, t in zip(columns[a], targets)) for a in used])
+        used = [j for j in range(k) if mask >> j & 1 and norms[j] > 0]
+        if len(used) < bin(mask).count("1"):
+            continue
+        gram = [[sum(u * v for u, v in zip(unit[a], unit[b])) for b in used] for a in used]
+        x = _solve(gram, [sum(u * t for u, t in zip(unit[a], targets)) for a in used])
         if x is None or min(x) < 0:
             continue
         full = [0.0] * k
         for j, value in zip(used, x):
-            full[j] = value
+            full[j] = value / norms[j]
         residual = sum((sum(full[j] * columns[j][i] for j in used) - t) ** 2 for i, t in enumerate(targets))
         if residual < best_residual:
             best, best_residual = full, residual
@@ -366,9 +382,10 @@ class ModelShapes:
     param_sizes: tuple[int, ...]  # the elements of each tensor its optimizer steps
     optim: OptimConfig
     model: GPTMoEConfig  # for the per-layer work the rates miss (`overhead_cases`)
+    clip: bool  # training clips the gradients' norm before each optimizer step
 
     @classmethod
-    def of(cls, cfg: GPTMoEConfig, layout: memory.Layout, optim: OptimConfig) -> ModelShapes:
+    def of(cls, cfg: GPTMoEConfig, layout: memory.Layout, optim: OptimConfig, clip: bool = True) -> ModelShapes:
         sizes, d = layout.sizes, cfg.d_model
         tp = sizes.tp
         tokens = layout.micro_sequences * cfg.seq_len
@@ -387,7 +404,7 @@ class ModelShapes:
             precision=layout.precision, batch=layout.micro_sequences, seq_len=cfg.seq_len, heads=cfg.n_heads // tp,
             head_dim=d // cfg.n_heads, linears=tuple(x for x in linears if x[4]), d_model=d,
             expert_hidden=(cfg.moe.expert_hidden or cfg.hidden) // (tp if sizes.expert_tp else 1), expert_slots=slots,
-            expert_rows=max(1, routed // slots), param_sizes=param_sizes, optim=optim, model=cfg,
+            expert_rows=max(1, routed // slots), param_sizes=param_sizes, optim=optim, model=cfg, clip=clip,
         )
 
     @property
@@ -454,7 +471,7 @@ def _compute_times(shapes: ModelShapes, repeats: int, device: torch.device) -> d
             steps.update({f"expert/{groups}/{r}": expert_ffn_step(module, x, [r] * groups) for r in rows})
         steps["attention"] = attention_step(shapes.batch, shapes.heads, shapes.seq_len, shapes.head_dim, device,
                                             shapes.compute_dtype)
-        steps["optimizer"] = adamw_step(shapes.optimizer_sizes, device, shapes.param_dtype, shapes.optim)
+        steps["optimizer"] = optimizer_step(shapes.optimizer_sizes, device, shapes.param_dtype, shapes.optim, shapes.clip)
         for layers, batch in shapes.overhead_cases:
             steps[f"model/{layers}/{batch}"] = model_step(shapes.model, layers, batch, device, shapes.param_dtype)
         return median_seconds(steps, device, repeats)
@@ -507,10 +524,11 @@ def collective_fits(shapes: ModelShapes, settings: ProfileSettings, device: torc
 
 
 def measure_sharing(step: Callable[[], object], device: torch.device, per_node: int, repeats: int) -> float:
-    """Hardware.sharing (collective over the world): the median time of `step` when every rank runs it at once
-    over its time on each node's first rank while the node's other ranks wait (the same number of back-to-back
-    calls per sample everywhere, a barrier before each sample); at least 1, and 1 in one process."""
-    if not dist.is_initialized():
+    """Hardware.sharing (collective over the world): 1 where every rank has a device or a core of its own (a GPU
+    each; no more processes per node than usable cores; one process); else the median time of `step` when every
+    rank runs it at once over its time on each node's first rank while the node's other ranks wait (the same
+    number of back-to-back calls per sample everywhere, a barrier before each sample), at least 1."""
+    if not dist.is_initialized() or device.type != "cpu" or per_node <= len(os.sched_getaffinity(0)):
         return 1.0
     first = agree(median_seconds({"": step}, device, 1, {"": 1}, dist.barrier), device)[""]
     counts = {"": calls_per_sample(first)}
