@@ -34,6 +34,7 @@ from torch.optim import Optimizer
 
 from lightning_smartmoe import checkpoint as ckpt_io
 from lightning_smartmoe import init, tensor_parallel
+from lightning_smartmoe.clipping import squared_norms, squared_row_norms
 from lightning_smartmoe.grad_sync import GradientSynchronizer
 from lightning_smartmoe.errors import ConfigError
 from lightning_smartmoe.launchers import ScriptLauncher
@@ -530,16 +531,19 @@ class SmartMoEStrategy(ParallelStrategy):
         params = {id(self.optimizer_tensor(p)): p for p in self.model.parameters()}
         stepped = [t for group in optimizer.param_groups for t in group["params"] if t.grad is not None]
         sq = torch.zeros((), dtype=torch.float64, device=self.root_device)
+        dense, weights = [], []
         for t in stepped:
-            g = t.grad.detach().double().square()
             p = params.get(id(t), t)
             cut = self._zero.shards[id(p)].n if self._zero is not None and id(p) in self._zero.shards else 1
             share = shares.get(id(t))
             if share is not None:
-                sq += (g.flatten(1).sum(1) * share.to(g.device)).sum() * cut / sizes.edp
+                sq += (squared_row_norms(t.grad.detach()) * share.to(sq.device)).sum() * cut / sizes.edp
             else:
                 copies = (sizes.dp if hasattr(p, "tp_shard_dim") else sizes.plane) * (2 if getattr(p, "pp_tied", False) else 1)
-                sq += g.sum() * cut / copies
+                dense.append(t.grad.detach())
+                weights.append(cut / copies)
+        if dense:
+            sq += (squared_norms(dense) * torch.tensor(weights, dtype=torch.float64, device=sq.device)).sum()
         dist.all_reduce(sq)
         scale = clip_val / (sq.sqrt() + 1e-6)
         if scale < 1:

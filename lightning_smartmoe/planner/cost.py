@@ -27,13 +27,19 @@ A step is the pipeline of those stage times over the micro-batches: m x (the slo
   replicas   the replicated experts' gradient exchange (placement/replica_sync.py), net of what later MoE
              layers' backward hides when it overlaps;
   zero       the all-gather of the updated ZeRO blocks after the step;
-  optimizer  the AdamW step over what this rank steps;
+  optimizer  the optimizer step (gradient clipping and AdamW, as profiled) over what this rank steps;
   control    (again, per step) the world's scalar all-reduces: the loss and the MoE statistics Lightning reduces
              (a barrier and an all-reduce each), the gradient-clipping norm, the stop-signal check, Lightning's
              stop-flag broadcast; under pipelining the loss's broadcast over the stages (each at all_reduce prices);
   migration  the seconds a placement policy spends moving experts, per step (from a simulation over the load).
 Every rank of a stage runs the same dense work, so the stage time is its ranks' common work plus its busiest
 expert-parallel rank's.
+
+Ranks that share their node's cores (Hardware.sharing > 1: more processes than cores, as on a small CPU box) run
+`sharing` times faster while others wait than when all compute, and the rates are the all-busy ones. So an MoE
+layer's experts take the longer of the busiest rank's compute / sharing and the ranks' mean; a pipeline takes the
+longer of its span (m x the slowest stage plus the bubble) / sharing and m x the stages' mean (its stages run
+alone through the bubble); and no collective hides under the backward, whose ranks keep every core busy.
 """
 
 from __future__ import annotations

@@ -6,9 +6,11 @@ all-to-all inside a process group). smartmoe-profile calls `profile`, which meas
 `planner.hardware.Hardware` at the shapes one rank of a layout computes (`ModelShapes`) and fits the collectives
 (on the groups of `collective_groups`; none in one process, where `with_collectives_from` may lend them), the
 expert FFN's per-group cost and the work of a layer and of the model's ends that no rate prices (the model's
-own forward + backward on one process, less what the rates price: `fit_overheads`). Every timing is the median of timed samples (calls back to back for
-SAMPLE_S at least) after warm-up calls; `agree` makes every rank hold the same figures (the mean over the ranks,
-rank 0's copy everywhere), so that every rank plans alike.
+own forward + backward on one process, less what the rates price: `fit_overheads`). The compute is timed on each
+node's first rank alone and scaled by `measure_sharing` (how much slower a rank computes when the node's ranks share
+its cores), which does not depend on how the ranks' work happens to overlap. Every timing is the median of timed
+samples (calls back to back for SAMPLE_S at least) after warm-up calls; `agree` makes every rank hold the same
+figures (the mean over the ranks that measured, rank 0's copy everywhere), so that every rank plans alike.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_smartmoe.clipping import squared_norms
 from lightning_smartmoe.errors import ConfigError
 from lightning_smartmoe.layout import ParallelSizes
 from lightning_smartmoe.models import GPTMoEConfig, OptimConfig
@@ -150,8 +153,7 @@ def optimizer_step(sizes: Sequence[int], device: torch.device, dtype: torch.dtyp
                    clip: bool) -> Callable[[], object]:
     """One torch.optim.AdamW step (the settings of `optim`, as training makes it) on tensors of `sizes` parameters
     in `dtype` (the rank's own tensors: their sizes decide how much of the state stays in cache), after gradient
-    clipping as the strategy runs it when `clip` (the float64 sum of every gradient's squares, then every gradient
-    scaled)."""
+    clipping as the strategy runs it when `clip` (every gradient's sum of squares, then every gradient scaled)."""
     params = [nn.Parameter(torch.zeros(n, device=device, dtype=dtype)) for n in sizes]
     for p in params:
         p.grad = torch.randn_like(p)
@@ -160,8 +162,7 @@ def optimizer_step(sizes: Sequence[int], device: torch.device, dtype: torch.dtyp
 
     def step() -> None:
         if clip:
-            sq = sum(g.double().square().sum() for g in grads)
-            torch._foreach_mul_(grads, float(1.0 / (sq.sqrt() + 1e-6)))
+            torch._foreach_mul_(grads, float(1.0 / (squared_norms(grads).sum().sqrt() + 1e-6)))
         opt.step()
 
     return step
@@ -455,10 +456,12 @@ class ModelShapes:
         return [(layers, b) for layers in (1, 2) for b in (self.batch, 2 * self.batch, 4 * self.batch)]
 
 
-def _compute_times(shapes: ModelShapes, repeats: int, device: torch.device) -> dict[str, float]:
+def _compute_times(shapes: ModelShapes, repeats: int, device: torch.device, per_node: int) -> dict[str, float | None]:
     """Median seconds of every compute figure at `shapes`: each linear layer, each expert FFN case, the attention
-    core and the AdamW step, taken in turn (`median_seconds`), as training runs them: parameters in their own
-    dtype, under autocast to the compute dtype where the precision is mixed."""
+    core, the optimizer step and the model steps, taken in turn (`median_seconds`), as training runs them:
+    parameters in their own dtype, under autocast to the compute dtype where the precision is mixed. Measured on
+    each node's first rank alone while the node's other ranks wait (collective over the world; None on those):
+    a rank's own speed, which does not depend on how the others' work happens to overlap it."""
     mixed = shapes.compute_dtype != shapes.param_dtype
     steps: dict[str, Callable[[], object]] = {}
     with torch.autocast(device.type, dtype=shapes.compute_dtype) if mixed else nullcontext():
@@ -474,7 +477,12 @@ def _compute_times(shapes: ModelShapes, repeats: int, device: torch.device) -> d
         steps["optimizer"] = optimizer_step(shapes.optimizer_sizes, device, shapes.param_dtype, shapes.optim, shapes.clip)
         for layers, batch in shapes.overhead_cases:
             steps[f"model/{layers}/{batch}"] = model_step(shapes.model, layers, batch, device, shapes.param_dtype)
-        return median_seconds(steps, device, repeats)
+        if not dist.is_initialized():
+            return median_seconds(steps, device, repeats)
+        dist.barrier()
+        times = median_seconds(steps, device, repeats) if dist.get_rank() % per_node == 0 else dict.fromkeys(steps)
+        dist.barrier()
+        return times
 
 
 def _collective_dtype(op: str, shapes: ModelShapes) -> torch.dtype:
@@ -585,13 +593,18 @@ def with_collectives_from(hw: Hardware, collectives_from: CollectivesFrom | None
 def profile(shapes: ModelShapes, settings: ProfileSettings, device: torch.device, per_node: int,
             source: str) -> tuple[Hardware, dict[str, float]]:
     """Every Hardware field, measured on the world's ranks at `shapes` (collective: every rank calls it with the
-    same arguments, on its own device; all measure at the same time, as in training). Every timing is agreed over
-    the ranks before it is fitted, and rank 0's Hardware (its device name and `source`) is broadcast: every rank
-    returns the same one, with the agreed compute timings (seconds by name) it was fitted to. One process (no
-    process group) measures the compute figures only. ConfigError if a fit finds no growth of time with size."""
-    times = _compute_times(shapes, settings.repeats, device)
+    same arguments, on its own device): the compute on each node's first rank alone, times `measure_sharing`'s
+    slowdown with every rank computing (the rates Hardware holds); the collectives with all ranks at once, as in
+    training. Every timing is agreed over the ranks before it is fitted, and rank 0's Hardware (its device name and
+    `source`) is broadcast: every rank returns the same one, with the compute timings (seconds by name, with every
+    rank computing) it was fitted to. One process (no process group) measures the compute figures only.
+    ConfigError if a fit finds no growth of time with size."""
+    times = _compute_times(shapes, settings.repeats, device, per_node)
     times["memory_gb"] = device_memory_gb(device, per_node)
-    t = agree(times, device)
+    alone = agree(times, device)
+    sharing = measure_sharing(model_step(shapes.model, 1, shapes.batch, device, shapes.param_dtype), device, per_node,
+                              settings.repeats)
+    t = {name: x if name == "memory_gb" else x * sharing for name, x in alone.items()}  # with every rank computing
     weights = [(calls * 6 * rows * d_in * d_out, calls * t[f"gemm/{name}"])
                for name, rows, d_in, d_out, calls in shapes.linears]
     cases = shapes.expert_cases
@@ -602,8 +615,6 @@ def profile(shapes: ModelShapes, settings: ProfileSettings, device: torch.device
     except ValueError as err:
         raise ConfigError(f"repeats={settings.repeats}: {err}; measure with more repeats") from None
     collectives = collective_fits(shapes, settings, device, per_node)
-    sharing = measure_sharing(model_step(shapes.model, 1, shapes.batch, device, shapes.param_dtype), device, per_node,
-                              settings.repeats)
     hw = [Hardware(
         name=device_name(device), source=source, gpus_per_node=per_node, memory_gb=t["memory_gb"],
         gemm_flops=sum(f for f, _ in weights) / sum(s for _, s in weights),

@@ -1,0 +1,33 @@
+"""The gradient norm for clipping: each tensor's sum of squares at its precision (float32 at least), in float64."""
+
+import pytest
+import torch
+
+from lightning_smartmoe.clipping import squared_norms, squared_row_norms
+
+
+def reference(t: torch.Tensor) -> float:
+    return t.double().square().sum().item()
+
+
+def test_squared_norms_of_mixed_dtypes_match_float64_sums():
+    torch.manual_seed(0)
+    tensors = [torch.randn(1000, 37), torch.randn(5, dtype=torch.float64), torch.randn(300).bfloat16(),
+               torch.randn(2, 3, 4), torch.zeros(7)]
+    got = squared_norms(tensors)
+    assert got.dtype == torch.float64 and got.shape == (5,)
+    assert got[1].item() == pytest.approx(reference(tensors[1]), rel=1e-14)  # float64 stays float64
+    for i in (0, 2, 3):  # float32 and bfloat16 reduced in float32: about 1e-7 relative
+        assert got[i].item() == pytest.approx(reference(tensors[i]), rel=1e-6)
+    assert got[4].item() == 0.0
+    assert squared_norms([]).shape == (0,)
+
+
+def test_squared_row_norms_sum_each_row():
+    torch.manual_seed(0)
+    w = torch.randn(4, 16, 8)  # 4 expert slots of [16, 8]
+    got = squared_row_norms(w)
+    assert got.dtype == torch.float64
+    assert got.tolist() == pytest.approx([reference(w[i]) for i in range(4)], rel=1e-6)
+    w64 = w.double()
+    assert squared_row_norms(w64).tolist() == pytest.approx([reference(w64[i]) for i in range(4)], rel=1e-14)
