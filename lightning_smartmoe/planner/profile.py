@@ -6,11 +6,11 @@ all-to-all inside a process group). smartmoe-profile calls `profile`, which meas
 `planner.hardware.Hardware` at the shapes one rank of a layout computes (`ModelShapes`) and fits the collectives
 (on the groups of `collective_groups`; none in one process, where `with_collectives_from` may lend them), the
 expert FFN's per-group cost and the work of a layer and of the model's ends that no rate prices (the model's
-own forward + backward on one process, less what the rates price: `fit_overheads`). The compute is timed on each
-node's first rank alone and scaled by `measure_sharing` (how much slower a rank computes when the node's ranks share
-its cores), which does not depend on how the ranks' work happens to overlap. Every timing is the median of timed
-samples (calls back to back for SAMPLE_S at least) after warm-up calls; `agree` makes every rank hold the same
-figures (the mean over the ranks that measured, rank 0's copy everywhere), so that every rank plans alike.
+own forward + backward on one process, less what the rates price: `fit_overheads`), and how much slower a rank
+computes when the node's ranks share its cores (`measure_sharing`). Every timing is the median of timed samples
+(calls back to back for SAMPLE_S at least, started together on every rank) after warm-up calls; `agree` makes
+every rank hold the same figures (the mean over the ranks that measured, rank 0's copy everywhere), so that every
+rank plans alike.
 """
 
 from __future__ import annotations
@@ -456,12 +456,13 @@ class ModelShapes:
         return [(layers, b) for layers in (1, 2) for b in (self.batch, 2 * self.batch, 4 * self.batch)]
 
 
-def _compute_times(shapes: ModelShapes, repeats: int, device: torch.device, per_node: int) -> dict[str, float | None]:
+def _compute_times(shapes: ModelShapes, repeats: int, device: torch.device) -> dict[str, float]:
     """Median seconds of every compute figure at `shapes`: each linear layer, each expert FFN case, the attention
     core, the optimizer step and the model steps, taken in turn (`median_seconds`), as training runs them:
-    parameters in their own dtype, under autocast to the compute dtype where the precision is mixed. Measured on
-    each node's first rank alone while the node's other ranks wait (collective over the world; None on those):
-    a rank's own speed, which does not depend on how the others' work happens to overlap it."""
+    parameters in their own dtype, under autocast to the compute dtype where the precision is mixed. Every rank
+    times every figure at the same time (collective over the world): the same number of back-to-back calls per
+    sample on every rank and a barrier before each, so that every sample runs with every rank of the node
+    computing, as training does."""
     mixed = shapes.compute_dtype != shapes.param_dtype
     steps: dict[str, Callable[[], object]] = {}
     with torch.autocast(device.type, dtype=shapes.compute_dtype) if mixed else nullcontext():
@@ -479,10 +480,9 @@ def _compute_times(shapes: ModelShapes, repeats: int, device: torch.device, per_
             steps[f"model/{layers}/{batch}"] = model_step(shapes.model, layers, batch, device, shapes.param_dtype)
         if not dist.is_initialized():
             return median_seconds(steps, device, repeats)
-        dist.barrier()
-        times = median_seconds(steps, device, repeats) if dist.get_rank() % per_node == 0 else dict.fromkeys(steps)
-        dist.barrier()
-        return times
+        first = agree(median_seconds(steps, device, 1, dict.fromkeys(steps, 1), dist.barrier), device)
+        counts = {name: calls_per_sample(t) for name, t in first.items()}
+        return median_seconds(steps, device, repeats, counts, dist.barrier, warmup=0)
 
 
 def _collective_dtype(op: str, shapes: ModelShapes) -> torch.dtype:
@@ -593,18 +593,16 @@ def with_collectives_from(hw: Hardware, collectives_from: CollectivesFrom | None
 def profile(shapes: ModelShapes, settings: ProfileSettings, device: torch.device, per_node: int,
             source: str) -> tuple[Hardware, dict[str, float]]:
     """Every Hardware field, measured on the world's ranks at `shapes` (collective: every rank calls it with the
-    same arguments, on its own device): the compute on each node's first rank alone, times `measure_sharing`'s
-    slowdown with every rank computing (the rates Hardware holds); the collectives with all ranks at once, as in
-    training. Every timing is agreed over the ranks before it is fitted, and rank 0's Hardware (its device name and
+    same arguments, on its own device), all ranks at once as in training; `measure_sharing` compares a rank
+    computing alone with all computing. Every timing is agreed over the ranks before it is fitted, and rank 0's Hardware (its device name and
     `source`) is broadcast: every rank returns the same one, with the compute timings (seconds by name, with every
     rank computing) it was fitted to. One process (no process group) measures the compute figures only.
     ConfigError if a fit finds no growth of time with size."""
-    times = _compute_times(shapes, settings.repeats, device, per_node)
+    times = _compute_times(shapes, settings.repeats, device)
     times["memory_gb"] = device_memory_gb(device, per_node)
-    alone = agree(times, device)
+    t = agree(times, device)
     sharing = measure_sharing(model_step(shapes.model, 1, shapes.batch, device, shapes.param_dtype), device, per_node,
                               settings.repeats)
-    t = {name: x if name == "memory_gb" else x * sharing for name, x in alone.items()}  # with every rank computing
     weights = [(calls * 6 * rows * d_in * d_out, calls * t[f"gemm/{name}"])
                for name, rows, d_in, d_out, calls in shapes.linears]
     cases = shapes.expert_cases
