@@ -2,9 +2,9 @@
 
 One spawn of 4 gloo processes (CPU, fp32, 1 thread each, not pinned), the model and layouts of bench/layouts.py
 (GPT-MoE, 4 MoE layers of 8 experts top-2, global batch 16 x 64 tokens, d_model 128 or --d-model; every valid
-(dp, tp, pp, ep), expert-TP, 1F1B / GPipe / interleaved 1F1B at 4 micro-batches). First `planner.profile.profile` measures every Hardware field
-on the same 4 ranks at the shapes one rank of the pure data-parallel layout computes (smartmoe-profile's settings,
-conf/profile.yaml). Then, per layout and workload, one real Lightning `Trainer.fit` (as bench/layouts.py):
+(dp, tp, pp, ep), expert-TP, 1F1B / GPipe / interleaved 1F1B at 4 micro-batches). First `planner.profile.profile`
+measures every Hardware field on the same 4 ranks at the shapes one rank of the pure data-parallel layout computes
+(smartmoe-profile's settings, conf/profile.yaml). Then, per layout and workload, one real Lightning `Trainer.fit` (as bench/layouts.py):
   natural  the model as it is (the router learns);
   skewed   every router frozen and biased toward experts 0 and 1: a fixed shift of the router's input whose
            logits are +SKEW on those two experts (pseudo-inverse of the frozen router weight), so most tokens
@@ -76,7 +76,7 @@ OPTIM = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2)  # bench/layouts.py's
 SKEW = 0.4  # router logit bias of experts 0 and 1 under the skewed workload: about 70 % of the rows
 HOT = (0, 1)
 EXTRA_SLOTS = 1
-D_MODEL = MODEL["d_model"]  # bench/layouts.py's; --d-model 256 gives 4x the FLOPs per token, the same ops and collectives
+D_MODEL = MODEL["d_model"]  # bench/layouts.py's; --d-model 256: 4x the FLOPs per token, the same ops and collectives
 
 
 def model_config(d_model: int) -> GPTMoEConfig:
@@ -403,7 +403,8 @@ def main() -> None:
         shapes = ModelShapes.of(model_config(args.d_model), base, OPTIM)
         out = run_distributed(WORLD, worker, lays, shapes, cfg, timeout=args.timeout)[0]
     hw = out["hardware"]
-    cases = [predict(hw, res, kind, args.d_model) for res in out["results"] for kind in ("static", "balanced") if kind in res]
+    cases = [predict(hw, res, kind, args.d_model)
+             for res in out["results"] for kind in ("static", "balanced") if kind in res]
     print("\n" + hardware_line(hw))
     print_table(cases)
     by_workload = {w: accuracy([c for c in cases if c["workload"] == w]) for w in args.workloads}
@@ -419,7 +420,8 @@ def main() -> None:
     print("targets: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in met.items()))
     print(json.dumps({
         "bench": "plan_accuracy", "world": WORLD, "threads_per_process": THREADS, "backend": "gloo", "device": "cpu",
-        "model": dict(MODEL, d_model=args.d_model, moe=MOE, global_batch=GLOBAL_BATCH), "skew": {"logit_bias": SKEW, "experts": HOT},
+        "model": dict(MODEL, d_model=args.d_model, moe=MOE, global_batch=GLOBAL_BATCH),
+        "skew": {"logit_bias": SKEW, "experts": HOT},
         "extra_slots_balanced_fits": EXTRA_SLOTS, "warmup": args.warmup, "block": args.block, "pairs": args.pairs,
         "rounds": args.rounds,
         "hardware": {k: v for k, v in vars(hw).items() if k != "collectives"},

@@ -56,8 +56,8 @@ def summary(hw: Hardware, written: Hardware, shapes: ModelShapes, times: dict[st
     lines = [
         f"{hw.name}, {hw.gpus_per_node} processes per node, measured in {seconds:.1f} s",
         f"  dense GEMM {hw.gemm_flops / 1e9:.2f} GFLOP/s, attention {hw.attention_flops / 1e9:.2f} GFLOP/s, "
-        f"optimizer step {hw.optimizer_s_per_param * 1e9:.2f} ns per parameter, memory {hw.memory_gb:.1f} GiB per rank; a rank "
-        f"computes {hw.sharing:.2f}x slower with every rank of its node busy than alone (sharing)",
+        f"optimizer step {hw.optimizer_s_per_param * 1e9:.2f} ns per parameter, memory {hw.memory_gb:.1f} GiB per "
+        f"rank; a rank computes {hw.sharing:.2f}x slower with every rank of its node busy than alone (sharing)",
         f"  unpriced work per layer {hw.layer_s * 1e3:.2f} ms + {hw.layer_token_s * 1e6:.2f} us per token, at the "
         f"ends {hw.ends_s * 1e3:.2f} ms + {hw.ends_token_s * 1e6:.2f} us per token (per micro-batch)",
         f"  expert FFN {hw.expert_flops / 1e9:.2f} GFLOP/s + {hw.expert_group_s * 1e6:.1f} us per group; time per "

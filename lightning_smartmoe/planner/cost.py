@@ -169,7 +169,8 @@ class ExpertLayerCost:
     sharing: float = 1.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.sharing, bool) or not isinstance(self.sharing, int | float) or not 1 <= self.sharing < math.inf:
+        sharing = self.sharing
+        if isinstance(sharing, bool) or not isinstance(sharing, int | float) or not 1 <= sharing < math.inf:
             raise ValueError(f"cost.sharing={self.sharing!r} must be a finite number >= 1")
         for key in ("row_s", "group_s", "row_bytes", "grad_bytes", "state_bytes"):
             value = getattr(self, key)

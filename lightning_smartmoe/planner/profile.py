@@ -475,7 +475,8 @@ def _compute_times(shapes: ModelShapes, repeats: int, device: torch.device) -> d
             steps.update({f"expert/{groups}/{r}": expert_ffn_step(module, x, [r] * groups) for r in rows})
         steps["attention"] = attention_step(shapes.batch, shapes.heads, shapes.seq_len, shapes.head_dim, device,
                                             shapes.compute_dtype)
-        steps["optimizer"] = optimizer_step(shapes.optimizer_sizes, device, shapes.param_dtype, shapes.optim, shapes.clip)
+        steps["optimizer"] = optimizer_step(shapes.optimizer_sizes, device, shapes.param_dtype, shapes.optim,
+                                            shapes.clip)
         for layers, batch in shapes.overhead_cases:
             steps[f"model/{layers}/{batch}"] = model_step(shapes.model, layers, batch, device, shapes.param_dtype)
         if not dist.is_initialized():
@@ -594,9 +595,9 @@ def profile(shapes: ModelShapes, settings: ProfileSettings, device: torch.device
             source: str) -> tuple[Hardware, dict[str, float]]:
     """Every Hardware field, measured on the world's ranks at `shapes` (collective: every rank calls it with the
     same arguments, on its own device), all ranks at once as in training; `measure_sharing` compares a rank
-    computing alone with all computing. Every timing is agreed over the ranks before it is fitted, and rank 0's Hardware (its device name and
-    `source`) is broadcast: every rank returns the same one, with the compute timings (seconds by name, with every
-    rank computing) it was fitted to. One process (no process group) measures the compute figures only.
+    computing alone with all computing. Every timing is agreed over the ranks before it is fitted, and rank 0's
+    Hardware (its device name and `source`) is broadcast: every rank returns the same one, with the compute timings
+    (seconds by name, every rank computing) it was fitted to. One process (no process group) measures the compute figures only.
     ConfigError if a fit finds no growth of time with size."""
     times = _compute_times(shapes, settings.repeats, device)
     times["memory_gb"] = device_memory_gb(device, per_node)
