@@ -83,7 +83,7 @@ def plan_balanced(load: torch.Tensor, current: Placement, cost: ExpertLayerCost)
     # Greedy answers `current` or a one-replica layout, whose max rank load is at least `floor`: if the candidate
     # beats both bounds it beats greedy's answer, which need not be computed.
     floor = max(max(loads), sum(loads) / current.ep)
-    if peak <= min(floor, _max_load(current, loads)) and best_time < min(cost.token_time * floor, now):
+    if peak <= min(floor, _max_load(current, loads)) and best_time < min(cost.rows_bound(floor), now):
         return candidate
     fallback = plan_greedy(load, current, cost)
     no_worse = peak <= _max_load(fallback, loads)

@@ -181,11 +181,6 @@ class ExpertLayerCost:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"cost.{key}={value!r} must be an integer >= {low}")
 
-    @property
-    def token_time(self) -> float:
-        """Seconds of expert compute per routed row (the planners' unit)."""
-        return self.row_s
-
     def _a2a(self, rows: Sequence[float], total: float) -> float:
         """All-to-all seconds per step: rank r receives its rows from the others ((ep - 1) / ep of them) and sends
         away the share of its own tokens (total / ep) routed to the other ranks' slots."""
