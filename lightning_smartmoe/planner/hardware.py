@@ -42,7 +42,7 @@ class Hardware:
         adds per forward + backward (small groups run slower per row: this is where it shows).
     attention_flops: FLOP/s of the attention core (scores and weighted sum).
     optimizer_s_per_param: seconds of the optimizer step per parameter it steps: AdamW, after gradient clipping
-        where training clips (its float64 norm and the scaling).
+        where training clips (the gradients' norm and their scaling).
     collectives[op][scope][n]: the Link fit of `op` on a group of n ranks (empty: none measured, one device).
     layer_s, layer_token_s: the seconds of a layer's forward + backward per micro-batch that the rates above do not
         price (norms, activations, softmax, routing, permutes, the framework's per-op dispatch), fixed and per token;
