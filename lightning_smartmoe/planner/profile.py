@@ -597,8 +597,8 @@ def profile(shapes: ModelShapes, settings: ProfileSettings, device: torch.device
     same arguments, on its own device), all ranks at once as in training; `measure_sharing` compares a rank
     computing alone with all computing. Every timing is agreed over the ranks before it is fitted, and rank 0's
     Hardware (its device name and `source`) is broadcast: every rank returns the same one, with the compute timings
-    (seconds by name, every rank computing) it was fitted to. One process (no process group) measures the compute figures only.
-    ConfigError if a fit finds no growth of time with size."""
+    (seconds by name, every rank computing) it was fitted to. One process (no process group) measures the compute
+    figures only. ConfigError if a fit finds no growth of time with size."""
     times = _compute_times(shapes, settings.repeats, device)
     times["memory_gb"] = device_memory_gb(device, per_node)
     t = agree(times, device)
