@@ -1,6 +1,6 @@
 """Sums of squares of gradients for clipping by the global norm, accumulated in float64 by the reductions
-themselves: no float64 copy of a gradient is made, which cost 17-60x the reduction (17.8M float32 elements in 45
-tensors, one CPU thread: 154 ms with the copy, 9 ms without, and float32 accumulation 2.7 ms but 6e-6 off)."""
+themselves: no float64 copy of a gradient is made (bench/clipping.py: 17.8M float32 elements in 45 tensors, one
+CPU thread, 123 ms with the copies, 7.3 ms without; float32 accumulation would take 2.6 ms but be 6e-6 off)."""
 
 from collections import defaultdict
 

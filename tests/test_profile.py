@@ -23,8 +23,8 @@ from lightning_smartmoe.planner import hardware
 from lightning_smartmoe.planner import profile as planner_profile
 from lightning_smartmoe.planner.memory import Layout
 from lightning_smartmoe.planner.profile import (CollectivesFrom, ModelShapes, ProfileSettings, collective_fits,
-                                               collective_groups, fit_overheads, unpriced_seconds,
-                                               with_collectives_from)
+                                               collective_groups, fit_overheads, measure_sharing,
+                                               nonnegative_least_squares, unpriced_seconds, with_collectives_from)
 
 config.register_recipes()
 
@@ -50,7 +50,8 @@ def test_two_processes_write_a_calibration_that_loads(tmp_path):
         link = scopes["intra"][2]
         assert math.isfinite(link.latency_s) and link.latency_s >= 0 and math.isfinite(link.bytes_per_s), op
     assert hw.gpus_per_node == 2 and hw.source.startswith("measured on ") and "trainer.devices=2" in hw.source
-    assert hw.sharing == (1.0 if len(os.sched_getaffinity(0)) >= 2 else hw.sharing)  # a core each: nothing shared
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert hw.sharing == 1.0  # a core each: nothing shared, nothing measured
     digests = re.findall(r"rank (\d) of 2 holds figures (\w+)", run.stdout)
     assert sorted(r for r, _ in digests) == ["0", "1"] and len({d for _, d in digests}) == 1, run.stdout
     assert "expert FFN" in run.stdout and f"wrote {out}" in run.stdout
@@ -303,8 +304,6 @@ def test_nonnegative_least_squares_keeps_every_coefficient_at_or_above_zero():
     """Exact data come back; where the unconstrained solution has a negative coefficient, the best fit with that
     coefficient at 0 is returned (here y = 2 + 3 x - 0.01 x^2 on 0..4: the quadratic term goes, and the rest is
     the least-squares line through the points)."""
-    from lightning_smartmoe.planner.profile import nonnegative_least_squares
-
     xs = [0.0, 1.0, 2.0, 3.0, 4.0]
     ones, squares = [1.0] * 5, [x * x for x in xs]
     assert nonnegative_least_squares([ones, xs, squares], [2 + 3 * x + 0.5 * x * x for x in xs]) == pytest.approx(
@@ -317,8 +316,6 @@ def test_nonnegative_least_squares_keeps_every_coefficient_at_or_above_zero():
 
 
 def sharing_of_a_matmul_loop() -> float:
-    from lightning_smartmoe.planner.profile import measure_sharing
-
     a = torch.randn(192, 192)
     return measure_sharing(lambda: a @ a @ a, torch.device("cpu"), 4, repeats=3)
 
@@ -336,8 +333,6 @@ def test_four_processes_on_fewer_cores_measure_how_much_slower_they_run_together
 def test_nonnegative_least_squares_does_not_care_how_its_columns_are_scaled():
     """Columns 1e10 and 1e3 apart in size (FLOPs per second against groups per second: the expert fit's) give the
     same two-term solution as columns of like size."""
-    from lightning_smartmoe.planner.profile import nonnegative_least_squares
-
     rows, groups = [16.0, 32.0, 64.0, 128.0, 32.0, 64.0], [1.0, 1.0, 1.0, 1.0, 4.0, 4.0]
     times = [r * 2e-5 + g * 3e-4 for r, g in zip(rows, groups)]
     flops = [[r * 1e10 for r in rows], groups]
