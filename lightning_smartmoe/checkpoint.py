@@ -32,6 +32,16 @@ from lightning_smartmoe.errors import ConfigError
 from lightning_smartmoe.moe.experts import GroupedExperts
 
 META = "meta.pt"
+_NOT_HPARAMS = ("params", "fused", "foreach", "capturable", "differentiable")  # how this layout steps, not what
+
+
+def _hparams(group: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer param group's hyperparameters (lr, betas, weight decay, ...), as a checkpoint carries them to
+    any layout: not its tensors, nor the implementation choices the resuming layout makes for itself (a ZeRO
+    group holding column blocks is not fused)."""
+    return {k: v for k, v in group.items() if k not in _NOT_HPARAMS}
+
+
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{8}\.(?P<kind>tmp|old)$")  # save()'s working names
 
 
@@ -186,7 +196,7 @@ def save(
     try:
         dcp.save(_all_tensors(module, optimizers, stored), checkpoint_id=tmp)
         if rank == 0:
-            meta = dict(meta, optimizer_hparams=[[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in optimizers])
+            meta = dict(meta, optimizer_hparams=[[_hparams(g) for g in opt.param_groups] for opt in optimizers])
             torch.save(meta, tmp / META)
         _barrier()
     except BaseException:
@@ -236,7 +246,7 @@ def load(
         raise ConfigError(f"ckpt_path={str(path)!r} could not be read: {_describe(err)}") from err
     for opt, groups in zip(optimizers, meta.pop("optimizer_hparams", [])):
         for group, saved_group in zip(opt.param_groups, groups):
-            group.update(saved_group)
+            group.update(_hparams(saved_group))
     return meta
 
 

@@ -131,10 +131,14 @@ class ZeroOptimizer:
         return p if shard is None else shard.master
 
     def shard_optimizers(self, optimizers: list[Optimizer]) -> None:
-        """Point every optimizer at the masters instead of the cut parameters (before its first step)."""
+        """Point every optimizer at the masters instead of the cut parameters (before its first step). A group
+        that holds a column block (a view that is not contiguous) is no longer fused: torch 2.13's fused CPU
+        AdamW steps such a view as if it were contiguous (wrong values, measured)."""
         for opt in optimizers:
             for group in opt.param_groups:
                 group["params"] = [self.master(p) for p in group["params"]]
+                if group.get("fused") and not all(t.is_contiguous() for t in group["params"]):
+                    group["fused"] = False
 
     def set_master_grads(self) -> None:
         """After the gradients are synchronised: each master's gradient is its block of the parameter's (at stage 2

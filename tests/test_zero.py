@@ -117,6 +117,7 @@ def _two_ranks(corpus: str, ckpt: str) -> dict:
         "dp2_zero1": _fit(corpus, zero=1),
         "dp2_ep2_zero2_switches": _fit(corpus, zero=2, ep=2, extra_slots=1, callbacks=[RandomSwitches(extra=1)]),
         "resumed_dp2_zero0": _fit(corpus, zero=0, resume=Path(ckpt)),
+        "resumed_dp2_ep2_zero2": _fit(corpus, zero=2, ep=2, resume=Path(ckpt)),
         "llama_dp2_ep2_zero2_switches": _fit(corpus, tiny.llama_config(), zero=2, ep=2, extra_slots=1,
                                              callbacks=[RandomSwitches(extra=1)]),
     }
@@ -141,9 +142,11 @@ def test_swiglu_and_shared_experts_with_expert_bias_under_zero2_and_switches(two
 
 @pytest.mark.timeout(360)
 def test_sharded_checkpoint_resumes_unsharded_on_two_ranks_and_in_one_process(four_ranks, two_ranks, corpus):
-    """Saved at zero=1 on dp=4 (ep=2: experts cut over 2) after step 2; resumed at zero=0 on dp=2 and in one process."""
+    """Saved at zero=1 on dp=4 (ep=2: experts cut over 2) after step 2; resumed at zero=0 and at zero=2 (other
+    blocks) on dp=2, and in one process."""
     results, save = four_ranks
     saved_losses, saved_params = results[0]["saved_dp4_ep2_zero1"]
     expected = (saved_losses[2:], tiny.weights(saved_params))
     assert_same_run(two_ranks["resumed_dp2_zero0"], expected)
+    assert_same_run(two_ranks["resumed_dp2_ep2_zero2"], expected)
     assert_same_run(_fit(corpus, resume=save / "epoch=0-step=2.ckpt"), expected)

@@ -149,16 +149,16 @@ def attention_step(batch: int, heads: int, seq_len: int, head_dim: int, device: 
     return _forward_backward(lambda: F.scaled_dot_product_attention(*qkv, is_causal=True), qkv)
 
 
-def optimizer_step(sizes: Sequence[int], device: torch.device, dtype: torch.dtype, optim: OptimConfig,
+def optimizer_step(sizes: Sequence[int], device: torch.device, precision: str, optim: OptimConfig,
                    clip: bool) -> Callable[[], object]:
-    """One torch.optim.AdamW step (the settings of `optim`, as training makes it) on tensors of `sizes` parameters
-    in `dtype` (the rank's own tensors: their sizes decide how much of the state stays in cache), after gradient
+    """One AdamW step (`optim.adamw`, as training at trainer `precision` makes it) on tensors of `sizes`
+    parameters (the rank's own tensors: their sizes decide how much of the state stays in cache), after gradient
     clipping as the strategy runs it when `clip` (every gradient's sum of squares, then every gradient scaled)."""
-    params = [nn.Parameter(torch.zeros(n, device=device, dtype=dtype)) for n in sizes]
+    params = [nn.Parameter(torch.zeros(n, device=device, dtype=memory.PARAM_DTYPES[precision])) for n in sizes]
     for p in params:
         p.grad = torch.randn_like(p)
     grads = [p.grad for p in params]
-    opt = torch.optim.AdamW(params, lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay)
+    opt = optim.adamw(params, [], precision)
 
     def step() -> None:
         if clip:
@@ -475,7 +475,7 @@ def _compute_times(shapes: ModelShapes, repeats: int, device: torch.device) -> d
             steps.update({f"expert/{groups}/{r}": expert_ffn_step(module, x, [r] * groups) for r in rows})
         steps["attention"] = attention_step(shapes.batch, shapes.heads, shapes.seq_len, shapes.head_dim, device,
                                             shapes.compute_dtype)
-        steps["optimizer"] = optimizer_step(shapes.optimizer_sizes, device, shapes.param_dtype, shapes.optim,
+        steps["optimizer"] = optimizer_step(shapes.optimizer_sizes, device, shapes.precision, shapes.optim,
                                             shapes.clip)
         for layers, batch in shapes.overhead_cases:
             steps[f"model/{layers}/{batch}"] = model_step(shapes.model, layers, batch, device, shapes.param_dtype)
