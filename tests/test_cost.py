@@ -105,7 +105,7 @@ def test_tensor_parallel_collectives(sequence_parallel):
     else:  # layer 0: 2 regions x 2 all-reduces; layer 1: attention's 2 and the token slices gathered both ways
         tp = 2 * 2 * ar + 2 * ar + 2 * ag + ar  # 16 s
     assert got.tp == pytest.approx(tp + HEAD_TP)
-    assert got.control == pytest.approx(ROUTED + 7 * SCALAR)  # the world's 7 scalar collectives per step
+    assert got.control == pytest.approx(ROUTED + 4 * SCALAR)  # the world's 4 scalar collectives per step
     # the dense GEMMs split over tp; the router sees this rank's 16 tokens, the attention core its heads
     assert got.dense == pytest.approx(3 * (ATTN_PROJ / 2 + FFN / 2 + ATTN_PROJ / 2 + ROUTER / 2 + HEAD / 2) / 1e6)
     assert got.attention == pytest.approx(2 * CORE_S / 2)
@@ -143,7 +143,7 @@ def test_pipeline_is_microbatches_times_the_slowest_stage_plus_the_bubble(accumu
     only(got, dense=micro * DENSE0, attention=micro * CORE_S, p2p=micro * p2p,  # m x the slowest stage ...
          bubble=accumulate * stage1,  # ... + the other stage once, per accumulation step
          optimizer=(BLOCK1_P + 4 * EXPERT_P + HEAD_P) * 1e-6,  # the stage with the most parameters: 22880
-         control=8 * SCALAR)  # the world's 7 scalar collectives and the loss's broadcast over the stages
+         control=5 * SCALAR)  # the world's 4 scalar collectives and the loss's broadcast over the stages
 
 
 def test_interleaved_bubble_is_divided_by_the_virtual_stages():
@@ -310,7 +310,7 @@ def test_expert_parallel_control_collectives():
     layout = Layout(ParallelSizes(dp=2, ep=2), global_batch=4)
     got = CostModel(CFG, HW).step(layout, {1: LayerPlacement(((0, 1), (2, 3)), (16.0,) * 4)})
     counts = 0.5 + 2 * 2 * 8 / 1024  # the all-to-all of 2 slots x 2 ranks of int64 row counts
-    assert got.control == pytest.approx(ROUTED + counts + 7 * SCALAR)
+    assert got.control == pytest.approx(ROUTED + counts + 4 * SCALAR)
 
 
 def test_a_layouts_zero_stages_priced_in_turn_equal_each_priced_alone():
@@ -356,7 +356,7 @@ def test_sharing_lets_a_pipelines_stages_run_alone_through_the_bubble_but_no_fas
     got = CostModel(CFG, CORES_SHARED).step(layout, {1: even(rows=32.0)})
     assert stage0 + stage1 / 2 < stage0 + stage1
     only(got, dense=DENSE0 + DENSE1 + HEAD_S, attention=2 * CORE_S, p2p=2 * p2p, experts=experts,
-         optimizer=(BLOCK1_P + 4 * EXPERT_P + HEAD_P) * 1e-6, control=8 * SCALAR)
+         optimizer=(BLOCK1_P + 4 * EXPERT_P + HEAD_P) * 1e-6, control=5 * SCALAR)
 
 
 def test_sharing_hides_no_collective_under_the_backward():

@@ -28,9 +28,10 @@ A step is the pipeline of those stage times over the micro-batches: m x (the slo
              layers' backward hides when it overlaps;
   zero       the all-gather of the updated ZeRO blocks after the step;
   optimizer  the optimizer step (gradient clipping and AdamW, as profiled) over what this rank steps;
-  control    (again, per step) the world's scalar all-reduces: the loss and the MoE statistics Lightning reduces
-             (a barrier and an all-reduce each), the gradient-clipping norm, the stop-signal check, Lightning's
-             stop-flag broadcast; under pipelining the loss's broadcast over the stages (each at all_reduce prices);
+  control    (again, per step) the world's scalar all-reduces: the loss the module reduces, the
+             gradient-clipping norm, the stop-signal check, Lightning's stop-flag broadcast; under
+             pipelining the loss's broadcast over the stages (each at all_reduce prices). The MoE statistics'
+             pair runs only every trainer.log_every_n_steps steps and is left out;
   migration  the seconds a placement policy spends moving experts, per step (from a simulation over the load).
 Every rank of a stage runs the same dense work, so the stage time is its ranks' common work plus its busiest
 expert-parallel rank's.
@@ -317,7 +318,7 @@ def _replicas(rank_experts: Sequence[Sequence[int]], num_experts: int) -> list[i
 
 TERMS = ("dense", "attention", "experts", "all_to_all", "tp", "p2p", "overhead", "control", "bubble", "grad_sync",
          "replicas", "zero", "optimizer", "migration")
-_WORLD_SCALARS = 7  # per step: 2 x (barrier + all-reduce) of Lightning's reduce, clipping norm, stop check, broadcast
+_WORLD_SCALARS = 4  # per step: the loss's all-reduce, the clipping norm, the stop check, Lightning's broadcast
 
 
 @dataclass(frozen=True)
