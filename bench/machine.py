@@ -22,6 +22,26 @@ def cpu_pressure() -> float | None:
         return None
 
 
+def cpu_times() -> list[int] | None:
+    """The machine's CPU time so far, in clock ticks: /proc/stat's first line (user, nice, system, idle, iowait,
+    irq, softirq, steal, ...); None where unavailable."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def steal_share(start: list[int] | None) -> float | None:
+    """Share of the machine's CPU time since `start` (cpu_times()) that the hypervisor gave to other guests
+    ("steal"): time this VM's runnable tasks lost without it showing as load here."""
+    end = cpu_times()
+    if start is None or end is None or len(end) < 8:
+        return None
+    delta = [b - a for a, b in zip(start, end)]
+    return round(delta[7] / max(1, sum(delta[:8])), 4)
+
+
 def vm_mib(key: str) -> float:
     """A /proc/self/status field in MiB (VmRSS: resident now, VmHWM: peak resident)."""
     with open("/proc/self/status") as f:
