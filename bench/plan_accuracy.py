@@ -28,6 +28,9 @@ steady state). error = predicted / measured - 1; MAPE = mean |error|; Spearman =
 measured over all cases (ties: mean rank). The planner's pick per workload = the case with the lowest predicted
 time; pick/best = its measured time over the lowest measured time of that workload.
 Targets (issue 12): MAPE <= 10 %, Spearman >= 0.9, pick within 5 % of the measured best (each workload).
+With --rounds >= 2 the bench also sets the measurement against itself (round 1 against round 2: their Spearman and
+mean relative difference, the most any model can reach in that run) and reports the share of CPU time the
+hypervisor stole (/proc/stat) while it ran.
 
 Run:  .venv/bin/python bench/plan_accuracy.py            (every layout; about 7 min on 2 cores, 20 at --d-model 256)
       .venv/bin/python bench/plan_accuracy.py --no-gpipe --only 'pp1'   (a subset)
@@ -59,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import lightning.pytorch as pl  # noqa: E402
 from distributed import run_distributed  # noqa: E402
 from layouts import GLOBAL_BATCH, MODEL, MOE, THREADS, WORLD, layouts  # noqa: E402
-from machine import cpu_pressure  # noqa: E402
+from machine import cpu_pressure, cpu_times, steal_share  # noqa: E402
 
 from lightning_smartmoe import SmartMoEStrategy, config  # noqa: E402
 from lightning_smartmoe.data import TokenDataModule  # noqa: E402
@@ -351,6 +354,17 @@ def accuracy(cases: list[dict]) -> dict:
             "pick_over_best": round(pick["measured_ms"] / best["measured_ms"], 4)}
 
 
+def repeatability(cases: list[dict]) -> dict | None:
+    """How well the measurement agrees with itself (with --rounds >= 2): the first two rounds' times of each case
+    against each other. Their Spearman and mean relative difference bound what any model can show here."""
+    pairs = [c["measured_ms_by_round"][:2] for c in cases if len(c["measured_ms_by_round"]) >= 2]
+    if len(pairs) < 2:
+        return None
+    first, second = zip(*pairs)
+    return {"cases": len(pairs), "spearman_round1_round2": round(spearman(list(first), list(second)), 4),
+            "mean_relative_difference": round(statistics.fmean(abs(a - b) / ((a + b) / 2) for a, b in pairs), 4)}
+
+
 def hardware_line(hw: Hardware) -> str:
     fits = ", ".join(f"{op} n={n} {link.latency_s * 1e6:.0f} us + {link.bytes_per_s / 1e9:.2f} GB/s"
                      for op, scopes in hw.collectives.items() for n, link in scopes["intra"].items())
@@ -388,7 +402,7 @@ def main() -> None:
     lays = [lay for lay in lays if args.only is None or re.search(args.only, lay["name"])]
     if not lays:
         ap.error(f"--only {args.only!r} matches no layout")
-    load0, psi0 = os.getloadavg()[0], cpu_pressure()
+    load0, psi0, ticks0 = os.getloadavg()[0], cpu_pressure(), cpu_times()
     print(f"Cost model vs measurement: {WORLD} gloo ranks, {THREADS} thread each, {os.cpu_count()} cores, not pinned; "
           f"bench/layouts.py's GPT-MoE; {len(lays)} layouts x {args.workloads}; {args.warmup} warm-up steps, blocks "
           f"of {args.block} ({args.pairs} static + {args.pairs} balanced where ep > 1); load avg {load0:.2f}, CPU "
@@ -418,6 +432,12 @@ def main() -> None:
               f"{a['pick']} measured {a['pick_measured_ms']:.1f} ms, best {a['best']} {a['best_measured_ms']:.1f} ms: "
               f"pick/best {a['pick_over_best']:.3f}")
     print("targets: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in met.items()))
+    repeat, steal = repeatability(cases), steal_share(ticks0)
+    if repeat is not None:
+        print(f"the measurement against itself (round 1 vs round 2, {repeat['cases']} cases): Spearman "
+              f"{repeat['spearman_round1_round2']:.3f}, mean relative difference "
+              f"{100 * repeat['mean_relative_difference']:.1f}%; CPU time stolen by the hypervisor: "
+              f"{'n/a' if steal is None else f'{100 * steal:.1f}%'}")
     print(json.dumps({
         "bench": "plan_accuracy", "world": WORLD, "threads_per_process": THREADS, "backend": "gloo", "device": "cpu",
         "model": dict(MODEL, d_model=args.d_model, moe=MOE, global_batch=GLOBAL_BATCH),
@@ -430,6 +450,7 @@ def main() -> None:
         "profile_s": round(out["profile_s"], 1),
         "cases": cases, "overall": overall, "by_workload": by_workload,
         "targets": TARGETS, "targets_met": met, "all_targets_met": all(met.values()),
+        "measurement_repeatability": repeat, "cpu_steal_share": steal,
         "load_avg_start": round(load0, 2), "load_avg_end": round(os.getloadavg()[0], 2),
         "cpu_pressure_avg10_start": psi0, "cpu_pressure_avg10_end": cpu_pressure(),
         "wall_s": round(time.perf_counter() - t0, 1),

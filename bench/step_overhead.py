@@ -9,6 +9,8 @@ names) and --rounds times in turn (before, now, now, before, ...), one `Trainer.
           and torch.optim.AdamW's default (a loop over the tensors on CPU);
   now     log_every_n_steps=50 (the MoE statistics and train/ppl skipped on the timed steps), the strategy's
           reduce and the module's fused AdamW.
+Before the spawn, in this process (1 thread): one AdamW step over the model's parameters (random gradients), the
+three ways torch offers (the per-tensor loop, foreach, fused), --rounds alternations of 20 steps after 3 each.
 A step is its slowest rank's on_train_batch_start..end wall time; a case's figure is the median over its timed
 steps and rounds (each fit's median is in the JSON, in the order they ran). Each mode also reports the median process-CPU time per step of its busiest rank.
 
@@ -98,6 +100,25 @@ def fit(lay: dict, mode: str, corpus: str, warmup: int, steps: int) -> list[tupl
     return clock.steps
 
 
+def adamw_step_ms(rounds: int) -> dict[str, list[float]]:
+    """ms per AdamW step over the model's parameters, per implementation and alternation."""
+    torch.set_num_threads(THREADS)
+    params = list(model_config().build().parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    found: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for name, kw in (("loop", dict(foreach=False)), ("foreach", dict(foreach=True)), ("fused", dict(fused=True))):
+            opt = torch.optim.AdamW(params, lr=1e-3, **kw)
+            for _ in range(3):
+                opt.step()
+            t0 = time.perf_counter()
+            for _ in range(20):
+                opt.step()
+            found.setdefault(name, []).append(round((time.perf_counter() - t0) / 20 * 1e3, 2))
+    return found
+
+
 def worker(runs: list[tuple[dict, str]], corpus: str, warmup: int, steps: int) -> list[list[tuple[float, float]]]:
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "torch.distributed"):
@@ -119,6 +140,8 @@ def main() -> None:
     order = [m for r in range(args.rounds) for m in (("before", "now") if r % 2 == 0 else ("now", "before"))]
     runs = [(lay, mode) for lay in lays for mode in order]
     load0, pressure0, ticks0, t0 = os.getloadavg()[0], cpu_pressure(), cpu_times(), time.time()
+    adamw = adamw_step_ms(args.rounds)
+    print("AdamW step over the model's parameters, ms: " + ", ".join(f"{k} {v}" for k, v in adamw.items()))
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "tokens.bin"
         np.random.default_rng(0).integers(0, MODEL["vocab_size"], size=1 << 17, dtype=np.uint16).tofile(corpus)
@@ -140,7 +163,7 @@ def main() -> None:
                  "step_ms": round(1e3 * statistics.median(max(r[k][s][0] for r in ranks) for s in range(args.steps)), 1)}
                 for k, (lay, mode) in enumerate(runs)]
     print(json.dumps({"bench": "step_overhead", "world": WORLD, "threads_per_process": THREADS, "rounds": args.rounds,
-                      "warmup": args.warmup, "steps": args.steps, "cases": cases, "fits_in_order": in_order,
+                      "warmup": args.warmup, "steps": args.steps, "cases": cases, "fits_in_order": in_order, "adamw_step_ms": adamw,
                       "geomean_speedup": round(float(np.exp(np.mean([np.log(c["speedup"]) for c in cases]))), 3),
                       "load_avg_start": round(load0, 2), "load_avg_end": round(os.getloadavg()[0], 2),
                       "cpu_pressure_avg10_start": pressure0, "cpu_pressure_avg10_end": cpu_pressure(),

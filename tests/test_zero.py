@@ -141,7 +141,7 @@ def test_swiglu_and_shared_experts_with_expert_bias_under_zero2_and_switches(two
 
 
 @pytest.mark.timeout(360)
-def test_sharded_checkpoint_resumes_unsharded_on_two_ranks_and_in_one_process(four_ranks, two_ranks, corpus):
+def test_sharded_checkpoint_resumes_under_other_stages_on_two_ranks_and_in_one_process(four_ranks, two_ranks, corpus):
     """Saved at zero=1 on dp=4 (ep=2: experts cut over 2) after step 2; resumed at zero=0 and at zero=2 (other
     blocks) on dp=2, and in one process."""
     results, save = four_ranks
