@@ -29,8 +29,8 @@ measured over all cases (ties: mean rank). The planner's pick per workload = the
 time; pick/best = its measured time over the lowest measured time of that workload.
 Targets (issue 12): MAPE <= 10 %, Spearman >= 0.9, pick within 5 % of the measured best (each workload).
 With --rounds >= 2 the bench also sets the measurement against itself (round 1 against round 2: their Spearman and
-mean relative difference, the most any model can reach in that run) and reports the share of CPU time the
-hypervisor stole (/proc/stat) while it ran.
+mean relative difference, roughly the most any model can show against that run's measurement) and every run
+reports the share of CPU time the hypervisor stole (/proc/stat) while it ran.
 
 Run:  .venv/bin/python bench/plan_accuracy.py            (every layout; about 7 min on 2 cores, 20 at --d-model 256)
       .venv/bin/python bench/plan_accuracy.py --no-gpipe --only 'pp1'   (a subset)
@@ -356,7 +356,7 @@ def accuracy(cases: list[dict]) -> dict:
 
 def repeatability(cases: list[dict]) -> dict | None:
     """How well the measurement agrees with itself (with --rounds >= 2): the first two rounds' times of each case
-    against each other. Their Spearman and mean relative difference bound what any model can show here."""
+    against each other. Their Spearman and mean relative difference: roughly what any model can show here."""
     pairs = [c["measured_ms_by_round"][:2] for c in cases if len(c["measured_ms_by_round"]) >= 2]
     if len(pairs) < 2:
         return None
@@ -436,8 +436,8 @@ def main() -> None:
     if repeat is not None:
         print(f"the measurement against itself (round 1 vs round 2, {repeat['cases']} cases): Spearman "
               f"{repeat['spearman_round1_round2']:.3f}, mean relative difference "
-              f"{100 * repeat['mean_relative_difference']:.1f}%; CPU time stolen by the hypervisor: "
-              f"{'n/a' if steal is None else f'{100 * steal:.1f}%'}")
+              f"{100 * repeat['mean_relative_difference']:.1f}%")
+    print(f"CPU time stolen by the hypervisor during the run: {'n/a' if steal is None else f'{100 * steal:.1f}%'}")
     print(json.dumps({
         "bench": "plan_accuracy", "world": WORLD, "threads_per_process": THREADS, "backend": "gloo", "device": "cpu",
         "model": dict(MODEL, d_model=args.d_model, moe=MOE, global_batch=GLOBAL_BATCH),
