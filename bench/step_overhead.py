@@ -12,7 +12,8 @@ names) and --rounds times in turn (before, now, now, before, ...), one `Trainer.
 Before the spawn, in this process (1 thread): one AdamW step over the model's parameters (random gradients), the
 three ways torch offers (the per-tensor loop, foreach, fused), --rounds alternations of 20 steps after 3 each.
 A step is its slowest rank's on_train_batch_start..end wall time; a case's figure is the median over its timed
-steps and rounds (each fit's median is in the JSON, in the order they ran). Each mode also reports the median process-CPU time per step of its busiest rank.
+steps and rounds (each fit's median is in the JSON, in the order they ran). Each mode also reports the median
+process-CPU time per step of its busiest rank.
 
 Run:  .venv/bin/python bench/step_overhead.py [--only 'dp4.tp1.pp1.ep1$|dp2.tp1.pp2.ep2.1f1b$'] [--rounds 3]
 Printed: one line per layout, then as the last line one JSON object with all figures.
@@ -95,7 +96,8 @@ def fit(lay: dict, mode: str, corpus: str, warmup: int, steps: int) -> list[tupl
         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[clock], log_every_n_steps=MODES[mode],
     )
-    dm = TokenDataModule(corpus, seq_len=MODEL["seq_len"], global_batch_size=GLOBAL_BATCH, vocab_size=MODEL["vocab_size"])
+    dm = TokenDataModule(corpus, seq_len=MODEL["seq_len"], global_batch_size=GLOBAL_BATCH,
+                         vocab_size=MODEL["vocab_size"])
     trainer.fit((LoopAdamW if mode == "before" else MoELMModule)(model_config(), OPTIM), dm)
     return clock.steps
 
@@ -157,13 +159,16 @@ def main() -> None:
                              "cpu_ms": round(1e3 * statistics.median(c for _, c in steps), 1)}
         speedup = figures["before"]["step_ms"] / figures["now"]["step_ms"]
         cases.append({"layout": lay["name"], **figures, "speedup": round(speedup, 3)})
-        print(f"{lay['name']:<28} before {figures['before']['step_ms']:7.1f} ms (CPU {figures['before']['cpu_ms']:6.1f})"
-              f"   now {figures['now']['step_ms']:7.1f} ms (CPU {figures['now']['cpu_ms']:6.1f})   {speedup:.3f}x")
+        before, now = figures["before"], figures["now"]
+        print(f"{lay['name']:<28} before {before['step_ms']:7.1f} ms (CPU {before['cpu_ms']:6.1f})"
+              f"   now {now['step_ms']:7.1f} ms (CPU {now['cpu_ms']:6.1f})   {speedup:.3f}x")
     in_order = [{"layout": lay["name"], "mode": mode,
-                 "step_ms": round(1e3 * statistics.median(max(r[k][s][0] for r in ranks) for s in range(args.steps)), 1)}
+                 "step_ms": round(1e3 * statistics.median(max(r[k][s][0] for r in ranks)
+                                                          for s in range(args.steps)), 1)}
                 for k, (lay, mode) in enumerate(runs)]
     print(json.dumps({"bench": "step_overhead", "world": WORLD, "threads_per_process": THREADS, "rounds": args.rounds,
-                      "warmup": args.warmup, "steps": args.steps, "cases": cases, "fits_in_order": in_order, "adamw_step_ms": adamw,
+                      "warmup": args.warmup, "steps": args.steps, "cases": cases,
+                      "fits_in_order": in_order, "adamw_step_ms": adamw,
                       "geomean_speedup": round(float(np.exp(np.mean([np.log(c["speedup"]) for c in cases]))), 3),
                       "load_avg_start": round(load0, 2), "load_avg_end": round(os.getloadavg()[0], 2),
                       "cpu_pressure_avg10_start": pressure0, "cpu_pressure_avg10_end": cpu_pressure(),

@@ -649,7 +649,10 @@ class SmartMoEStrategy(ParallelStrategy):
         if not isinstance(tensor, Tensor) or not dist.is_initialized():
             return tensor
         mean = isinstance(reduce_op, str) and reduce_op.lower() in ("mean", "avg")
-        op = dist.ReduceOp.SUM if mean else getattr(dist.ReduceOp, reduce_op.upper()) if isinstance(reduce_op, str) else reduce_op
+        if mean:
+            op = dist.ReduceOp.SUM
+        else:
+            op = getattr(dist.ReduceOp, reduce_op.upper()) if isinstance(reduce_op, str) else reduce_op
         dist.all_reduce(tensor, op=op, group=group)
         if not mean:
             return tensor

@@ -197,3 +197,19 @@ def test_collectives_and_manual_optimization_on_two_ranks():
         assert out == {"sum": 3.0, "mean": 1.5, "broadcast": {"from": 1}, "gathered": [1.0, 2.0], "barrier": True}
         for key, want in single.items():
             assert relative_error(manual[key], want) <= RTOL, key
+
+
+def _reductions() -> list:
+    """This rank's results of the strategy's reduce: mean (float and int), sum, max, a ReduceOp, a non-tensor."""
+    r, strategy = dist.get_rank(), SmartMoEStrategy()
+    got = [strategy.reduce(torch.tensor(float(r + 1))), strategy.reduce(torch.tensor(r + 2), reduce_op="avg"),
+           strategy.reduce(torch.tensor([r, 10.0]), reduce_op="sum"), strategy.reduce(torch.tensor(r), reduce_op="max"),
+           strategy.reduce(torch.tensor(1), reduce_op=dist.ReduceOp.SUM)]
+    return [t.tolist() for t in got] + [strategy.reduce("not a tensor")]
+
+
+@pytest.mark.timeout(60)
+def test_reduce_is_one_all_reduce_with_lightnings_meanings():
+    """Mean is the sum over the world divided by its size (in place, truncated for integers, as Lightning's)."""
+    for got in run_distributed(2, _reductions, timeout=50):
+        assert got == [1.5, 2, [1.0, 20.0], 1, 2, "not a tensor"]

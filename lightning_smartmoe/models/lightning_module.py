@@ -36,8 +36,9 @@ class OptimConfig:
     def adamw(self, decay: list[Tensor], no_decay: list[Tensor], precision: str) -> torch.optim.AdamW:
         """AdamW with weight decay on `decay` only, for a run at trainer `precision`. Fused (one kernel over all
         tensors, on CPU as on GPUs; bench/step_overhead.py: 4.5M parameters in 45 tensors, 1 thread, 3-5 ms a step
-        against 18-32 ms for torch's per-tensor loop; results within one ulp of it) except under mixed precision, where Lightning
-        refuses to clip the gradients of an optimizer that unscales them itself; torch then picks its default."""
+        against 18-32 ms for torch's per-tensor loop; results within one ulp of it), except under mixed precision,
+        where Lightning refuses to clip the gradients of an optimizer that unscales them itself: torch then picks
+        its default."""
         return torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.lr, betas=(self.beta1, self.beta2), fused=None if "mixed" in precision else True,
