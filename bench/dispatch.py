@@ -7,12 +7,15 @@ Measured per world size W (ep = W):
              its `token_group` is set to the world, as in DP training), same E and same tokens per rank.
              Both use the same uniform random routing (the real router runs, then its top-k ids are replaced
              by k distinct uniformly random experts per token). A step's time is the slowest rank's; figure =
-             median over --repeats after --warmup, EP and DP steps alternating. Also reported: the step plus the
+             median over --repeats after --warmup, the steps taking turns. Also reported: the step plus the
              gradient all-reduce each layout needs (DP: every parameter; EP: the router only, as edp = 1).
-  bytes      what leaves each rank in all-to-alls, counted from outside the package: a TorchDispatchMode sees
-             every `_c10d_functional.all_to_all_single` (the dispatcher's forward calls and the autograd
-             backward's), and `torch.distributed.all_to_all_single` (the count exchange) is wrapped; per call,
-             sum of input split sizes to ranks other than self x row bytes. Divided by the analytic minimum
+  exchange   the EP step again with the dispatcher's rows exchanged by torch's functional all-to-all with
+             autograd (`all_to_all_single_autograd` + `wait_tensor`, the dispatcher's exchange before
+             2026-12-07) in place of its plain c10d call: ep_functional_over_ep is the baseline's time over ours.
+  bytes      what leaves each rank in all-to-alls, counted from outside the package: every
+             `torch.distributed.all_to_all_single` call (the count exchange, the dispatcher's forward calls and
+             its autograd backward's) is wrapped; per call, sum of input split sizes to ranks other than self x
+             row bytes. Divided by the analytic minimum
              2 x T*k x d_model x 4 B x (ep-1)/ep per forward (dispatch + combine; the backward's minimum is the
              same again). Target: mean ratio over ranks and steps <= 1.05 (one step's ratio also moves
              with the random routing's off-rank share, about +-1%). The counted dispatch rows are checked to
@@ -35,15 +38,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed import distributed_c10d as c10d
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # run_distributed
 
 from distributed import run_distributed  # noqa: E402
 from machine import cpu_pressure  # noqa: E402
 
-from lightning_smartmoe.moe import MoEConfig, MoELayer, Routing  # noqa: E402
+from lightning_smartmoe.moe import MoEConfig, MoELayer, Routing, dispatcher  # noqa: E402
 from lightning_smartmoe.placement import Placement  # noqa: E402
 from triton_ops import expert_histogram  # noqa: E402
 
@@ -51,45 +53,46 @@ TARGET_BYTES_RATIO = 1.05
 THREADS = 1
 
 
-class A2ACounter(TorchDispatchMode):
-    """Sums the bytes each all-to-all sends to *other* ranks, by kind."""
+class A2ACounter:
+    """Sums the bytes each all-to-all sends to *other* ranks, by kind: integer payloads are the row counts,
+    floating-point ones the rows (the dispatcher's forward calls and its autograd backward's)."""
 
     def __init__(self) -> None:
-        super().__init__()
         self.bytes = {"rows": 0, "counts": 0}
-        self.rows_sent: list[int] = []  # off-rank rows per functional all-to-all, in call order
+        self.rows_sent: list[int] = []  # off-rank rows per all-to-all of rows, in call order
         self.calls = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.ops._c10d_functional.all_to_all_single.default:
-            inp, _out_splits, in_splits, group_name = args[:4]
-            pg = c10d._resolve_process_group(group_name)
-            me = dist.get_rank(pg)
-            row_bytes = inp[0].numel() * inp.element_size() if inp.shape[0] else 0
-            off = sum(n for r, n in enumerate(in_splits) if r != me)
+    def add(self, input: torch.Tensor, input_split_sizes: list[int] | None, group) -> None:
+        n, me = dist.get_world_size(group), dist.get_rank(group)
+        row_bytes = (input[0].numel() if input.dim() > 1 else 1) * input.element_size()
+        splits = input_split_sizes or [input.shape[0] // n] * n
+        off = sum(s for r, s in enumerate(splits) if r != me)
+        kind = "rows" if input.is_floating_point() else "counts"
+        if kind == "rows":
             self.rows_sent.append(off)
-            self.bytes["rows"] += off * row_bytes
-            self.calls += 1
-        return func(*args, **kwargs)
+        self.bytes[kind] += off * row_bytes
+        self.calls += 1
 
 
-def wrap_count_exchange(counter_ref: dict):
-    """Wrap dist.all_to_all_single so that the count exchange is counted into counter_ref['c'] when set."""
+def count_all_to_alls(counter_ref: dict) -> None:
+    """Wrap dist.all_to_all_single so that every call is counted into counter_ref['c'] when set."""
     real = dist.all_to_all_single
 
     def counted(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
-        c = counter_ref.get("c")
-        if c is not None:
-            n = dist.get_world_size(group)
-            me = dist.get_rank(group)
-            row_bytes = (input[0].numel() if input.dim() > 1 else 1) * input.element_size()
-            splits = input_split_sizes or [input.shape[0] // n] * n
-            c.bytes["counts"] += sum(s for r, s in enumerate(splits) if r != me) * row_bytes
-            c.calls += 1
+        if counter_ref.get("c") is not None:
+            counter_ref["c"].add(input, input_split_sizes, group)
         return real(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
 
     dist.all_to_all_single = counted
+
+
+class FunctionalAllToAll:
+    """The baseline exchange: torch's functional all-to-all with autograd (what the dispatcher used before), in
+    place of lightning_smartmoe.moe.dispatcher._AllToAll."""
+
+    @staticmethod
+    def apply(rows: torch.Tensor, recv: list[int], send: list[int], group) -> torch.Tensor:
+        return wait_tensor(all_to_all_single_autograd(rows, recv, send, group))
 
 
 def use_uniform_routing(layer: MoELayer, holder: dict) -> None:
@@ -151,7 +154,7 @@ def worker(cfg: dict) -> dict:
 
     # bytes: a few un-timed EP steps under the counter
     ref: dict = {}
-    wrap_count_exchange(ref)
+    count_all_to_alls(ref)
     local = E // world
     per_step = []
     for _ in range(cfg["byte_steps"]):
@@ -161,12 +164,10 @@ def worker(cfg: dict) -> dict:
             p.grad = None
         fwd = A2ACounter()
         ref["c"] = fwd
-        with fwd:
-            y, aux = ep(x)
+        y, aux = ep(x)
         bwd = A2ACounter()
         ref["c"] = bwd
-        with bwd:
-            torch.autograd.backward([y, aux], [gy, torch.ones_like(aux)])
+        torch.autograd.backward([y, aux], [gy, torch.ones_like(aux)])
         ref["c"] = None
         per_step.append({
             "fwd_rows_bytes": fwd.bytes["rows"], "fwd_count_bytes": fwd.bytes["counts"], "fwd_calls": fwd.calls,
@@ -175,10 +176,13 @@ def worker(cfg: dict) -> dict:
             "expected_dispatch_rows_off_rank": expected_off,
         })
 
-    # timing: EP and DP alternate; every rank starts each step together
-    times = {"ep": [], "dp": [], "ep_sync": [], "dp_sync": []}
+    # timing: EP, EP with the baseline exchange and DP take turns; every rank starts each step together
+    times = {name: [] for name in ("ep", "ep_functional", "dp", "ep_sync", "ep_functional_sync", "dp_sync")}
+    plain = dispatcher._AllToAll
+    runs = (("ep", ep, True, plain), ("ep_functional", ep, True, FunctionalAllToAll), ("dp", dp, False, plain))
     for i in range(cfg["warmup"] + cfg["repeats"]):
-        for name, layer, is_ep in (("ep", ep, True), ("dp", dp, False))[:: 1 if i % 2 == 0 else -1]:
+        for name, layer, is_ep, exchange in runs[:: 1 if i % 2 == 0 else -1]:
+            dispatcher._AllToAll = exchange
             new_routing()
             dist.barrier()
             t0 = time.perf_counter()
@@ -209,7 +213,7 @@ def summarize(world: int, cfg: dict, results: list[dict]) -> dict:
             fwd_ratios.append(fwd_total / minimum)
             fwd_rows_ratios.append(s["fwd_rows_bytes"] / minimum)
             step_ratios.append((fwd_total + s["bwd_rows_bytes"] + s["bwd_count_bytes"]) / (2 * minimum))
-            # the 1st functional all-to-all (dispatch) sends exactly the assignments routed off-rank
+            # the 1st all-to-all of rows (dispatch) sends exactly the assignments routed off-rank
             dispatch_rows, combine_rows = s["fwd_rows_sent"]
             counted_ok &= dispatch_rows == s["expected_dispatch_rows_off_rank"]
             # against the rows this routing had to move (dispatch: routed off-rank; combine: received from others)
@@ -224,6 +228,8 @@ def summarize(world: int, cfg: dict, results: list[dict]) -> dict:
         "ep_step_ms": round(med["ep"], 2),
         "dp_step_ms": round(med["dp"], 2),
         "ep_over_dp": round(med["ep"] / med["dp"], 3),
+        "ep_functional_step_ms": round(med["ep_functional"], 2),
+        "ep_functional_over_ep": round(med["ep_functional"] / med["ep"], 3),
         "ep_step_with_grad_sync_ms": round(med["ep_sync"], 2),
         "dp_step_with_grad_sync_ms": round(med["dp_sync"], 2),
         "ep_over_dp_with_grad_sync": round(med["ep_sync"] / med["dp_sync"], 3),
