@@ -89,15 +89,15 @@ def model_config() -> GPTMoEConfig:
     return GPTMoEConfig(**MODEL, moe=MoEConfig(**MOE))
 
 
-def layouts(microbatches: int, gpipe: bool) -> list[dict]:
-    """Every valid layout of WORLD ranks for the model, pure data parallelism first. With tp > 1 also expert tensor
+def layouts(microbatches: int, gpipe: bool, world: int = WORLD) -> list[dict]:
+    """Every valid layout of `world` ranks for the model, pure data parallelism first. With tp > 1 also expert tensor
     parallelism (ep dividing dp); with pp > 1 also interleaved 1F1B with 2 stages per rank where the layers allow."""
     out = []
     for pp in (1, 2, 4):
         for tp in (1, 2, 4):
-            if WORLD % (pp * tp):
+            if world % (pp * tp):
                 continue
-            dp = WORLD // (pp * tp)
+            dp = world // (pp * tp)
             if MODEL["n_layers"] % pp or any(MODEL[k] % tp for k in ("n_heads", "vocab_size", "seq_len")):
                 continue
             schedules = [("-", 1)]

@@ -42,6 +42,7 @@ Printed: the profile, a table, then as the last line one JSON object with all fi
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import statistics
@@ -203,7 +204,7 @@ def run_case(lay: dict, workload: str, cfg: dict, hw: Hardware) -> dict | None:
                                 microbatches=lay["microbatches"], virtual_stages=lay["virtual_stages"],
                                 pp_schedule=layout.pp_schedule, extra_slots=extra)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=WORLD, max_steps=cfg["warmup"] + blocks * cfg["block"], strategy=strategy,
+        accelerator="cpu", devices=cfg["world"], max_steps=cfg["warmup"] + blocks * cfg["block"], strategy=strategy,
         gradient_clip_val=1.0, limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
     )
@@ -216,7 +217,7 @@ def run_case(lay: dict, workload: str, cfg: dict, hw: Hardware) -> dict | None:
     dist.all_reduce(cpu_all)
     counts = torch.stack(timer.counts)  # [steps, n_layers, E]
     dist.all_reduce(counts)
-    gathered: list = [None] * WORLD
+    gathered: list = [None] * cfg["world"]
     dist.all_gather_object(gathered, timer.placements(module))
     if dist.get_rank() != 0:
         return None
@@ -241,7 +242,7 @@ def worker(lays: list[dict], shapes: ModelShapes, cfg: dict) -> dict | None:
     t0 = time.perf_counter()
     defaults = OmegaConf.load(config.conf_dir() / "profile.yaml")
     settings = ProfileSettings(repeats=defaults.repeats, payload_bytes=tuple(defaults.payload_bytes))
-    hw, _ = profile(shapes, settings, torch.device("cpu"), WORLD, "measured in-process by bench/plan_accuracy.py")
+    hw, _ = profile(shapes, settings, torch.device("cpu"), cfg["world"], "measured in-process by bench/plan_accuracy.py")
     profile_s = time.perf_counter() - t0
     if dist.get_rank() == 0:
         print(f"profile: {profile_s:.1f} s", flush=True)
@@ -303,10 +304,12 @@ def ranks(xs: list[float]) -> list[float]:
 
 
 def spearman(a: list[float], b: list[float]) -> float:
+    """Rank correlation of a and b; NaN where either has no spread (one case, or all tied)."""
     ra, rb = ranks(a), ranks(b)
     ma, mb = statistics.fmean(ra), statistics.fmean(rb)
     cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    return cov / (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+    spread = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+    return cov / spread if spread else math.nan
 
 
 def predict(hw: Hardware, res: dict, kind: str, d_model: int) -> dict:
@@ -342,13 +345,21 @@ def predict(hw: Hardware, res: dict, kind: str, d_model: int) -> dict:
     }
 
 
+def _rounded(correlation: float) -> float | None:
+    return None if math.isnan(correlation) else round(correlation, 4)
+
+
+def _shown(correlation: float | None) -> str:
+    return "n/a" if correlation is None else f"{correlation:.3f}"
+
+
 def accuracy(cases: list[dict]) -> dict:
     pred, meas = [c["predicted_ms"] for c in cases], [c["measured_ms"] for c in cases]
     pick = min(cases, key=lambda c: c["predicted_ms"])
     best = min(cases, key=lambda c: c["measured_ms"])
     return {"cases": len(cases), "mape": round(statistics.fmean(abs(c["error"]) for c in cases), 4),
             "mean_error": round(statistics.fmean(c["error"] for c in cases), 4),
-            "spearman": round(spearman(pred, meas), 4),
+            "spearman": _rounded(spearman(pred, meas)),
             "pick": f"{pick['name']} {pick['placement']}", "pick_measured_ms": pick["measured_ms"],
             "best": f"{best['name']} {best['placement']}", "best_measured_ms": best["measured_ms"],
             "pick_over_best": round(pick["measured_ms"] / best["measured_ms"], 4)}
@@ -361,7 +372,7 @@ def repeatability(cases: list[dict]) -> dict | None:
     if len(pairs) < 2:
         return None
     first, second = zip(*pairs)
-    return {"cases": len(pairs), "spearman_round1_round2": round(spearman(list(first), list(second)), 4),
+    return {"cases": len(pairs), "spearman_round1_round2": _rounded(spearman(list(first), list(second))),
             "mean_relative_difference": round(statistics.fmean(abs(a - b) / ((a + b) / 2) for a, b in pairs), 4)}
 
 
@@ -396,14 +407,16 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="regex: only layouts whose name matches")
     ap.add_argument("--workloads", nargs="+", default=["natural", "skewed"], choices=["natural", "skewed"])
     ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--world", type=int, default=WORLD, choices=(2, 4, 8),
+                    help="gloo ranks (the issue's bench: 4; 2 on a 2-core box gives each rank its own core)")
     ap.add_argument("--d-model", type=int, default=D_MODEL, help="the model's width (default: bench/layouts.py's)")
     args = ap.parse_args()
-    lays = layouts(args.microbatches, not args.no_gpipe)
+    lays = layouts(args.microbatches, not args.no_gpipe, args.world)
     lays = [lay for lay in lays if args.only is None or re.search(args.only, lay["name"])]
     if not lays:
         ap.error(f"--only {args.only!r} matches no layout")
     load0, psi0, ticks0 = os.getloadavg()[0], cpu_pressure(), cpu_times()
-    print(f"Cost model vs measurement: {WORLD} gloo ranks, {THREADS} thread each, {os.cpu_count()} cores, not pinned; "
+    print(f"Cost model vs measurement: {args.world} gloo ranks, {THREADS} thread each, {os.cpu_count()} cores, not pinned; "
           f"bench/layouts.py's GPT-MoE; {len(lays)} layouts x {args.workloads}; {args.warmup} warm-up steps, blocks "
           f"of {args.block} ({args.pairs} static + {args.pairs} balanced where ep > 1); load avg {load0:.2f}, CPU "
           f"pressure avg10 {psi0}", flush=True)
@@ -412,10 +425,11 @@ def main() -> None:
         corpus = Path(tmp) / "tokens.bin"
         np.random.default_rng(0).integers(0, MODEL["vocab_size"], size=1 << 17, dtype=np.uint16).tofile(corpus)
         cfg = dict(corpus=str(corpus), warmup=args.warmup, block=args.block, pairs=args.pairs,
-                   workloads=args.workloads, rounds=args.rounds, d_model=args.d_model)
-        base = layout_of(layouts(1, False)[0], 0)  # the pure data-parallel layout (memory.py's fake world: here)
+                   workloads=args.workloads, rounds=args.rounds, d_model=args.d_model,
+                   world=args.world)
+        base = layout_of(layouts(1, False, args.world)[0], 0)  # the pure data-parallel layout (memory.py's fake world: here)
         shapes = ModelShapes.of(model_config(args.d_model), base, OPTIM)
-        out = run_distributed(WORLD, worker, lays, shapes, cfg, timeout=args.timeout)[0]
+        out = run_distributed(args.world, worker, lays, shapes, cfg, timeout=args.timeout)[0]
     hw = out["hardware"]
     cases = [predict(hw, res, kind, args.d_model)
              for res in out["results"] for kind in ("static", "balanced") if kind in res]
@@ -423,23 +437,23 @@ def main() -> None:
     print_table(cases)
     by_workload = {w: accuracy([c for c in cases if c["workload"] == w]) for w in args.workloads}
     overall = accuracy(cases)
-    met = {"mape": overall["mape"] <= TARGETS["mape"], "spearman": overall["spearman"] >= TARGETS["spearman"],
+    met = {"mape": overall["mape"] <= TARGETS["mape"], "spearman": (overall["spearman"] or -1) >= TARGETS["spearman"],
            "pick_over_best": all(a["pick_over_best"] <= TARGETS["pick_over_best"] for a in by_workload.values())}
     print(f"\nall {overall['cases']} cases: MAPE {100 * overall['mape']:.1f}% (mean error {100 * overall['mean_error']:+.1f}%), "
-          f"Spearman {overall['spearman']:.3f}")
+          f"Spearman {_shown(overall['spearman'])}")
     for w, a in by_workload.items():
-        print(f"{w:<8} {a['cases']} cases: MAPE {100 * a['mape']:.1f}%, Spearman {a['spearman']:.3f}; pick "
+        print(f"{w:<8} {a['cases']} cases: MAPE {100 * a['mape']:.1f}%, Spearman {_shown(a['spearman'])}; pick "
               f"{a['pick']} measured {a['pick_measured_ms']:.1f} ms, best {a['best']} {a['best_measured_ms']:.1f} ms: "
               f"pick/best {a['pick_over_best']:.3f}")
     print("targets: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in met.items()))
     repeat, steal = repeatability(cases), steal_share(ticks0)
     if repeat is not None:
         print(f"the measurement against itself (round 1 vs round 2, {repeat['cases']} cases): Spearman "
-              f"{repeat['spearman_round1_round2']:.3f}, mean relative difference "
+              f"{_shown(repeat['spearman_round1_round2'])}, mean relative difference "
               f"{100 * repeat['mean_relative_difference']:.1f}%")
     print(f"CPU time stolen by the hypervisor during the run: {'n/a' if steal is None else f'{100 * steal:.1f}%'}")
     print(json.dumps({
-        "bench": "plan_accuracy", "world": WORLD, "threads_per_process": THREADS, "backend": "gloo", "device": "cpu",
+        "bench": "plan_accuracy", "world": args.world, "threads_per_process": THREADS, "backend": "gloo", "device": "cpu",
         "model": dict(MODEL, d_model=args.d_model, moe=MOE, global_batch=GLOBAL_BATCH),
         "skew": {"logit_bias": SKEW, "experts": HOT},
         "extra_slots_balanced_fits": EXTRA_SLOTS, "warmup": args.warmup, "block": args.block, "pairs": args.pairs,

@@ -1,12 +1,12 @@
 """What a training step of bench/layouts.py's GPT-MoE does, phase by phase and collective by collective.
 
-One spawn of 4 gloo ranks (as bench/plan_accuracy.py), one `Trainer.fit` per layout (--only: a regex on the names),
+One spawn of 4 gloo ranks (--world; as bench/plan_accuracy.py), one `Trainer.fit` per layout (--only: a regex on the names),
 --warmup untimed steps then --steps timed ones. Per rank and timed step:
   phases   wall and process-CPU seconds of forward (batch start .. before backward), backward (.. after backward),
            sync (.. before the optimizer step: gradient buckets' wait, replica sums), clip (the norm and its
            all-reduce), adamw (torch's step), rest (.. batch end: scheduler, logging, signal check, hooks);
-  calls    every torch.distributed call the step makes (all_reduce, all_gather, all_to_all_single, broadcast, the
-           dispatcher's autograd all-to-all forward, ...): count, bytes and wall seconds by (op, group size, caller).
+  calls    every torch.distributed call the step makes (all_reduce, all_gather, all_to_all_single (the dispatcher's
+           counts and rows, forward and backward), broadcast, ...): count, bytes and wall seconds by (op, group size, caller).
 Printed: per layout the phases of the slowest rank (median step) and the calls of rank 0; the last line is one
 JSON object with all of it.
 
@@ -42,7 +42,6 @@ from layouts import GLOBAL_BATCH, MODEL, THREADS, WORLD, layouts, model_config  
 from lightning_smartmoe import SmartMoEStrategy  # noqa: E402
 from lightning_smartmoe.data import TokenDataModule  # noqa: E402
 from lightning_smartmoe.models import MoELMModule, OptimConfig  # noqa: E402
-from lightning_smartmoe.moe import dispatcher  # noqa: E402
 
 OPTIM = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2)
 PHASES = ("forward", "backward", "sync", "clip", "adamw", "rest")
@@ -93,7 +92,6 @@ def instrument() -> None:
     for name in ("all_reduce", "all_gather", "all_to_all_single", "broadcast", "all_gather_into_tensor",
                  "reduce_scatter_tensor", "batch_isend_irecv", "barrier", "all_gather_object", "broadcast_object_list"):
         _wrap(dist, name, name)
-    _wrap(dispatcher, "all_to_all_single_autograd", "a2a_autograd_forward")
 
 
 class Phases(pl.Callback):
@@ -141,7 +139,7 @@ class Phases(pl.Callback):
         self.steps.append(out)
 
 
-def run_case(lay: dict, corpus: str, warmup: int, steps: int) -> dict:
+def run_case(lay: dict, corpus: str, warmup: int, steps: int, world: int) -> dict:
     pl.seed_everything(0, verbose=False)
     _CALLS.clear(), _SECONDS.clear(), _BYTES.clear()
     probe = Phases(warmup)
@@ -149,7 +147,7 @@ def run_case(lay: dict, corpus: str, warmup: int, steps: int) -> dict:
                                 microbatches=lay["microbatches"], virtual_stages=lay["virtual_stages"],
                                 pp_schedule=lay["schedule"] if lay["pp"] > 1 else "1f1b")
     trainer = pl.Trainer(
-        accelerator="cpu", devices=WORLD, max_steps=warmup + steps, strategy=strategy, gradient_clip_val=1.0,
+        accelerator="cpu", devices=world, max_steps=warmup + steps, strategy=strategy, gradient_clip_val=1.0,
         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[probe],
     )
@@ -162,13 +160,13 @@ def run_case(lay: dict, corpus: str, warmup: int, steps: int) -> dict:
     return {"steps": probe.steps, "calls": calls}
 
 
-def worker(lays: list[dict], corpus: str, warmup: int, steps: int) -> list[dict]:
+def worker(lays: list[dict], corpus: str, warmup: int, steps: int, world: int) -> list[dict]:
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.ERROR)
     torch.set_num_threads(THREADS)
     instrument()
-    return [run_case(lay, corpus, warmup, steps) for lay in lays]
+    return [run_case(lay, corpus, warmup, steps, world) for lay in lays]
 
 
 def summary(lay: dict, per_rank: list[dict]) -> dict:
@@ -188,13 +186,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--microbatches", type=int, default=4)
+    ap.add_argument("--world", type=int, default=WORLD, choices=(2, 4, 8), help="gloo ranks")
     args = ap.parse_args()
-    lays = [lay for lay in layouts(args.microbatches, False) if args.only is None or re.search(args.only, lay["name"])]
+    lays = [lay for lay in layouts(args.microbatches, False, args.world) if args.only is None or re.search(args.only, lay["name"])]
     load0 = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "tokens.bin"
         np.random.default_rng(0).integers(0, MODEL["vocab_size"], size=1 << 17, dtype=np.uint16).tofile(corpus)
-        ranks = run_distributed(WORLD, worker, lays, str(corpus), args.warmup, args.steps, timeout=1800)
+        ranks = run_distributed(args.world, worker, lays, str(corpus), args.warmup, args.steps, args.world,
+                                timeout=1800)
     out = [summary(lay, [r[i] for r in ranks]) for i, lay in enumerate(lays)]
     for s in out:
         print(f"\n{s['name']}: step {s['step_ms']:.1f} ms; " + ", ".join(
@@ -202,7 +202,7 @@ def main() -> None:
         for c in s["calls_rank0"]:
             print(f"  {c['op']:<22} n={c['n']} {c['caller']:<44} {c['per_step']:5.1f}/step {c['bytes']:>10.0f} B "
                   f"{c['ms_per_call']:7.2f} ms")
-    print(json.dumps({"bench": "step_terms", "layouts": out, "load_avg_start": load0, "load_avg_end": os.getloadavg()}))
+    print(json.dumps({"bench": "step_terms", "world": args.world, "layouts": out, "load_avg_start": load0, "load_avg_end": os.getloadavg()}))
 
 
 if __name__ == "__main__":
