@@ -36,6 +36,8 @@ Run:  .venv/bin/python bench/plan_accuracy.py            (every layout; about 7 
       .venv/bin/python bench/plan_accuracy.py --no-gpipe --only 'pp1'   (a subset)
 On a box other jobs share, give the run the cores first (as root; its own scheduling group at the highest weight):
       setsid bash -c 'echo -20 > /proc/self/autogroup; exec nice -n -20 .venv/bin/python bench/plan_accuracy.py'
+After the cases the bench profiles again and reports the second profile's main figures over the first's (how far
+the machine drifted while the cases ran) and the accuracy with every case priced by the second profile.
 Printed: the profile, a table, then as the last line one JSON object with all figures.
 """
 
@@ -234,7 +236,7 @@ def run_case(lay: dict, workload: str, cfg: dict, hw: Hardware) -> dict | None:
 
 
 def worker(lays: list[dict], shapes: ModelShapes, cfg: dict) -> dict | None:
-    """Profile at `shapes`, then every layout under every workload."""
+    """Profile at `shapes`, then every layout under every workload, then profile again (the machine's drift)."""
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -258,7 +260,10 @@ def worker(lays: list[dict], shapes: ModelShapes, cfg: dict) -> dict | None:
                     med = {k: statistics.median(res[k]["step_s"]) * 1e3 for k in ("static", "balanced") if k in res}
                     print(f"  round {rnd} {lay['name']:<36} {workload:<7} {res['fit_s']:5.1f} s  " +
                           "  ".join(f"{k} {v:6.1f} ms" for k, v in med.items()), flush=True)
-    return {"hardware": hw, "profile_s": profile_s, "results": list(results.values())} if dist.get_rank() == 0 else None
+    after, _ = profile(shapes, settings, torch.device("cpu"), cfg["world"], "measured after the cases")
+    if dist.get_rank() != 0:
+        return None
+    return {"hardware": hw, "hardware_after": after, "profile_s": profile_s, "results": list(results.values())}
 
 
 def merge(results: dict, res: dict) -> None:
@@ -376,6 +381,19 @@ def repeatability(cases: list[dict]) -> dict | None:
             "mean_relative_difference": round(statistics.fmean(abs(a - b) / ((a + b) / 2) for a, b in pairs), 4)}
 
 
+def profile_drift(first: Hardware, after: Hardware, world: int) -> dict[str, float]:
+    """How the machine changed while the cases ran: the second profile's main figures over the first's, as times
+    (> 1: slower after; rates inverted)."""
+    ratios = {"dense_gemm_time": first.gemm_flops / after.gemm_flops,
+              "expert_ffn_time": first.expert_flops / after.expert_flops,
+              "attention_time": first.attention_flops / after.attention_flops,
+              "adamw_time": after.optimizer_s_per_param / first.optimizer_s_per_param,
+              "sharing": after.sharing / first.sharing}
+    for op in ("all_reduce", "all_to_all"):
+        ratios[f"{op}_{world}_latency"] = after.link(op, world).latency_s / max(first.link(op, world).latency_s, 1e-9)
+    return {k: round(v, 3) for k, v in ratios.items()}
+
+
 def hardware_line(hw: Hardware) -> str:
     fits = ", ".join(f"{op} n={n} {link.latency_s * 1e6:.0f} us + {link.bytes_per_s / 1e9:.2f} GB/s"
                      for op, scopes in hw.collectives.items() for n, link in scopes["intra"].items())
@@ -446,6 +464,14 @@ def main() -> None:
               f"{a['pick']} measured {a['pick_measured_ms']:.1f} ms, best {a['best']} {a['best_measured_ms']:.1f} ms: "
               f"pick/best {a['pick_over_best']:.3f}")
     print("targets: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in met.items()))
+    after = out["hardware_after"]
+    drift = profile_drift(hw, after, args.world)
+    overall_after = accuracy([predict(after, res, kind, args.d_model)
+                              for res in out["results"] for kind in ("static", "balanced") if kind in res])
+    print("the profile taken again after the cases, over the first: " +
+          ", ".join(f"{k} {v:.2f}x" for k, v in drift.items()) +
+          f"; every case priced with it: MAPE {100 * overall_after['mape']:.1f}% (mean error "
+          f"{100 * overall_after['mean_error']:+.1f}%), Spearman {_shown(overall_after['spearman'])}")
     repeat, steal = repeatability(cases), steal_share(ticks0)
     if repeat is not None:
         print(f"the measurement against itself (round 1 vs round 2, {repeat['cases']} cases): Spearman "
@@ -462,6 +488,7 @@ def main() -> None:
         "collectives": {op: {n: [link.latency_s, link.bytes_per_s] for n, link in s["intra"].items()}
                         for op, s in hw.collectives.items()},
         "profile_s": round(out["profile_s"], 1),
+        "profile_after_over_first": drift, "overall_profile_after": overall_after,
         "cases": cases, "overall": overall, "by_workload": by_workload,
         "targets": TARGETS, "targets_met": met, "all_targets_met": all(met.values()),
         "measurement_repeatability": repeat, "cpu_steal_share": steal,
