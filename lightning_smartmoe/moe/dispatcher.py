@@ -17,7 +17,7 @@ from triton_ops import permute, unpermute
 class _AllToAll(torch.autograd.Function):
     """[sum(send), d] rows, send[i] of them to rank i of `group` -> [sum(recv), d], recv[i] from rank i; backward
     sends the gradients back the same way. A plain c10d call: torch's functional all-to-all with autograd costs
-    about a millisecond more per call on CPU in its Python wrappers (measured: docs/measurements.md)."""
+    0.2-1 ms more per call on CPU in its Python wrappers (docs/measurements.md)."""
 
     @staticmethod
     def forward(ctx, rows: Tensor, recv: list[int], send: list[int], group: dist.ProcessGroup) -> Tensor:
