@@ -80,8 +80,10 @@ class TokenDispatcher:
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=self.ep_group)
         recv_counts = recv_counts.view(self.ep, self.slots_per_rank)  # [source rank, local slot]
-        state.send_splits = counts.view(self.ep, self.slots_per_rank).sum(1).tolist()
-        state.recv_splits = recv_counts.sum(1).tolist()
+        # rows to and from each rank, on the host in one read (the one sync)
+        state.send_splits, state.recv_splits = torch.stack(
+            [counts.view(self.ep, self.slots_per_rank).sum(1), recv_counts.sum(1)]
+        ).tolist()
         sent = sum(state.send_splits)  # the kept rows; the dropped ones after them stay here
         state.order = order[:sent]
         received = _AllToAll.apply(rows[:sent], state.recv_splits, state.send_splits, self.ep_group)
