@@ -186,7 +186,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--microbatches", type=int, default=4)
-    ap.add_argument("--world", type=int, default=WORLD, choices=(2, 4, 8), help="gloo ranks")
+    ap.add_argument("--world", type=int, default=WORLD, choices=(1, 2, 4, 8), help="gloo ranks")
     args = ap.parse_args()
     lays = [lay for lay in layouts(args.microbatches, False, args.world) if args.only is None or re.search(args.only, lay["name"])]
     load0 = os.getloadavg()
