@@ -419,7 +419,9 @@ def hardware_line(hw: Hardware) -> str:
             f"GFLOP/s, expert FFN {hw.expert_flops / 1e9:.2f} GFLOP/s + {hw.expert_group_s * 1e6:.0f} us per group, "
             f"AdamW {hw.optimizer_s_per_param * 1e9:.2f} ns/param, per layer {hw.layer_s * 1e3:.2f} ms + "
             f"{hw.layer_token_s * 1e6:.2f} us/token, ends {hw.ends_s * 1e3:.2f} ms + {hw.ends_token_s * 1e6:.2f} "
-            f"us/token, sharing {hw.sharing:.2f}\n  {fits}")
+            f"us/token, sharing {hw.sharing:.2f}, dispatch "
+            + (", ".join(f"ep={n} {t * 1e3:.2f} ms" for n, t in sorted(hw.dispatch_s.items())) or "-")
+            + f"\n  {fits}")
 
 
 def print_table(cases: list[dict]) -> None:
@@ -507,7 +509,7 @@ def main() -> None:
         "skew": {"logit_bias": SKEW, "experts": HOT},
         "extra_slots_balanced_fits": EXTRA_SLOTS, "warmup": args.warmup, "block": args.block, "pairs": args.pairs,
         "rounds": args.rounds,
-        "hardware": {k: v for k, v in vars(hw).items() if k != "collectives"},
+        "hardware": {k: v for k, v in vars(hw).items() if k != "collectives"},  # dispatch_s: str keys in JSON
         "collectives": {op: {n: [link.latency_s, link.bytes_per_s] for n, link in s["intra"].items()}
                         for op, s in hw.collectives.items()},
         "profile_s": round(out["profile_s"], 1),

@@ -65,6 +65,9 @@ def summary(hw: Hardware, written: Hardware, shapes: ModelShapes, times: dict[st
         f"  expert fit within {100 * sum(errors) / len(errors):.0f}% on average, {100 * max(errors):.0f}% at most, of "
         f"the {len(errors)} measured cases (1 to {max(g for g, _ in shapes.expert_cases)} groups)",
     ]
+    if hw.dispatch_s:
+        lines.append("  dispatch work beyond the all-to-all fits, per MoE layer and micro-batch: " + ", ".join(
+            f"ep={n} {t * 1e3:.2f} ms" for n, t in sorted(hw.dispatch_s.items())))
     for op, scopes in hw.collectives.items():
         for scope, fits in scopes.items():
             lines.append(f"  {op:<14} {scope}: " + ", ".join(

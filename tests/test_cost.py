@@ -242,11 +242,26 @@ def test_expert_parallel_busiest_rank_and_all_to_all():
     got = CostModel(CFG, HW).step(layout, {1: LayerPlacement(((0, 1), (2, 3)), (80.0, 16.0, 16.0, 16.0))})
     assert got.experts == pytest.approx(96 * ROW_S + 2 * 1e-3)  # rank 0: 80 + 16 rows, 2 slots
     # rank 0 receives 96 / 2 of its rows from rank 1; rank 1 sends away 64 x 3/4 of its tokens' rows: 48 rows each
-    # of d x 4 = 128 bytes, in 4 calls (dispatch, combine, forward and backward) of 1536 bytes
-    assert got.all_to_all == pytest.approx(4 * (0.5 + 48 * 128 / 4 / 1024))  # 8 s
+    # of d x 4 = 128 bytes, in each of 4 calls (dispatch and combine, forward and backward) of 6144 bytes
+    assert got.all_to_all == pytest.approx(4 * (0.5 + 48 * 128 / 1024))  # 26 s
     assert got.replicas == 0.0
     assert got.optimizer == pytest.approx((DENSE_P + 2 * EXPERT_P) * 1e-6)  # 2 of the 4 experts per rank
     assert got.grad_sync == pytest.approx(1.0 + DENSE_P * 4 / 4096)  # edp = 1: only dense gradients reduced
+
+
+@pytest.mark.parametrize(("recompute", "passes"), [("none", 3), ("full", 4)])
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_dispatch_work_per_moe_layer_and_micro_batch(recompute, passes, accumulate):
+    """hardware.dispatch(ep) once per MoE layer and micro-batch (a recomputed forward adds a third), in the
+    all-to-all term; the nearest measured group size at or above ep, else the largest; nothing at ep = 1."""
+    hw = dataclasses.replace(HW, dispatch_s={2: 0.25, 8: 0.75})
+    cfg = dataclasses.replace(CFG, recompute=recompute)
+    for ep, added in ((1, 0.0), (2, 0.25), (4, 0.75)):
+        layout = Layout(ParallelSizes(dp=4, ep=ep), accumulate=accumulate, global_batch=8 * accumulate)
+        placement = {1: even(rows=16.0 * accumulate, ranks=ep)}
+        base, got = (CostModel(cfg, h).step(layout, placement) for h in (HW, hw))
+        assert got.all_to_all == pytest.approx(base.all_to_all + accumulate * passes / 3 * added)
+        assert dataclasses.replace(got, all_to_all=0.0) == dataclasses.replace(base, all_to_all=0.0)
 
 
 REPLICATED = LayerPlacement(((0, 1, 2), (0, 3)), (80.0, 16.0, 16.0, 16.0))  # expert 0 on both ranks
@@ -259,7 +274,7 @@ def test_a_replicated_expert_exchanges_its_gradient():
     got = CostModel(CFG, HW).step(layout, {1: REPLICATED})
     assert got.experts == pytest.approx((40 + 16 + 16) * ROW_S + 3 * 1e-3)  # expert 0's rows split over its replicas
     # rows per rank 72 and 56: rank 0 receives 36, rank 1 sends away 64 x (1 - 56/128) = 36
-    assert got.all_to_all == pytest.approx(4 * (0.5 + 36 * 128 / 4 / 1024))  # 6.5 s
+    assert got.all_to_all == pytest.approx(4 * (0.5 + 36 * 128 / 1024))  # 20 s
     # each replica sends its 2 x 32 x 64 x 4 = 16384 gradient bytes, half in each phase; one MoE layer: none hidden
     assert got.replicas == pytest.approx(2 * PHASE)  # 10 s
 

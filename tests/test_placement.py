@@ -181,13 +181,16 @@ def test_expert_layer_cost_by_hand():
 
 
 def test_all_to_all_follows_the_busiest_ranks_traffic():
-    # 4 calls per step of 1 s latency each, 1 byte per row at 1 byte/s
+    # 4 calls per step (dispatch and combine, forward and backward) of 1 s latency each, 1 byte per row at 1 byte/s
     cost = ExpertLayerCost(ep=2, row_s=0.0, a2a=Link(1.0, 1.0), calls=4, row_bytes=1.0)
-    # 8 rows on rank 0, none on rank 1: rank 0 receives the half of them routed from rank 1 (4 rows)
-    assert placement_time(cost, Placement.contiguous(4, 2), [6.0, 2.0, 0.0, 0.0]) == pytest.approx(4 * 1.0 + 4.0)
+    # 8 rows on rank 0, none on rank 1: rank 0 receives the half of them routed from rank 1 (4 rows) in every call
+    assert placement_time(cost, Placement.contiguous(4, 2), [6.0, 2.0, 0.0, 0.0]) == pytest.approx(4 * (1.0 + 4.0))
     # balanced: each rank receives 2 of its 4 rows and sends 2 away
-    assert placement_time(cost, Placement.contiguous(4, 2), [2.0, 2.0, 2.0, 2.0]) == pytest.approx(4 * 1.0 + 2.0)
-    assert cost.ideal_time([6.0, 2.0, 0.0, 0.0]) == pytest.approx(4 * 1.0 + 2.0)
+    assert placement_time(cost, Placement.contiguous(4, 2), [2.0, 2.0, 2.0, 2.0]) == pytest.approx(4 * (1.0 + 2.0))
+    assert cost.ideal_time([6.0, 2.0, 0.0, 0.0]) == pytest.approx(4 * (1.0 + 2.0))
+    # over 2 micro-batches (8 calls), each call moves one micro-batch's half of the rows
+    two = replace(cost, calls=8, micro=2)
+    assert placement_time(two, Placement.contiguous(4, 2), [6.0, 2.0, 0.0, 0.0]) == pytest.approx(8 * (1.0 + 2.0))
     assert replace(cost, ep=1).ideal_time([6.0, 2.0]) == 0.0  # one rank: nothing crosses
 
 

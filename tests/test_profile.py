@@ -23,7 +23,7 @@ from lightning_smartmoe.planner import hardware
 from lightning_smartmoe.planner import profile as planner_profile
 from lightning_smartmoe.planner.memory import Layout
 from lightning_smartmoe.planner.profile import (CollectivesFrom, ModelShapes, ProfileSettings, collective_fits,
-                                               collective_groups, fit_overheads, measure_sharing,
+                                               collective_groups, fit_dispatch, fit_overheads, measure_sharing,
                                                nonnegative_least_squares, unpriced_seconds, with_collectives_from)
 
 config.register_recipes()
@@ -49,6 +49,7 @@ def test_two_processes_write_a_calibration_that_loads(tmp_path):
         assert list(scopes) == ["intra"] and list(scopes["intra"]) == [2], op
         link = scopes["intra"][2]
         assert math.isfinite(link.latency_s) and link.latency_s >= 0 and math.isfinite(link.bytes_per_s), op
+    assert list(hw.dispatch_s) == [2] and math.isfinite(hw.dispatch_s[2]) and hw.dispatch_s[2] >= 0, hw.dispatch_s
     assert hw.gpus_per_node == 2 and hw.source.startswith("measured on ") and "trainer.devices=2" in hw.source
     if len(os.sched_getaffinity(0)) >= 2:
         assert hw.sharing == 1.0  # a core each: nothing shared, nothing measured
@@ -72,6 +73,7 @@ def test_one_process_writes_a_calibration_that_loads(tmp_path, collectives_from)
     rates = (hw.memory_gb, hw.gemm_flops, hw.expert_flops, hw.attention_flops, hw.optimizer_s_per_param)
     assert all(math.isfinite(x) and x > 0 for x in rates), hw
     assert hw.source.startswith("measured on ") and "trainer.devices=1" in hw.source
+    assert hw.dispatch_s == {}  # no group to dispatch over
     if collectives_from is None:
         assert hw.collectives == {} and hw.gpus_per_node == 1
         assert hw.source.endswith("; collectives: none (one device, no collectives_from)"), hw.source
@@ -203,6 +205,25 @@ def test_overheads_are_the_model_steps_time_less_what_the_rates_price():
     assert shapes.overhead_cases == [(1, 2), (1, 4), (1, 8), (2, 2), (2, 4), (2, 8)]
     got = fit_overheads(hw, shapes, times)
     assert got == pytest.approx({"layer_s": 3e-3, "layer_token_s": 2e-6, "ends_s": 5e-3, "ends_token_s": 1e-6})
+
+
+def test_dispatch_work_is_the_round_trip_less_one_rank_and_what_the_fits_price():
+    """fit_dispatch on made-up round trips: 2 ranks take 1 ms (one rank) + the 4 all-to-alls of the balanced rows and
+    the counts' all-to-all at the toy links + 3 ms; 4 ranks less than what is priced: 0, never negative."""
+    shapes = tiny_shapes()  # 2 sequences x 16 tokens x top-2 = 64 rows per rank and micro-batch, d 32, fp32
+    links = {op: {"intra": {2: hardware.Link(1e-4, 1e9), 4: hardware.Link(2e-4, 1e9)}} for op in hardware.OPS}
+    hw = replace(hardware.BUILTIN["a100"], collectives=links)
+    rows_sent = 64 * (2 - 1) / 2  # each rank sends away half its rows (2 of the 4 experts elsewhere)
+    priced = 4 * (1e-4 + rows_sent * 32 * 4 / 1e9) + (1e-4 + 4 * 8 / 1e9)
+    got = fit_dispatch(hw, shapes, {1: 1e-3, 2: 1e-3 + priced + 3e-3, 4: 1e-3})
+    assert got == pytest.approx({2: 3e-3, 4: 0.0}, abs=1e-12)
+
+
+@pytest.mark.parametrize("bad", [{1: 0.1}, {2: -0.1}, {2: float("nan")}, {"2": 0.1}, [0.1]])
+def test_a_calibration_with_a_bad_dispatch_figure_is_refused_naming_it(tmp_path, bad):
+    data = {k: v for k, v in vars(hardware.BUILTIN["h100"]).items() if k not in ("collectives", "dispatch_s")}
+    with pytest.raises(ConfigError, match=r"^here: dispatch_s=.* must map group sizes >= 2 to seconds >= 0$"):
+        hardware.from_dict({**data, "collectives": {}, "dispatch_s": bad}, "here")
 
 
 # ---- collectives: the groups measured, a simulated second node, the fits of the scopes not measured ----------------

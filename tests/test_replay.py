@@ -19,7 +19,8 @@ LAYER1 = [[2, 2, 2, 2]] * 3
 def toy_hardware(tmp_path, a2a: float = 40.0, p2p: float = 160.0) -> list[str]:
     """Overrides for a toy machine and expert: experts of 10 x 2 (40 parameters, fp32), 240 FLOP/s, so 1 s of
     forward + backward per row; a row's 40 bytes over the all-to-all at `a2a` bytes/s (40: on 2 ranks the busiest
-    rank's traffic is half its rows, so the all-to-all adds 0.5 s per row of the busiest rank; a migrated expert's
+    rank's traffic is half its rows in each of the 4 calls, dispatch and combine forward and backward, so the
+    all-to-all adds 4 x 0.5 = 2 s per row of the busiest rank; a migrated expert's
     weight and moments, 480 bytes, take 12 s); one expert's 160-byte gradient over point-to-point at `p2p` bytes/s
     (160: 1 s)."""
     fits = {"all_to_all": Link(0.0, a2a), "p2p": Link(0.0, p2p)}
@@ -30,7 +31,7 @@ def toy_hardware(tmp_path, a2a: float = 40.0, p2p: float = 160.0) -> list[str]:
     return [f"hardware={path}", "d_model=10", "expert_hidden=2", "precision=32-true"]
 
 
-A2A = 1.5  # seconds per row of the busiest rank on the toy machine: 1 of compute, 0.5 of all-to-all
+A2A = 3.0  # seconds per row of the busiest rank on the toy machine: 1 of compute, 2 of all-to-all
 
 
 def split(total: list[int]) -> np.ndarray:
@@ -131,14 +132,14 @@ def test_online_rule_gates_switches(monkeypatch, capsys, tmp_path, tiny_trace):
     base = [f"trace={tiny_trace}", "ranks=2", "placement.policy=greedy", "placement.interval=1", "placement.window=1"]
     # Before sample 1 greedy's answer was planned from sample 0, the only load seen: no evidence, no switch.
     # Before sample 2 it is planned from sample 1 and judged on sample 0, where it saves one row of the busiest
-    # rank (1.5 s), expected for the 10 steps sample 0 stands for: 15 s; the two experts swap ranks in 12 s.
-    # At 10x the all-to-all bandwidth a row costs 1.05 s and the swap 1.2 s: 10.5 - 1.2 = 9.3 s.
+    # rank (3 s), expected for the 10 steps sample 0 stands for: 30 s; the two experts swap ranks in 12 s.
+    # At 10x the all-to-all bandwidth a row costs 1.2 s and the swap 1.2 s: 12 - 1.2 = 10.8 s.
     toy, fast = toy_hardware(tmp_path), toy_hardware(tmp_path, a2a=400.0)
     assert summary(monkeypatch, capsys, tmp_path, *base, *toy)["switches"] == 1
-    assert summary(monkeypatch, capsys, tmp_path, *base, *toy, "placement.min_gain=2.9")["switches"] == 1
-    assert summary(monkeypatch, capsys, tmp_path, *base, *toy, "placement.min_gain=3.1")["switches"] == 0
-    assert summary(monkeypatch, capsys, tmp_path, *base, *fast, "placement.min_gain=9.2")["switches"] == 1
-    assert summary(monkeypatch, capsys, tmp_path, *base, *fast, "placement.min_gain=9.4")["switches"] == 0
+    assert summary(monkeypatch, capsys, tmp_path, *base, *toy, "placement.min_gain=17.9")["switches"] == 1
+    assert summary(monkeypatch, capsys, tmp_path, *base, *toy, "placement.min_gain=18.1")["switches"] == 0
+    assert summary(monkeypatch, capsys, tmp_path, *base, *fast, "placement.min_gain=10.7")["switches"] == 1
+    assert summary(monkeypatch, capsys, tmp_path, *base, *fast, "placement.min_gain=10.9")["switches"] == 0
     only_first = [*base[:3], "placement.interval=2", "placement.window=1"]  # one decision, before sample 1
     assert summary(monkeypatch, capsys, tmp_path, *only_first, *fast, "placement.min_gain=-1.1")["switches"] == 0  # -1.2 s
 

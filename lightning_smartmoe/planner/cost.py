@@ -11,7 +11,8 @@ recomputation adds a forward of each block, selective one of the attention core)
   experts    the busiest rank of each MoE layer's expert-parallel group under its placement: its rows x the
              FLOPs per row / expert_flops + its non-empty slots x expert_group_s;
   all_to_all each MoE layer's dispatch and combine, forward and backward (again when recomputed), each as long as
-             the busiest rank's traffic: max(rows it receives from others, rows it sends away) x d x bytes;
+             the busiest rank's traffic: max(rows it receives from others, rows it sends away) x d x bytes; plus
+             the dispatcher's work around them that no fit prices (hardware.dispatch(ep), per micro-batch);
   tp         the tensor-parallel all-reduces (all-gathers and reduce-scatters under sequence parallelism) of each
              layer, the embedding's, the MoE layer's token gather;
   p2p        a pipeline stage's sends of activations forward and their gradients backward;
@@ -137,8 +138,9 @@ class ExpertLayerCost:
     routed to it, summed over the group and the step's micro-batches).
 
     row_s: expert forward + backward (+ recomputation) per row; group_s: per non-empty slot per step.
-    a2a: the group's all-to-all fit, `calls` calls per step each moving 1/calls of the busiest rank's traffic
-        (rows x row_bytes).
+    a2a: the group's all-to-all fit, `calls` calls per step (per micro-batch dispatch and combine, forward and
+        backward, and the recomputed forward's two), each moving one micro-batch's share of the busiest rank's
+        traffic (rows x row_bytes / micro).
     exchange, exchange_inter: the replica-gradient links inside a node and across nodes
         (placement/replica_sync.py: each replica of an expert with r replicas sends 2 (r - 1) / r of its gradient
         of grad_bytes, half in each of two phases, point to point among the replicas' ranks; an expert whose
@@ -189,7 +191,7 @@ class ExpertLayerCost:
             return 0.0
         # receiving grows with a rank's rows, sending shrinks: the busiest is the most or the least loaded rank
         busiest = max(max(rows) * (self.ep - 1) / self.ep, total / self.ep * (1 - min(rows) / total))
-        return self.calls * self.a2a.time(busiest * self.row_bytes / self.calls)
+        return self.calls * self.a2a.time(busiest * self.row_bytes / self.micro)
 
     def _phase(self, copies: float, inter_copies: float) -> float:
         """Seconds of one phase of the replica exchange of a rank sending `copies` experts' gradients inside its node
@@ -258,7 +260,7 @@ class ExpertLayerCost:
         if busiest <= 0:
             return 0.0
         received = busiest * (self.ep - 1) / self.ep * self.row_bytes
-        a2a = self.calls * self.a2a.time(received / self.calls) if self.calls else 0.0
+        a2a = self.calls * self.a2a.time(received / self.micro) if self.calls else 0.0
         return (busiest * self.row_s + self.group_s) / self.sharing + a2a
 
     def ideal_time(self, load: Sequence[float]) -> float:
@@ -522,6 +524,7 @@ class CostModel:
         exchange = [0.0] * sizes.pp  # exposed replica exchange of each stage's layers
         per = cfg.n_layers // (sizes.pp * layout.virtual_stages)
         overlap = self.replica_overlap(layout)
+        dispatch = self.hardware.dispatch(sizes.ep) * (4 / 3 if cfg.recompute == "full" else 1)  # + a forward
         for stage in range(sizes.pp):
             layers = [i for i in moe_layers if (i // per) % sizes.pp == stage]
             for position, i in enumerate(sorted(layers)):  # forward order: layer i hides under the ones before it
@@ -531,7 +534,7 @@ class CostModel:
                     self.loads[key] = cost.rank_loads(p.rank_experts, p.load)
                 compute, a2a, exposed = cost.terms(p.rank_experts, p.load, p.scale, self.loads[key])
                 micro = m * layout.accumulate
-                experts[i] = Breakdown(experts=compute / micro, all_to_all=a2a / micro)
+                experts[i] = Breakdown(experts=compute / micro, all_to_all=a2a / micro + dispatch)
                 exchange[stage] += exposed
         stages = [self._stage(layout, s, experts) for s in range(sizes.pp)]
         slowest = max(range(sizes.pp), key=lambda s: stages[s].step_s)

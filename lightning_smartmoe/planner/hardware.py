@@ -50,6 +50,10 @@ class Hardware:
     sharing: how many times longer a rank's compute takes when every rank of its node computes at once than when
         it computes alone: 1 where each rank has a device of its own; on a CPU with more processes than cores
         about processes / cores. The rates above are the all-busy ones.
+    dispatch_s[n]: the seconds per MoE layer and micro-batch, forward + backward, that dispatching over an
+        expert-parallel group of n ranks adds beyond what the all-to-all fits price (the host read of the split
+        sizes, the re-sort of the received rows, the blocking calls' hand-offs): measured on the node's groups by
+        smartmoe-profile at the model's shapes; empty (nothing added) for built-in profiles and one device.
     """
 
     name: str
@@ -67,12 +71,22 @@ class Hardware:
     ends_s: float = 0.0
     ends_token_s: float = 0.0
     sharing: float = 1.0
+    dispatch_s: dict[int, float] = field(default_factory=dict)
 
     def layer_overhead(self, tokens: float) -> float:
         return self.layer_s + self.layer_token_s * tokens
 
     def ends_overhead(self, tokens: float) -> float:
         return self.ends_s + self.ends_token_s * tokens
+
+    def dispatch(self, n: int) -> float:
+        """dispatch_s of an expert-parallel group of n ranks: the nearest measured size at or above n, else the
+        largest; 0 for one rank or where nothing was measured."""
+        if n < 2 or not self.dispatch_s:
+            return 0.0
+        sizes = sorted(self.dispatch_s)
+        above = [s for s in sizes if s >= n]
+        return self.dispatch_s[above[0] if above else sizes[-1]]
 
     @property
     def scopes(self) -> list[str]:
@@ -114,7 +128,7 @@ class Hardware:
 
 _NUMBERS = ("memory_gb", "gemm_flops", "expert_flops", "expert_group_s", "attention_flops", "optimizer_s_per_param")
 _OVERHEADS = ("layer_s", "layer_token_s", "ends_s", "ends_token_s")  # optional (older files: 0)
-_OPTIONAL = (*_OVERHEADS, "sharing")  # older files: their defaults
+_OPTIONAL = (*_OVERHEADS, "sharing", "dispatch_s")  # older files: their defaults
 
 
 def from_dict(data: object, where: str) -> Hardware:
@@ -141,6 +155,11 @@ def from_dict(data: object, where: str) -> Hardware:
     sharing = data.get("sharing", 1.0)
     if isinstance(sharing, bool) or not isinstance(sharing, int | float) or not 1 <= sharing < math.inf:
         raise ConfigError(f"{where}: sharing={sharing!r} must be a finite number >= 1")
+    dispatch = data.get("dispatch_s", {})
+    if not isinstance(dispatch, dict) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 2 and isinstance(t, int | float)
+            and not isinstance(t, bool) and math.isfinite(t) and t >= 0 for n, t in dispatch.items()):
+        raise ConfigError(f"{where}: dispatch_s={dispatch!r} must map group sizes >= 2 to seconds >= 0")
     collectives = data["collectives"]
     if not isinstance(collectives, dict) or (collectives and sorted(collectives) != sorted(OPS)):
         raise ConfigError(f"{where}: collectives must map exactly {', '.join(OPS)} to their fits, or be empty {{}} "
@@ -162,8 +181,8 @@ def from_dict(data: object, where: str) -> Hardware:
                     raise ConfigError(f"{where}: collectives.{op}.{scope}.{n}={fit!r}: need a group size >= 2 mapped to "
                                       "[latency_s >= 0, bytes_per_s > 0]")
                 parsed[op][scope][n] = Link(float(fit[0]), float(fit[1]))
-    values = {k: data[k] for k in fields if k != "collectives" and k in data}
-    return Hardware(**values, collectives=parsed)
+    values = {k: data[k] for k in fields if k not in ("collectives", "dispatch_s") and k in data}
+    return Hardware(**values, collectives=parsed, dispatch_s={n: float(t) for n, t in dispatch.items()})
 
 
 def load(path: str | Path, key: str = "hardware") -> Hardware:

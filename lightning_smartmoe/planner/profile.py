@@ -6,7 +6,8 @@ all-to-all inside a process group). smartmoe-profile calls `profile`, which meas
 `planner.hardware.Hardware` at the shapes one rank of a layout computes (`ModelShapes`) and fits the collectives
 (on the groups of `collective_groups`; none in one process, where `with_collectives_from` may lend them), the
 expert FFN's per-group cost and the work of a layer and of the model's ends that no rate prices (the model's
-own forward + backward on one process, less what the rates price: `fit_overheads`), and how much slower a rank
+own forward + backward on one process, less what the rates price: `fit_overheads`), the dispatcher's work around
+its all-to-alls on each expert-parallel group size (`fit_dispatch`), and how much slower a rank
 computes when the node's ranks share its cores (`measure_sharing`). Every timing is the median of timed samples
 (calls back to back for SAMPLE_S at least, started together on every rank) after warm-up calls; `agree` makes
 every rank hold the same figures (the mean over the ranks that measured, rank 0's copy everywhere), so that every
@@ -35,7 +36,8 @@ from lightning_smartmoe.layout import ParallelSizes
 from lightning_smartmoe.models import GPTMoEConfig, OptimConfig
 from lightning_smartmoe.moe.experts import GroupedExperts
 from lightning_smartmoe.planner import memory
-from lightning_smartmoe.planner.cost import CostModel
+from lightning_smartmoe.moe.dispatcher import TokenDispatcher
+from lightning_smartmoe.planner.cost import CostModel, expert_layer_cost
 from lightning_smartmoe.planner.hardware import OPS, SCOPES, Hardware, Link
 from lightning_smartmoe.zero import all_gather_single, reduce_scatter_single
 
@@ -532,6 +534,67 @@ def collective_fits(shapes: ModelShapes, settings: ProfileSettings, device: torc
     return fits
 
 
+def dispatch_step(group: dist.ProcessGroup | None, experts: int, tokens: int, d_model: int, top_k: int,
+                  device: torch.device, dtype: torch.dtype) -> Callable[[], None]:
+    """The dispatcher's round trip of one micro-batch with no expert work: `tokens` rows of d_model, each routed to
+    top_k distinct uniformly random experts, dispatched over `group` (None: this rank holds every expert),
+    combined, and back (backward)."""
+    n = 1 if group is None else dist.get_world_size(group)
+    dispatcher = TokenDispatcher(experts // n, group)
+    gen = torch.Generator().manual_seed(dist.get_rank() if dist.is_initialized() else 0)
+    x = torch.randn(tokens, d_model, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    ids = torch.rand(tokens, experts, generator=gen).topk(top_k, dim=1).indices.to(device)
+    weights = torch.full((tokens, top_k), 1 / top_k, device=device, dtype=dtype)
+
+    def step() -> None:
+        x.grad = None
+        rows, _, state = dispatcher.dispatch(x, ids)
+        dispatcher.combine(rows, weights, state).sum().backward()
+
+    return step
+
+
+def dispatch_times(shapes: ModelShapes, settings: ProfileSettings, device: torch.device,
+                   per_node: int) -> dict[int, float]:
+    """Median seconds of `dispatch_step` at `shapes`' micro-batch on one rank (key 1) and on every group size n of
+    the node's groups (`collective_groups`, intra) that divides the experts (collective over the world: each rank in
+    its own group, the same calls per sample everywhere, a barrier before each sample); empty in one process."""
+    if not dist.is_initialized():
+        return {}
+    cfg, tokens = shapes.model, shapes.batch * shapes.seq_len
+    args = (cfg.moe.num_experts, tokens, shapes.d_model, cfg.moe.top_k, device, shapes.compute_dtype)
+    steps = {"1": dispatch_step(None, *args)}
+    for n, scope, rank_lists in collective_groups(dist.get_world_size(), per_node):
+        if scope != "intra" or cfg.moe.num_experts % n:
+            continue
+        groups = [dist.new_group(ranks) for ranks in rank_lists]  # every rank creates every group, in turn
+        group = next(g for g, ranks in zip(groups, rank_lists) if dist.get_rank() in ranks)
+        steps[str(n)] = dispatch_step(group, *args)
+    first = agree(median_seconds(steps, device, 1, dict.fromkeys(steps, 1), dist.barrier), device)
+    counts = {name: calls_per_sample(t) for name, t in first.items()}
+    times = agree(median_seconds(steps, device, settings.repeats, counts, dist.barrier, warmup=0), device)
+    return {int(name): t for name, t in times.items()}
+
+
+def fit_dispatch(hw: Hardware, shapes: ModelShapes, times: Mapping[int, float]) -> dict[int, float]:
+    """Hardware.dispatch_s from `dispatch_times` (hw: with its collective fits): each group's round trip less the
+    one-rank round trip (its permutes, which the model's own step prices) and less what the cost model prices of it
+    (its all-to-alls at balanced load, the all-to-all of the row counts), at least 0."""
+    cfg, tokens = shapes.model, shapes.batch * shapes.seq_len
+    experts = cfg.moe.num_experts
+    out = {}
+    for n, seconds in times.items():
+        if n == 1:
+            continue
+        cost = expert_layer_cost(hw, ParallelSizes(dp=n, ep=n), shapes.d_model, shapes.expert_hidden, shapes.precision)
+        per_rank = experts // n
+        placement = [tuple(range(r * per_rank, (r + 1) * per_rank)) for r in range(n)]
+        a2a = cost.terms(placement, [n * tokens * cfg.moe.top_k / experts] * experts)[1]
+        counts = hw.link("all_to_all", n).time(experts * 8)  # int64 rows per slot of every rank
+        out[n] = max(0.0, seconds - times[1] - a2a - counts)
+    return out
+
+
 def measure_sharing(step: Callable[[], object], device: torch.device, per_node: int, repeats: int) -> float:
     """Hardware.sharing (collective over the world): 1 where every rank has a device or a core of its own (a GPU
     each; no more processes per node than usable cores; one process); else the median time of `step` when every
@@ -623,6 +686,7 @@ def profile(shapes: ModelShapes, settings: ProfileSettings, device: torch.device
         collectives=collectives, sharing=sharing,
     )]
     hw[0] = replace(hw[0], **fit_overheads(hw[0], shapes, t))
+    hw[0] = replace(hw[0], dispatch_s=fit_dispatch(hw[0], shapes, dispatch_times(shapes, settings, device, per_node)))
     if dist.is_initialized():
         dist.broadcast_object_list(hw, src=0, device=device)  # nodes may differ in host and device names
     return hw[0], t
