@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 from lightning_smartmoe.layout import ParallelSizes
 from lightning_smartmoe.models import ModelConfig
@@ -242,7 +242,8 @@ class ExpertLayerCost:
         loads = loads or self.rank_loads(rank_experts, load)
         rows = [r * scale for r in loads.rows]
         compute = self.compute_time([r * self.row_s + n * self.group_s for r, n in zip(rows, loads.slots)])
-        exposed = self._exposed(max(map(self._phase, loads.intra, loads.inter)), compute)
+        phase = max(map(self._phase, loads.intra, loads.inter)) if any(loads.intra) or any(loads.inter) else 0.0
+        exposed = self._exposed(phase, compute)
         return compute, self._a2a(rows, loads.total * scale), exposed
 
     def compute_time(self, rank_s: Sequence[float]) -> float:
@@ -344,16 +345,16 @@ class Breakdown:
 
     @property
     def step_s(self) -> float:
-        return sum(getattr(self, f.name) for f in fields(self))
+        return sum(getattr(self, k) for k in TERMS)
 
     def scaled(self, factor: float) -> Breakdown:
-        return Breakdown(**{f.name: getattr(self, f.name) * factor for f in fields(self)})
+        return Breakdown(*(getattr(self, k) * factor for k in TERMS))
 
     def __add__(self, other: Breakdown) -> Breakdown:
-        return Breakdown(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+        return Breakdown(*(getattr(self, k) + getattr(other, k) for k in TERMS))
 
     def as_dict(self) -> dict[str, float]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: getattr(self, k) for k in TERMS}
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ layer), under the first such layout's rows and cost, and priced under each layou
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -259,6 +260,7 @@ class Search:
         cost, rows = self.model.expert_layer(layout), self.model.rows_per_step(layout)
         start = Placement.contiguous(self.cfg.moe.num_experts, layout.sizes.ep, layout.extra_slots)
 
+        @functools.cache  # a sample's pick serves its own scoring and the migration after the next sample
         def pick(sample: int, j: int) -> Placement:
             return plan(policy, torch.as_tensor(self.rows(sample, j, rows)), start, cost)
 
