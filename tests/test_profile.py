@@ -220,7 +220,7 @@ def test_dispatch_work_is_the_round_trip_less_one_rank_and_what_the_fits_price()
 
 
 @pytest.mark.parametrize("bad", [{1: 0.1}, {2: -0.1}, {2: float("nan")}, {"2": 0.1}, [0.1]])
-def test_a_calibration_with_a_bad_dispatch_figure_is_refused_naming_it(tmp_path, bad):
+def test_a_calibration_with_a_bad_dispatch_figure_is_refused_naming_it(bad):
     data = {k: v for k, v in vars(hardware.BUILTIN["h100"]).items() if k not in ("collectives", "dispatch_s")}
     with pytest.raises(ConfigError, match=r"^here: dispatch_s=.* must map group sizes >= 2 to seconds >= 0$"):
         hardware.from_dict({**data, "collectives": {}, "dispatch_s": bad}, "here")
