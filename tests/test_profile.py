@@ -279,11 +279,11 @@ def test_link_takes_the_one_rank_per_node_fits_for_small_inter_groups():
     assert inter_only.link("p2p", 2) == fits[2, "inter"]  # a scope without fits takes the other's (1 GPU per node)
 
 
-def collective_fits_of_short_samples(*args):
+def collective_fits_of_short_samples(shapes, settings, device, per_node):
     """collective_fits with timed samples of 2 ms instead of 20 (SAMPLE_S): which groups are fitted, not how well;
     fewer collectives, which a busy 2-core box runs slowly (run_distributed)."""
     planner_profile.SAMPLE_S = 0.002
-    return collective_fits(*args)
+    return collective_fits(shapes, settings, device, planner_profile.own_groups(per_node))
 
 
 @pytest.mark.timeout(200)  # 15-20 s at load 4-6; a run at load 8 with 20 ms samples took over 100 s

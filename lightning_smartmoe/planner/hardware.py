@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 
@@ -21,6 +22,7 @@ from lightning_smartmoe.errors import ConfigError
 
 OPS = ("all_to_all", "all_reduce", "all_gather", "reduce_scatter", "p2p")
 SCOPES = ("intra", "inter")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -82,11 +84,7 @@ class Hardware:
     def dispatch(self, n: int) -> float:
         """dispatch_s of an expert-parallel group of n ranks: the nearest measured size at or above n, else the
         largest; 0 for one rank or where nothing was measured."""
-        if n < 2 or not self.dispatch_s:
-            return 0.0
-        sizes = sorted(self.dispatch_s)
-        above = [s for s in sizes if s >= n]
-        return self.dispatch_s[above[0] if above else sizes[-1]]
+        return 0.0 if n < 2 or not self.dispatch_s else _nearest(self.dispatch_s, n)
 
     @property
     def scopes(self) -> list[str]:
@@ -105,10 +103,7 @@ class Hardware:
                               "profiled on one device; profile on >= 2 devices, or on one with smartmoe-profile's "
                               f"collectives_from={'|'.join(BUILTIN)}|FILE")
         wanted = "inter" if inter else "intra"
-        fits = scopes[wanted] if wanted in scopes else next(iter(scopes.values()))
-        sizes = sorted(fits)
-        above = [s for s in sizes if s >= n]
-        return fits[above[0] if above else sizes[-1]]
+        return _nearest(scopes[wanted] if wanted in scopes else next(iter(scopes.values())), n)
 
     def calibrated(self, expert_flops: float, link_bytes_per_s: float | None = None, group_sizes: tuple[int, ...] = (2,)) -> Hardware:
         """This machine with the expert FFN rate, and optionally the all-to-all and point-to-point links of the given
@@ -124,6 +119,13 @@ class Hardware:
         data["collectives"] = {op: {scope: {n: [l.latency_s, l.bytes_per_s] for n, l in fits.items()}
                                     for scope, fits in scopes.items()} for op, scopes in self.collectives.items()}
         Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _nearest(by_size: dict[int, T], n: int) -> T:
+    """The entry of the nearest group size at or above n, else of the largest."""
+    sizes = sorted(by_size)
+    above = [s for s in sizes if s >= n]
+    return by_size[above[0] if above else sizes[-1]]
 
 
 _NUMBERS = ("memory_gb", "gemm_flops", "expert_flops", "expert_group_s", "attention_flops", "optimizer_s_per_param")

@@ -519,16 +519,24 @@ def _fit_collective(op: str, group: dist.ProcessGroup, shapes: ModelShapes, sett
                       "bytes; give larger payloads or more repeats")
 
 
-def collective_fits(shapes: ModelShapes, settings: ProfileSettings, device: torch.device,
-                    per_node: int) -> dict[str, dict[str, dict[int, Link]]]:
-    """Every op's fit on every group size and scope of `collective_groups` (collective over the world), each rank in
-    its own group; empty in one process (no process group), which has no collective to measure."""
+def own_groups(per_node: int) -> list[tuple[int, str, dist.ProcessGroup]]:
+    """(n, scope, this rank's group) for every group size and scope of `collective_groups` (collective over the
+    world: every rank creates every group, in turn); none in one process (no process group)."""
     if not dist.is_initialized():
-        return {}
-    fits: dict[str, dict[str, dict[int, Link]]] = {}
+        return []
+    out = []
     for n, scope, rank_lists in collective_groups(dist.get_world_size(), per_node):
-        groups = [dist.new_group(ranks) for ranks in rank_lists]  # every rank creates every group, in turn
-        group = next(g for g, ranks in zip(groups, rank_lists) if dist.get_rank() in ranks)
+        groups = [dist.new_group(ranks) for ranks in rank_lists]
+        out.append((n, scope, next(g for g, ranks in zip(groups, rank_lists) if dist.get_rank() in ranks)))
+    return out
+
+
+def collective_fits(shapes: ModelShapes, settings: ProfileSettings, device: torch.device,
+                    groups: Sequence[tuple[int, str, dist.ProcessGroup]]) -> dict[str, dict[str, dict[int, Link]]]:
+    """Every op's fit on each of `groups` (`own_groups`; collective over the world), each rank in its own group;
+    empty without groups (one process), which has no collective to measure."""
+    fits: dict[str, dict[str, dict[int, Link]]] = {}
+    for n, scope, group in groups:
         for op in OPS:
             fits.setdefault(op, {}).setdefault(scope, {})[n] = _fit_collective(op, group, shapes, settings, device)
     return fits
@@ -555,21 +563,18 @@ def dispatch_step(group: dist.ProcessGroup | None, experts: int, tokens: int, d_
 
 
 def dispatch_times(shapes: ModelShapes, settings: ProfileSettings, device: torch.device,
-                   per_node: int) -> dict[int, float]:
-    """Median seconds of `dispatch_step` at `shapes`' micro-batch on one rank (key 1) and on every group size n of
-    the node's groups (`collective_groups`, intra) that divides the experts (collective over the world: each rank in
-    its own group, the same calls per sample everywhere, a barrier before each sample); empty in one process."""
-    if not dist.is_initialized():
+                   groups: Sequence[tuple[int, str, dist.ProcessGroup]]) -> dict[int, float]:
+    """Median seconds of `dispatch_step` at `shapes`' micro-batch on one rank (key 1) and on each node-local group
+    of `groups` (`own_groups`, intra) whose size divides the experts (collective over the world: each rank in its
+    own group, the same calls per sample everywhere, a barrier before each sample); empty without groups."""
+    if not groups:
         return {}
     cfg, tokens = shapes.model, shapes.batch * shapes.seq_len
     args = (cfg.moe.num_experts, tokens, shapes.d_model, cfg.moe.top_k, device, shapes.compute_dtype)
     steps = {"1": dispatch_step(None, *args)}
-    for n, scope, rank_lists in collective_groups(dist.get_world_size(), per_node):
-        if scope != "intra" or cfg.moe.num_experts % n:
-            continue
-        groups = [dist.new_group(ranks) for ranks in rank_lists]  # every rank creates every group, in turn
-        group = next(g for g, ranks in zip(groups, rank_lists) if dist.get_rank() in ranks)
-        steps[str(n)] = dispatch_step(group, *args)
+    for n, scope, group in groups:
+        if scope == "intra" and cfg.moe.num_experts % n == 0:
+            steps[str(n)] = dispatch_step(group, *args)
     first = agree(median_seconds(steps, device, 1, dict.fromkeys(steps, 1), dist.barrier), device)
     counts = {name: calls_per_sample(t) for name, t in first.items()}
     times = agree(median_seconds(steps, device, settings.repeats, counts, dist.barrier, warmup=0), device)
@@ -676,7 +681,8 @@ def profile(shapes: ModelShapes, settings: ProfileSettings, device: torch.device
             shapes.expert_flops_per_row)
     except ValueError as err:
         raise ConfigError(f"repeats={settings.repeats}: {err}; measure with more repeats") from None
-    collectives = collective_fits(shapes, settings, device, per_node)
+    groups = own_groups(per_node)
+    collectives = collective_fits(shapes, settings, device, groups)
     hw = [Hardware(
         name=device_name(device), source=source, gpus_per_node=per_node, memory_gb=t["memory_gb"],
         gemm_flops=sum(f for f, _ in weights) / sum(s for _, s in weights),
@@ -686,7 +692,7 @@ def profile(shapes: ModelShapes, settings: ProfileSettings, device: torch.device
         collectives=collectives, sharing=sharing,
     )]
     hw[0] = replace(hw[0], **fit_overheads(hw[0], shapes, t))
-    hw[0] = replace(hw[0], dispatch_s=fit_dispatch(hw[0], shapes, dispatch_times(shapes, settings, device, per_node)))
+    hw[0] = replace(hw[0], dispatch_s=fit_dispatch(hw[0], shapes, dispatch_times(shapes, settings, device, groups)))
     if dist.is_initialized():
         dist.broadcast_object_list(hw, src=0, device=device)  # nodes may differ in host and device names
     return hw[0], t
