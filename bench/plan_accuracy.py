@@ -406,7 +406,7 @@ def profile_drift(first: Hardware, after: Hardware, world: int) -> dict[str, flo
               "expert_ffn_time": first.expert_flops / after.expert_flops,
               "attention_time": first.attention_flops / after.attention_flops,
               "adamw_time": after.optimizer_s_per_param / first.optimizer_s_per_param,
-              "sharing": after.sharing / first.sharing}
+              "sharing": after.sharing / first.sharing, "sync_s": after.sync_s / max(first.sync_s, 1e-9)}
     for op in ("all_reduce", "all_to_all"):
         ratios[f"{op}_{world}_latency"] = after.link(op, world).latency_s / max(first.link(op, world).latency_s, 1e-9)
     return {k: round(v, 3) for k, v in ratios.items()}
@@ -421,7 +421,7 @@ def hardware_line(hw: Hardware) -> str:
             f"{hw.layer_token_s * 1e6:.2f} us/token, ends {hw.ends_s * 1e3:.2f} ms + {hw.ends_token_s * 1e6:.2f} "
             f"us/token, sharing {hw.sharing:.2f}, dispatch "
             + (", ".join(f"ep={n} {t * 1e3:.2f} ms" for n, t in sorted(hw.dispatch_s.items())) or "-")
-            + f"\n  {fits}")
+            + f", sync {hw.sync_s * 1e3:.2f} ms (half after {hw.sync_work_s * 1e3:.2f} ms)\n  {fits}")
 
 
 def print_table(cases: list[dict]) -> None:

@@ -68,6 +68,9 @@ def summary(hw: Hardware, written: Hardware, shapes: ModelShapes, times: dict[st
     if hw.dispatch_s:
         lines.append("  dispatch work beyond the all-to-all fits, per MoE layer and micro-batch: " + ", ".join(
             f"ep={n} {t * 1e3:.2f} ms" for n, t in sorted(hw.dispatch_s.items())))
+    if hw.sync_s:
+        lines.append(f"  a collective reached from compute waits for the ranks sharing the cores up to "
+                     f"{hw.sync_s * 1e3:.2f} ms, half of that after {hw.sync_work_s * 1e3:.2f} ms of compute")
     for op, scopes in hw.collectives.items():
         for scope, fits in scopes.items():
             lines.append(f"  {op:<14} {scope}: " + ", ".join(

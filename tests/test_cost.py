@@ -300,7 +300,7 @@ def test_migration_passes_through_and_the_terms_add_up():
     model = CostModel(CFG, HW)
     got, without = model.step(layout, {1: REPLICATED}, migration_s=2.5), model.step(layout, {1: REPLICATED})
     assert got.migration == 2.5 and got.step_s == pytest.approx(without.step_s + 2.5)
-    assert tuple(f.name for f in dataclasses.fields(got)) == tuple(got.as_dict()) == TERMS  # Breakdown(*terms)
+    assert tuple(f.name for f in dataclasses.fields(got)) == (*got.as_dict(), "syncs") == (*TERMS, "syncs")  # positional
     assert got.step_s == pytest.approx(sum(got.as_dict().values()))
 
 
@@ -386,3 +386,50 @@ def test_sharing_hides_no_collective_under_the_backward():
     reduce_s = (1.0 + dense / 4096) + (1.0 + 4 * EXPERT_P * 4 / 4096)
     assert CostModel(big, CORES_SHARED).step(dp, {1: even()}).grad_sync == pytest.approx(reduce_s)  # all of it
     assert CostModel(big, HW).step(dp, {1: even()}).grad_sync < reduce_s
+
+
+# ---- the wait at collectives reached from compute (Hardware.sync_s: ranks that share the cores) ------------------
+
+SYNCED = dataclasses.replace(HW, sync_s=0.1, sync_work_s=0.5)
+
+
+def wait(work: float) -> float:
+    """SYNCED.sync_wait(work), by its formula."""
+    return 0.1 * work / (work + 0.5)
+
+
+def test_sync_prices_each_collective_reached_from_compute_at_its_share_of_the_stages_compute():
+    """dp 2, ep 2: per micro-batch the router's counts all-reduce, the combine forward and the combine's and the
+    dispatch's backward all-to-alls are reached from compute, 4 in all, each after a quarter of the stage's
+    compute; per step the world's 4 scalars and the dense gradients' reduction (edp = 1: no expert one)."""
+    layout = Layout(ParallelSizes(dp=2, ep=2), global_batch=4)
+    placement = {1: LayerPlacement(((0, 1), (2, 3)), (16.0,) * 4)}
+    base, got = (CostModel(CFG, hw).step(layout, placement) for hw in (HW, SYNCED))
+    work = base.dense + base.attention + base.experts
+    assert got.syncs == 4 and base.sync == 0.0 and ParallelSizes(dp=2, ep=2).edp == 1
+    assert got.sync == pytest.approx(4 * wait(work / 4) + 5 * wait(work / 4))
+    assert dataclasses.replace(got, sync=0.0) == base
+
+
+def test_sync_counts_every_tensor_parallel_collective():
+    """tp 2: layer 0's 2 regions x 2 all-reduces, layer 1's attention pair and its token slices gathered both ways,
+    the head's 3 and the embedding's all-reduce, the router's counts: 13 per micro-batch; per step the 4 scalars
+    and the expert gradients' reduction (edp = 2: each tensor-parallel rank computes its own tokens' rows)."""
+    layout = Layout(ParallelSizes(tp=2), global_batch=2)
+    base, got = (CostModel(CFG, hw).step(layout, {1: even(rows=8.0)}) for hw in (HW, SYNCED))
+    work = base.dense + base.attention + base.experts
+    assert got.syncs == 13 and ParallelSizes(tp=2).edp == 2
+    assert got.sync == pytest.approx(13 * wait(work / 13) + 5 * wait(work / 13))
+
+
+def test_sync_of_a_pipeline_counts_each_stages_sends_per_micro_batch():
+    """pp 2, 2 micro-batches, no data or tensor parallelism: each stage reaches one send per micro-batch (no
+    all-reduce of counts over a stage of one rank); the slowest stage's waits run every micro-batch, the other's
+    in the bubble; per step the 4 scalars and the loss's broadcast over the stages."""
+    layout = Layout(ParallelSizes(pp=2), microbatches=2, global_batch=4)
+    base, got = (CostModel(CFG, hw).step(layout, {1: even(rows=32.0)}) for hw in (HW, SYNCED))
+    stage0 = DENSE0 + CORE_S  # the slowest stage's compute per micro-batch
+    stage1 = DENSE1 + HEAD_S + CORE_S + (128 * ROW_S + 4 * 2e-3) / 2
+    assert stage0 > stage1
+    assert got.sync == pytest.approx(2 * wait(stage0) + 5 * wait(stage0))
+    assert got.bubble == pytest.approx(base.bubble + wait(stage1))

@@ -23,8 +23,9 @@ from lightning_smartmoe.planner import hardware
 from lightning_smartmoe.planner import profile as planner_profile
 from lightning_smartmoe.planner.memory import Layout
 from lightning_smartmoe.planner.profile import (CollectivesFrom, ModelShapes, ProfileSettings, collective_fits,
-                                               collective_groups, fit_dispatch, fit_overheads, measure_sharing,
-                                               nonnegative_least_squares, unpriced_seconds, with_collectives_from)
+                                               collective_groups, fit_dispatch, fit_overheads, fit_sync,
+                                               measure_sharing, nonnegative_least_squares, own_groups, sync_times,
+                                               unpriced_seconds, with_collectives_from)
 
 config.register_recipes()
 
@@ -43,7 +44,8 @@ def test_two_processes_write_a_calibration_that_loads(tmp_path):
     assert all(math.isfinite(x) and x > 0 for x in rates), hw
     assert hw.expert_group_s > 0  # small groups run slower per row (measured here: 1.7x at 64 rows, 3.7x at 16)
     overheads = (hw.layer_s, hw.layer_token_s, hw.ends_s, hw.ends_token_s)
-    assert all(math.isfinite(x) and x >= 0 for x in overheads) and hw.layer_overhead(128) > 0, hw
+    # 0 where the rates already price the tiny model's whole step (fit_overheads is checked on known times below)
+    assert all(math.isfinite(x) and x >= 0 for x in overheads), hw
     assert sorted(hw.collectives) == sorted(hardware.OPS)
     for op, scopes in hw.collectives.items():
         assert list(scopes) == ["intra"] and list(scopes["intra"]) == [2], op
@@ -51,8 +53,8 @@ def test_two_processes_write_a_calibration_that_loads(tmp_path):
         assert math.isfinite(link.latency_s) and link.latency_s >= 0 and math.isfinite(link.bytes_per_s), op
     assert list(hw.dispatch_s) == [2] and math.isfinite(hw.dispatch_s[2]) and hw.dispatch_s[2] >= 0, hw.dispatch_s
     assert hw.gpus_per_node == 2 and hw.source.startswith("measured on ") and "trainer.devices=2" in hw.source
-    if len(os.sched_getaffinity(0)) >= 2:
-        assert hw.sharing == 1.0  # a core each: nothing shared, nothing measured
+    if len(os.sched_getaffinity(0)) >= 2:  # a core each: nothing shared, nothing measured
+        assert hw.sharing == 1.0 and hw.sync_s == hw.sync_work_s == 0.0
     digests = re.findall(r"rank (\d) of 2 holds figures (\w+)", run.stdout)
     assert sorted(r for r, _ in digests) == ["0", "1"] and len({d for _, d in digests}) == 1, run.stdout
     assert "expert FFN" in run.stdout and f"wrote {out}" in run.stdout
@@ -73,7 +75,7 @@ def test_one_process_writes_a_calibration_that_loads(tmp_path, collectives_from)
     rates = (hw.memory_gb, hw.gemm_flops, hw.expert_flops, hw.attention_flops, hw.optimizer_s_per_param)
     assert all(math.isfinite(x) and x > 0 for x in rates), hw
     assert hw.source.startswith("measured on ") and "trainer.devices=1" in hw.source
-    assert hw.dispatch_s == {}  # no group to dispatch over
+    assert hw.dispatch_s == {} and hw.sync_s == 0.0  # no group to dispatch over or wait in
     if collectives_from is None:
         assert hw.collectives == {} and hw.gpus_per_node == 1
         assert hw.source.endswith("; collectives: none (one device, no collectives_from)"), hw.source
@@ -219,6 +221,31 @@ def test_dispatch_work_is_the_round_trip_less_one_rank_and_what_the_fits_price()
     assert got == pytest.approx({2: 3e-3, 4: 0.0}, abs=1e-12)
 
 
+def test_sync_wait_is_fitted_to_the_waits_beyond_the_all_reduces_fit():
+    """fit_sync on made-up rounds: compute of 0.5, 2 and 8 ms, then the node's all-reduce (its toy fit: 1 ms for 8
+    bytes) and a wait of 4 ms x work / (work + w) with w on fit_sync's grid, comes back; waits all at or below 0
+    (or no rounds: the ranks do not share cores) give 0."""
+    links = {op: {"intra": {4: hardware.Link(1e-3 - 8 / 1e9, 1e9)}} for op in hardware.OPS}
+    hw = replace(hardware.BUILTIN["a100"], collectives=links, gpus_per_node=4)
+    work = {32: 0.5e-3, 128: 2e-3, 512: 8e-3}
+    half = 0.5e-3 / 16 * (16 * 8e-3 / (0.5e-3 / 16)) ** (40 / 64)  # fit_sync's grid point 40 of 64: 3.23 ms
+    times = {f"compute/{r}": w for r, w in work.items()}
+    got = fit_sync(hw, times | {f"reached/{r}": w + 1e-3 + 4e-3 * w / (w + half) for r, w in work.items()})
+    assert got == pytest.approx({"sync_s": 4e-3, "sync_work_s": half}, rel=1e-9)
+    assert replace(hw, **got).sync_wait(2e-3) == pytest.approx(4e-3 * 2e-3 / (2e-3 + half))
+    none = {"sync_s": 0.0, "sync_work_s": 0.0}
+    assert fit_sync(hw, times | {f"reached/{r}": w + 0.9e-3 for r, w in work.items()}) == none
+    assert fit_sync(hw, {}) == none
+
+
+@pytest.mark.parametrize("key", ["sync_s", "sync_work_s"])
+@pytest.mark.parametrize("bad", [-1e-3, float("inf"), "1 ms", True])
+def test_a_calibration_with_a_bad_sync_figure_is_refused_naming_it(key, bad):
+    data = {k: v for k, v in vars(hardware.BUILTIN["h100"]).items() if k != "collectives"}
+    with pytest.raises(ConfigError, match=rf"^here: {key}=.* must be a finite number >= 0$"):
+        hardware.from_dict({**data, "collectives": {}, key: bad}, "here")
+
+
 @pytest.mark.parametrize("bad", [{1: 0.1}, {2: -0.1}, {2: float("nan")}, {"2": 0.1}, [0.1]])
 def test_a_calibration_with_a_bad_dispatch_figure_is_refused_naming_it(bad):
     data = {k: v for k, v in vars(hardware.BUILTIN["h100"]).items() if k not in ("collectives", "dispatch_s")}
@@ -349,6 +376,31 @@ def test_four_processes_on_fewer_cores_measure_how_much_slower_they_run_together
     assert len(set(got)) == 1  # every rank holds the same figure
     cores = len(os.sched_getaffinity(0))
     assert got[0] > 1.3 if cores <= 2 else (got[0] == 1.0 if cores >= 4 else got[0] >= 1.0), (got, cores)
+
+
+def sync_rounds(shapes: ModelShapes) -> tuple[dict[str, float], dict[str, float]]:
+    settings = ProfileSettings(repeats=3, payload_bytes=(4096, 65536, 1048576))
+    groups = own_groups(4)
+    times = sync_times(shapes, settings, torch.device("cpu"), groups, 4)
+    return times, fit_sync(replace(hardware.BUILTIN["a100"], gpus_per_node=4), times)  # a100's all-reduce fit
+
+
+@pytest.mark.timeout(150)
+def test_four_processes_on_fewer_cores_time_compute_with_and_without_a_collective_after_it():
+    """sync_times on 4 ranks of one node: on this box's 2 cores, rounds of compute on 8 x 4^k rows (from about
+    SYNC_MIN_S to past SYNC_MAX_S), each with and without the node's all-reduce after it, the same on every rank;
+    with a core each, nothing (the ranks do not share cores)."""
+    got = run_distributed(4, sync_rounds, tiny_shapes(), timeout=130)
+    assert all(g == got[0] for g in got)  # every rank holds the same figures
+    times, fit = got[0]
+    if len(os.sched_getaffinity(0)) >= 4:
+        assert times == {} and fit == {"sync_s": 0.0, "sync_work_s": 0.0}
+        return
+    rows = sorted(int(k.split("/")[1]) for k in times if k.startswith("compute/"))
+    assert sorted(times) == sorted(f"{k}/{r}" for k in ("compute", "reached") for r in rows)
+    assert len(rows) >= 2 and rows == [rows[0] * 4**i for i in range(len(rows))] and rows[0] % 8 == 0, rows
+    assert times[f"compute/{rows[-1]}"] > 4 * times[f"compute/{rows[0]}"]  # at least 16x the rows
+    assert all(math.isfinite(v) and v >= 0 for v in fit.values()), fit
 
 
 def test_nonnegative_least_squares_does_not_care_how_its_columns_are_scaled():

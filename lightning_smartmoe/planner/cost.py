@@ -19,7 +19,11 @@ recomputation adds a forward of each block, selective one of the attention core)
   overhead   each layer's forward + backward work that no rate above prices (hardware.layer_overhead) and, on the
              last stage, the embedding's, final norm's and loss's (hardware.ends_overhead);
   control    the latency-bound collectives that synchronise the ranks: per MoE layer the router's counts
-             all-reduced over the stage's tokens (for the aux loss) and the all-to-all of the dispatch's row counts.
+             all-reduced over the stage's tokens (for the aux loss) and the all-to-all of the dispatch's row counts;
+  sync       where ranks share their node's cores: the wait at each collective a rank reaches from its own compute
+             (the router's counts, the all-to-alls after expert and downstream compute, every tensor-parallel
+             collective, each pipeline send) for the ranks the scheduler ran less (hardware.sync_wait of the stage's
+             compute per such collective);
 A step is the pipeline of those stage times over the micro-batches: m x (the slowest stage) plus the bubble
 (the other stages once, /virtual stages for interleaved 1F1B), times the accumulation steps; then
   grad_sync  each stage's gradient all-reduce (reduce-scatter at ZeRO 2) over its data-parallel groups, the part
@@ -33,6 +37,7 @@ A step is the pipeline of those stage times over the micro-batches: m x (the slo
              gradient-clipping norm, the stop-signal check, Lightning's stop-flag broadcast; under
              pipelining the loss's broadcast over the stages (each at all_reduce prices). The MoE statistics'
              pair runs only every trainer.log_every_n_steps steps and is left out;
+  sync       (again, per step) the wait at those and at each gradient reduction, as above;
   migration  the seconds a placement policy spends moving experts, per step (from a simulation over the load).
 Every rank of a stage runs the same dense work, so the stage time is its ranks' common work plus its busiest
 expert-parallel rank's.
@@ -311,6 +316,11 @@ def expert_layer_cost(hardware: Hardware, sizes: ParallelSizes, d_model: int, hi
     )
 
 
+def _work(stage: Breakdown) -> float:
+    """A stage's compute seconds (at the all-busy rates)."""
+    return stage.dense + stage.attention + stage.experts + stage.overhead
+
+
 def _replicas(rank_experts: Sequence[Sequence[int]], num_experts: int) -> list[int]:
     replicas = [0] * num_experts
     for experts in rank_experts:
@@ -319,14 +329,16 @@ def _replicas(rank_experts: Sequence[Sequence[int]], num_experts: int) -> list[i
     return replicas
 
 
-TERMS = ("dense", "attention", "experts", "all_to_all", "tp", "p2p", "overhead", "control", "bubble", "grad_sync",
-         "replicas", "zero", "optimizer", "migration")
+TERMS = ("dense", "attention", "experts", "all_to_all", "tp", "p2p", "overhead", "control", "sync", "bubble",
+         "grad_sync", "replicas", "zero", "optimizer", "migration")
+_FIELDS = (*TERMS, "syncs")
 _WORLD_SCALARS = 4  # per step: the loss's all-reduce, the clipping norm, the stop check, Lightning's broadcast
 
 
 @dataclass(frozen=True)
 class Breakdown:
-    """Seconds per optimizer step by term (see the module docstring); the terms add up to `step_s`."""
+    """Seconds per optimizer step by term (see the module docstring); the terms add up to `step_s`. `syncs` is a
+    count, not a term: the collectives a rank reaches from its own compute, which `sync` prices."""
 
     dense: float = 0.0
     attention: float = 0.0
@@ -336,22 +348,24 @@ class Breakdown:
     p2p: float = 0.0
     overhead: float = 0.0
     control: float = 0.0
+    sync: float = 0.0
     bubble: float = 0.0
     grad_sync: float = 0.0
     replicas: float = 0.0
     zero: float = 0.0
     optimizer: float = 0.0
     migration: float = 0.0
+    syncs: float = 0.0
 
     @property
     def step_s(self) -> float:
         return sum(getattr(self, k) for k in TERMS)
 
     def scaled(self, factor: float) -> Breakdown:
-        return Breakdown(*(getattr(self, k) * factor for k in TERMS))
+        return Breakdown(*(getattr(self, k) * factor for k in _FIELDS))
 
     def __add__(self, other: Breakdown) -> Breakdown:
-        return Breakdown(*(getattr(self, k) + getattr(other, k) for k in TERMS))
+        return Breakdown(*(getattr(self, k) + getattr(other, k) for k in _FIELDS))
 
     def as_dict(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in TERMS}
@@ -427,24 +441,29 @@ class CostModel:
         core = cfg.seq_len * _attention_width(cfg) / tp * T  # QK^T and AV, causal (half of 2 S x width)
         dense = passes * linear / hw.gemm_flops
         attention = (passes + (1 if selective else 0)) * core / hw.attention_flops
+        again = 2 if full else 1  # forward collectives, run again when recomputed
+        counted = moe and ((cfg.moe.aux_loss_coeff > 0 and sizes.plane > 1) or sizes.ep > 1)  # the router's counts
         own = Breakdown(dense=dense, attention=attention, overhead=passes / 3 * hw.layer_overhead(T),
-                        control=self._moe_control(layout) if moe else 0.0)
+                        control=self._moe_control(layout) if moe else 0.0, syncs=again * counted)
         if tp == 1:
             return own
         ar, ag, rs = (hw.link(op, tp, scopes.tp) for op in ("all_reduce", "all_gather", "reduce_scatter"))
         full_bytes, slice_bytes = T * d * b, T / tp * d * b
-        again = 2 if full else 1  # forward collectives, run again when recomputed
         # tensor-parallel regions: attention, the dense FFN or the expert-TP output, the shared experts
         regions = (2 if (not moe or sizes.expert_tp) else 1) + shared
         if layout.sequence_parallel:  # an (all-gather, reduce-scatter) pair each
             comm = regions * (again + 1) * (ag.time(slice_bytes) + rs.time(full_bytes))
+            calls = regions * (again + 1) * 2
         else:
             comm = regions * (again + 1) * ar.time(full_bytes)
+            calls = regions * (again + 1)
             if moe and not sizes.expert_tp:  # the MoE layer's token slices: gathered forward, gathered back in backward
                 comm += (again + 1) * ag.time(slice_bytes)
+                calls += again + 1
         if moe and cfg.moe.capacity_factor is not None and not sizes.expert_tp:
             comm += again * ag.time(T / tp * cfg.moe.top_k * _INDEX)  # expert choices, for capacity
-        return own + Breakdown(tp=comm)
+            calls += again
+        return own + Breakdown(tp=comm, syncs=calls)
 
     def _moe_control(self, layout: Layout) -> float:
         """One MoE layer's forward, per micro-batch: the router's per-expert counts all-reduced over the stage's
@@ -488,13 +507,15 @@ class CostModel:
                                   overhead=hw.ends_overhead(T))
             if sizes.tp > 1:  # the head's input gradient all-reduced; the vocab-parallel loss's max and sums
                 ar = hw.link("all_reduce", sizes.tp, Scopes(sizes, hw.gpus_per_node).tp)
-                out = out + Breakdown(tp=ar.time(T * d * b) + ar.time(T * 4) + ar.time(2 * T * 4))
+                out = out + Breakdown(tp=ar.time(T * d * b) + ar.time(T * 4) + ar.time(2 * T * 4), syncs=3)
         if 0 in chunks and sizes.tp > 1:  # the vocab-parallel embedding's all-reduce
-            out = out + Breakdown(tp=hw.link("all_reduce", sizes.tp, Scopes(sizes, hw.gpus_per_node).tp).time(T * d * b))
+            out = out + Breakdown(tp=hw.link("all_reduce", sizes.tp, Scopes(sizes, hw.gpus_per_node).tp).time(T * d * b),
+                                  syncs=1)
         if sizes.pp > 1:
             p2p = hw.link("p2p", 2, Scopes(sizes, hw.gpus_per_node).pp)
             sends = sum((c != last) + (c != 0) for c in chunks)
-            out = out + Breakdown(p2p=sends * p2p.time(T * d * b / (sizes.tp if layout.sequence_parallel else 1)))
+            out = out + Breakdown(p2p=sends * p2p.time(T * d * b / (sizes.tp if layout.sequence_parallel else 1)),
+                                  syncs=sends)
         self.stages[key] = out
         return out
 
@@ -526,6 +547,8 @@ class CostModel:
         per = cfg.n_layers // (sizes.pp * layout.virtual_stages)
         overlap = self.replica_overlap(layout)
         dispatch = self.hardware.dispatch(sizes.ep) * (4 / 3 if cfg.recompute == "full" else 1)  # + a forward
+        # reached from compute: the combine forward (again when recomputed), the combine's and dispatch's backward
+        a2a_syncs = ((2 if cfg.recompute == "full" else 1) + 2) if sizes.ep > 1 else 0
         for stage in range(sizes.pp):
             layers = [i for i in moe_layers if (i // per) % sizes.pp == stage]
             for position, i in enumerate(sorted(layers)):  # forward order: layer i hides under the ones before it
@@ -535,9 +558,9 @@ class CostModel:
                     self.loads[key] = cost.rank_loads(p.rank_experts, p.load)
                 compute, a2a, exposed = cost.terms(p.rank_experts, p.load, p.scale, self.loads[key])
                 micro = m * layout.accumulate
-                experts[i] = Breakdown(experts=compute / micro, all_to_all=a2a / micro + dispatch)
+                experts[i] = Breakdown(experts=compute / micro, all_to_all=a2a / micro + dispatch, syncs=a2a_syncs)
                 exchange[stage] += exposed
-        stages = [self._stage(layout, s, experts) for s in range(sizes.pp)]
+        stages = [self._with_sync(self._stage(layout, s, experts)) for s in range(sizes.pp)]
         slowest = max(range(sizes.pp), key=lambda s: stages[s].step_s)
         bubble = (sum(t.step_s for t in stages) - stages[slowest].step_s) / layout.virtual_stages
         span = stages[slowest].scaled(m) + Breakdown(bubble=bubble)
@@ -546,8 +569,19 @@ class CostModel:
         pipe = span.scaled(1 / self.hardware.sharing)
         if mean.step_s > pipe.step_s:
             pipe = mean
-        out = pipe.scaled(layout.accumulate) + Breakdown(replicas=max(exchange))
+        # per step: the world's scalars (the pipeline's loss broadcast) and each gradient reduction, reached from
+        # the slowest stage's compute
+        per_step = _WORLD_SCALARS + (sizes.pp > 1) + (sizes.dp > 1) + (sizes.edp > 1)
+        sync = per_step * self.hardware.sync_wait(_work(stages[slowest]) / max(1.0, stages[slowest].syncs))
+        out = pipe.scaled(layout.accumulate) + Breakdown(replicas=max(exchange), sync=sync)
         return out, stages[slowest].step_s
+
+    def _with_sync(self, stage: Breakdown) -> Breakdown:
+        """A stage's micro-batch with its `sync` term: each of its `syncs` collectives reached after an equal share
+        of its compute."""
+        if not stage.syncs:
+            return stage
+        return stage + Breakdown(sync=stage.syncs * self.hardware.sync_wait(_work(stage) / stage.syncs))
 
     def replica_overlap(self, layout: Layout) -> bool:
         """Whether the strategy sums replica gradients during backward (one copy of each slot: edp = 1)."""

@@ -56,6 +56,10 @@ class Hardware:
         expert-parallel group of n ranks adds beyond what the all-to-all fits price (the host read of the split
         sizes, the re-sort of the received rows, the blocking calls' hand-offs): measured on the node's groups by
         smartmoe-profile at the model's shapes; empty (nothing added) for built-in profiles and one device.
+    sync_s, sync_work_s: where ranks share the node's cores, they reach a collective from their compute at
+        different times (the scheduler ran some longer than others), and the first wait for the last beyond the
+        collective's fit: after work_s seconds of compute (at the all-busy rate) sync_s x work_s / (work_s +
+        sync_work_s), measured by smartmoe-profile; 0 (nothing added) where each rank has a core or a device.
     """
 
     name: str
@@ -74,12 +78,21 @@ class Hardware:
     ends_token_s: float = 0.0
     sharing: float = 1.0
     dispatch_s: dict[int, float] = field(default_factory=dict)
+    sync_s: float = 0.0
+    sync_work_s: float = 0.0
 
     def layer_overhead(self, tokens: float) -> float:
         return self.layer_s + self.layer_token_s * tokens
 
     def ends_overhead(self, tokens: float) -> float:
         return self.ends_s + self.ends_token_s * tokens
+
+    def sync_wait(self, work_s: float) -> float:
+        """Seconds a collective reached after `work_s` seconds of compute waits for the node's ranks that share its
+        cores, beyond its fit (see the class doc)."""
+        if self.sync_s == 0 or work_s <= 0:
+            return 0.0
+        return self.sync_s * work_s / (work_s + self.sync_work_s)
 
     def dispatch(self, n: int) -> float:
         """dispatch_s of an expert-parallel group of n ranks: the nearest measured size at or above n, else the
@@ -129,8 +142,8 @@ def _nearest(by_size: dict[int, T], n: int) -> T:
 
 
 _NUMBERS = ("memory_gb", "gemm_flops", "expert_flops", "expert_group_s", "attention_flops", "optimizer_s_per_param")
-_OVERHEADS = ("layer_s", "layer_token_s", "ends_s", "ends_token_s")  # optional (older files: 0)
-_OPTIONAL = (*_OVERHEADS, "sharing", "dispatch_s")  # older files: their defaults
+_SECONDS = ("layer_s", "layer_token_s", "ends_s", "ends_token_s", "sync_s", "sync_work_s")  # optional (older files: 0)
+_OPTIONAL = (*_SECONDS, "sharing", "dispatch_s")  # older files: their defaults
 
 
 def from_dict(data: object, where: str) -> Hardware:
@@ -149,9 +162,9 @@ def from_dict(data: object, where: str) -> Hardware:
             raise ConfigError(f"{where}: {key}={data[key]!r} must be a string")
     if isinstance(data["gpus_per_node"], bool) or not isinstance(data["gpus_per_node"], int) or data["gpus_per_node"] < 1:
         raise ConfigError(f"{where}: gpus_per_node={data['gpus_per_node']!r} must be an integer >= 1")
-    for key in _NUMBERS + tuple(k for k in _OVERHEADS if k in data):
+    for key in _NUMBERS + tuple(k for k in _SECONDS if k in data):
         value = data[key]
-        zero_ok = key in ("expert_group_s", *_OVERHEADS)
+        zero_ok = key in ("expert_group_s", *_SECONDS)
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
             raise ConfigError(f"{where}: {key}={value!r} must be a finite number {'>= 0' if zero_ok else '> 0'}")
     sharing = data.get("sharing", 1.0)

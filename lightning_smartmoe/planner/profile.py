@@ -7,8 +7,9 @@ all-to-all inside a process group). smartmoe-profile calls `profile`, which meas
 (on the groups of `collective_groups`; none in one process, where `with_collectives_from` may lend them), the
 expert FFN's per-group cost and the work of a layer and of the model's ends that no rate prices (the model's
 own forward + backward on one process, less what the rates price: `fit_overheads`), the dispatcher's work around
-its all-to-alls on each expert-parallel group size (`fit_dispatch`), and how much slower a rank
-computes when the node's ranks share its cores (`measure_sharing`). Every timing is the median of timed samples
+its all-to-alls on each expert-parallel group size (`fit_dispatch`), how much slower a rank computes when the
+node's ranks share its cores (`measure_sharing`), and how long a collective reached from compute then waits for
+the ranks the scheduler ran less (`sync_times`, `fit_sync`). Every timing is the median of timed samples
 (calls back to back for SAMPLE_S at least, started together on every rank) after warm-up calls; `agree` makes
 every rank hold the same figures (the mean over the ranks that measured, rank 0's copy everywhere), so that every
 rank plans alike.
@@ -47,6 +48,8 @@ EXPERT_MIN_ROWS = 16  # its smallest group
 SAMPLE_S = 0.02  # a timed sample runs calls back to back for this long at least: on a shared or oversubscribed CPU,
 # a millisecond call's own time mostly says whether the scheduler ran it; over 20 ms it averages to its share
 PAYLOAD_EXTENSIONS = 2  # a collective fit that sees no growth with payload measures again at 4x, this often at most
+SYNC_CALLS = 8  # compute-then-collective rounds per timed sample at least: the wait is a spread over many rounds
+SYNC_MIN_S, SYNC_MAX_S = 2.5e-4, 0.016  # the compute chunks that measure it: from this long to the first past that
 
 
 def _seconds_per_call(run: Callable[[], object], device: torch.device, calls: int) -> float:
@@ -600,12 +603,18 @@ def fit_dispatch(hw: Hardware, shapes: ModelShapes, times: Mapping[int, float]) 
     return out
 
 
+def shares_cores(device: torch.device, per_node: int) -> bool:
+    """Whether the node's ranks share its cores: more processes per node than usable cores, on a CPU (a GPU each,
+    a core each or one process: no)."""
+    return dist.is_initialized() and device.type == "cpu" and per_node > len(os.sched_getaffinity(0))
+
+
 def measure_sharing(step: Callable[[], object], device: torch.device, per_node: int, repeats: int) -> float:
-    """Hardware.sharing (collective over the world): 1 where every rank has a device or a core of its own (a GPU
-    each; no more processes per node than usable cores; one process); else the median time of `step` when every
-    rank runs it at once over its time on each node's first rank while the node's other ranks wait (the same
-    number of back-to-back calls per sample everywhere, a barrier before each sample), at least 1."""
-    if not dist.is_initialized() or device.type != "cpu" or per_node <= len(os.sched_getaffinity(0)):
+    """Hardware.sharing (collective over the world): 1 where the ranks do not share cores (`shares_cores`); else
+    the median time of `step` when every rank runs it at once over its time on each node's first rank while the
+    node's other ranks wait (the same number of back-to-back calls per sample everywhere, a barrier before each
+    sample), at least 1."""
+    if not shares_cores(device, per_node):
         return 1.0
     first = agree(median_seconds({"": step}, device, 1, {"": 1}, dist.barrier), device)[""]
     counts = {"": calls_per_sample(first)}
@@ -617,6 +626,56 @@ def measure_sharing(step: Callable[[], object], device: torch.device, per_node: 
     together = median_seconds({"": step}, device, repeats, counts, dist.barrier, warmup=0)[""]
     figures = agree({"alone": alone, "together": together}, device)
     return max(1.0, figures["together"] / figures["alone"])
+
+
+def sync_times(shapes: ModelShapes, settings: ProfileSettings, device: torch.device,
+               groups: Sequence[tuple[int, str, dist.ProcessGroup]], per_node: int) -> dict[str, float]:
+    """Median seconds per round, every rank at once (collective over the world, a barrier before each sample, the
+    same rounds per sample everywhere), of `compute/R`: a linear layer's forward + backward on R rows at the
+    model's width (d_model -> 4 d_model), back to back; and `reached/R`: that compute, then an all-reduce of 8 bytes
+    on the node's group. R runs over 8, 32, 128 ... (at most 8 x 4^9) from the first whose compute takes SYNC_MIN_S
+    to the first past SYNC_MAX_S. Empty where the ranks do not share cores (`shares_cores`) or no group of `groups` (`own_groups`)
+    spans the node."""
+    node = next((g for n, scope, g in groups if scope == "intra" and n == per_node), None)
+    if not shares_cores(device, per_node) or node is None:
+        return {}
+    flag = torch.zeros(1, dtype=torch.float64, device=device)
+    d, steps = shapes.d_model, {}
+    for rows in (8 * 4**k for k in range(10)):
+        compute = linear_step(rows, d, 4 * d, device, shapes.param_dtype)
+        seconds = agree(median_seconds({"": compute}, device, 3, None, dist.barrier), device)[""]
+        if seconds >= SYNC_MIN_S:
+            steps[f"compute/{rows}"] = compute
+            steps[f"reached/{rows}"] = lambda compute=compute: (compute(), dist.all_reduce(flag, group=node))
+        if seconds > SYNC_MAX_S:
+            break
+    first = agree(median_seconds(steps, device, 1, dict.fromkeys(steps, 1), dist.barrier), device)
+    counts = {name: max(SYNC_CALLS, calls_per_sample(t)) for name, t in first.items()}
+    return agree(median_seconds(steps, device, settings.repeats, counts, dist.barrier, warmup=0), device)
+
+
+def fit_sync(hw: Hardware, times: Mapping[str, float]) -> dict[str, float]:
+    """Hardware's sync_s and sync_work_s from `sync_times` (hw: with its collective fits): the wait after each
+    chunk of compute is `reached` less `compute` less the all-reduce's fit on the node, fitted as
+    sync_s x work / (work + sync_work_s) by least squares (sync_work_s on a log grid from a 16th of the shortest
+    chunk to 16x the longest, sync_s in closed form, at least 0); both 0 without times or if no wait is positive."""
+    chunks = sorted(int(name.split("/")[1]) for name in times if name.startswith("compute/"))
+    if not chunks:
+        return {"sync_s": 0.0, "sync_work_s": 0.0}
+    link = hw.link("all_reduce", hw.gpus_per_node).time(8)
+    work = [times[f"compute/{r}"] for r in chunks]
+    waits = [times[f"reached/{r}"] - times[f"compute/{r}"] - link for r in chunks]
+    if not any(w > 0 for w in waits):
+        return {"sync_s": 0.0, "sync_work_s": 0.0}
+    low, high, best = min(work) / 16, max(work) * 16, (math.inf, 0.0, 0.0)
+    for i in range(65):
+        half = low * (high / low) ** (i / 64)
+        shape = [w / (w + half) for w in work]
+        sync = max(0.0, sum(g * y for g, y in zip(shape, waits)) / sum(g * g for g in shape))
+        error = sum((sync * g - y) ** 2 for g, y in zip(shape, waits))
+        if error < best[0]:
+            best = (error, sync, half)
+    return {"sync_s": best[1], "sync_work_s": best[2]}
 
 
 def device_name(device: torch.device) -> str:
@@ -693,6 +752,7 @@ def profile(shapes: ModelShapes, settings: ProfileSettings, device: torch.device
     )]
     hw[0] = replace(hw[0], **fit_overheads(hw[0], shapes, t))
     hw[0] = replace(hw[0], dispatch_s=fit_dispatch(hw[0], shapes, dispatch_times(shapes, settings, device, groups)))
+    hw[0] = replace(hw[0], **fit_sync(hw[0], sync_times(shapes, settings, device, groups, per_node)))
     if dist.is_initialized():
         dist.broadcast_object_list(hw, src=0, device=device)  # nodes may differ in host and device names
     return hw[0], t
