@@ -58,7 +58,7 @@ class Hardware:
         smartmoe-profile at the model's shapes; empty (nothing added) for built-in profiles and one device.
     sync_s, sync_work_s: where ranks share the node's cores, they reach a collective from their compute at
         different times (the scheduler ran some longer than others), and the first wait for the last beyond the
-        collective's fit: after work_s seconds of compute (at the all-busy rate) sync_s x work_s / (work_s +
+        collective's own time: after work_s seconds of compute (at the all-busy rate) sync_s x work_s / (work_s +
         sync_work_s), measured by smartmoe-profile; 0 (nothing added) where each rank has a core or a device.
     """
 
@@ -89,7 +89,7 @@ class Hardware:
 
     def sync_wait(self, work_s: float) -> float:
         """Seconds a collective reached after `work_s` seconds of compute waits for the node's ranks that share its
-        cores, beyond its fit (see the class doc)."""
+        cores, beyond its own time (see the class doc)."""
         if self.sync_s == 0 or work_s <= 0:
             return 0.0
         return self.sync_s * work_s / (work_s + self.sync_work_s)

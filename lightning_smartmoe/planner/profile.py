@@ -631,9 +631,9 @@ def measure_sharing(step: Callable[[], object], device: torch.device, per_node: 
 def sync_times(shapes: ModelShapes, settings: ProfileSettings, device: torch.device,
                groups: Sequence[tuple[int, str, dist.ProcessGroup]], per_node: int) -> dict[str, float]:
     """Median seconds per round, every rank at once (collective over the world, a barrier before each sample, the
-    same rounds per sample everywhere), of `compute/R`: a linear layer's forward + backward on R rows at the
-    model's width (d_model -> 4 d_model), back to back; and `reached/R`: that compute, then an all-reduce of 8 bytes
-    on the node's group. R runs over 8, 32, 128 ... (at most 8 x 4^9) from the first whose compute takes SYNC_MIN_S
+    same rounds per sample everywhere), of `collective`: an all-reduce of 8 bytes on the node's group, back to back;
+    `compute/R`: a linear layer's forward + backward on R rows at the model's width (d_model -> 4 d_model), back to
+    back; and `reached/R`: that compute, then the all-reduce. R runs over 8, 32, 128 ... (at most 8 x 4^9) from the first whose compute takes SYNC_MIN_S
     to the first past SYNC_MAX_S. Empty where the ranks do not share cores (`shares_cores`) or no group of `groups` (`own_groups`)
     spans the node."""
     node = next((g for n, scope, g in groups if scope == "intra" and n == per_node), None)
@@ -649,22 +649,22 @@ def sync_times(shapes: ModelShapes, settings: ProfileSettings, device: torch.dev
             steps[f"reached/{rows}"] = lambda compute=compute: (compute(), dist.all_reduce(flag, group=node))
         if seconds > SYNC_MAX_S:
             break
+    steps["collective"] = lambda: dist.all_reduce(flag, group=node)
     first = agree(median_seconds(steps, device, 1, dict.fromkeys(steps, 1), dist.barrier), device)
     counts = {name: max(SYNC_CALLS, calls_per_sample(t)) for name, t in first.items()}
     return agree(median_seconds(steps, device, settings.repeats, counts, dist.barrier, warmup=0), device)
 
 
-def fit_sync(hw: Hardware, times: Mapping[str, float]) -> dict[str, float]:
-    """Hardware's sync_s and sync_work_s from `sync_times` (hw: with its collective fits): the wait after each
-    chunk of compute is `reached` less `compute` less the all-reduce's fit on the node, fitted as
+def fit_sync(times: Mapping[str, float]) -> dict[str, float]:
+    """Hardware's sync_s and sync_work_s from `sync_times`: the wait after each chunk of compute is `reached` less
+    `compute` less the all-reduce back to back (`collective`), fitted as
     sync_s x work / (work + sync_work_s) by least squares (sync_work_s on a log grid from a 16th of the shortest
     chunk to 16x the longest, sync_s in closed form, at least 0); both 0 without times or if no wait is positive."""
     chunks = sorted(int(name.split("/")[1]) for name in times if name.startswith("compute/"))
     if not chunks:
         return {"sync_s": 0.0, "sync_work_s": 0.0}
-    link = hw.link("all_reduce", hw.gpus_per_node).time(8)
     work = [times[f"compute/{r}"] for r in chunks]
-    waits = [times[f"reached/{r}"] - times[f"compute/{r}"] - link for r in chunks]
+    waits = [times[f"reached/{r}"] - times[f"compute/{r}"] - times["collective"] for r in chunks]
     if not any(w > 0 for w in waits):
         return {"sync_s": 0.0, "sync_work_s": 0.0}
     low, high, best = min(work) / 16, max(work) * 16, (math.inf, 0.0, 0.0)
@@ -752,7 +752,7 @@ def profile(shapes: ModelShapes, settings: ProfileSettings, device: torch.device
     )]
     hw[0] = replace(hw[0], **fit_overheads(hw[0], shapes, t))
     hw[0] = replace(hw[0], dispatch_s=fit_dispatch(hw[0], shapes, dispatch_times(shapes, settings, device, groups)))
-    hw[0] = replace(hw[0], **fit_sync(hw[0], sync_times(shapes, settings, device, groups, per_node)))
+    hw[0] = replace(hw[0], **fit_sync(sync_times(shapes, settings, device, groups, per_node)))
     if dist.is_initialized():
         dist.broadcast_object_list(hw, src=0, device=device)  # nodes may differ in host and device names
     return hw[0], t
