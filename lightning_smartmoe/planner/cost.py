@@ -579,7 +579,7 @@ class CostModel:
     def _with_sync(self, stage: Breakdown) -> Breakdown:
         """A stage's micro-batch with its `sync` term: each of its `syncs` collectives reached after an equal share
         of its compute."""
-        if not stage.syncs:
+        if not stage.syncs or not self.hardware.sync_s:
             return stage
         return stage + Breakdown(sync=stage.syncs * self.hardware.sync_wait(_work(stage) / stage.syncs))
 
