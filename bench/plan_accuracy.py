@@ -39,9 +39,9 @@ On a box other jobs share, give the run the cores first (as root; its own schedu
 After the cases the bench profiles again and reports the second profile's main figures over the first's (how far
 the machine drifted while the cases ran) and the accuracy with every case priced by the second profile and by the
 mean of both profiles' predictions (a calibration standing for the whole run; the targets are judged on the first
-profile's alone); and, in
-sample, the least-squares fit of the measured times to the predicted compute terms, the other terms and a
-constant (`term_rescaling`): about the least MAPE any re-calibration of the rates could reach on that measurement.
+profile's alone); and, in sample, the least-squares fit of the measured times to the predicted compute terms, the
+other terms and a constant (`term_rescaling`): about the least MAPE any re-calibration of the rates could reach on
+that measurement.
 Printed: the profile, a table, then as the last line one JSON object with all figures.
 """
 

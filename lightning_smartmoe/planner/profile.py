@@ -633,9 +633,9 @@ def sync_times(shapes: ModelShapes, settings: ProfileSettings, device: torch.dev
     """Median seconds per round, every rank at once (collective over the world, a barrier before each sample, the
     same rounds per sample everywhere), of `collective`: an all-reduce of 8 bytes on the node's group, back to back;
     `compute/R`: a linear layer's forward + backward on R rows at the model's width (d_model -> 4 d_model), back to
-    back; and `reached/R`: that compute, then the all-reduce. R runs over 8, 32, 128 ... (at most 8 x 4^9) from the first whose compute takes SYNC_MIN_S
-    to the first past SYNC_MAX_S. Empty where the ranks do not share cores (`shares_cores`) or no group of `groups` (`own_groups`)
-    spans the node."""
+    back; and `reached/R`: that compute, then the all-reduce. R runs over 8, 32, 128 ... (at most 8 x 4^9) from the
+    first whose compute takes SYNC_MIN_S to the first past SYNC_MAX_S. Empty where the ranks do not share cores
+    (`shares_cores`) or no group of `groups` (`own_groups`) spans the node."""
     node = next((g for n, scope, g in groups if scope == "intra" and n == per_node), None)
     if not shares_cores(device, per_node) or node is None:
         return {}
@@ -657,9 +657,9 @@ def sync_times(shapes: ModelShapes, settings: ProfileSettings, device: torch.dev
 
 def fit_sync(times: Mapping[str, float]) -> dict[str, float]:
     """Hardware's sync_s and sync_work_s from `sync_times`: the wait after each chunk of compute is `reached` less
-    `compute` less the all-reduce back to back (`collective`), fitted as
-    sync_s x work / (work + sync_work_s) by least squares (sync_work_s on a log grid from a 16th of the shortest
-    chunk to 16x the longest, sync_s in closed form, at least 0); both 0 without times or if no wait is positive."""
+    `compute` less the all-reduce back to back (`collective`), fitted as sync_s x work / (work + sync_work_s) by
+    least squares (sync_work_s on a log grid from a 16th of the shortest chunk to 16x the longest, sync_s in closed
+    form, at least 0); both 0 without times or if no wait is positive."""
     chunks = sorted(int(name.split("/")[1]) for name in times if name.startswith("compute/"))
     if not chunks:
         return {"sync_s": 0.0, "sync_work_s": 0.0}
