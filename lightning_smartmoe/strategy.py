@@ -544,9 +544,12 @@ class SmartMoEStrategy(ParallelStrategy):
         if dense:
             sq += (squared_norms(dense) * torch.tensor(weights, dtype=torch.float64, device=sq.device)).sum()
         dist.all_reduce(sq)
-        scale = clip_val / (sq.sqrt() + 1e-6)
-        if scale < 1:
-            torch._foreach_mul_([t.grad for t in stepped], scale.item())
+        scale = (clip_val / (sq.sqrt() + 1e-6)).clamp(max=1.0)  # on the device: no host sync (x 1.0 changes no bit)
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for t in stepped:
+            by_dtype.setdefault(t.grad.dtype, []).append(t.grad)
+        for dtype, grads in by_dtype.items():
+            torch._foreach_mul_(grads, scale.to(dtype))
 
     def optimizer_tensor(self, p: Tensor) -> Tensor:
         """The tensor the optimizer steps for parameter p: p, or under ZeRO its block's master."""
