@@ -41,6 +41,22 @@ def test_experts_and_adam_state_follow_the_logical_id_with_an_empty_first_slot(t
     torch.testing.assert_close(fresh.router.weight, layer.router.weight, rtol=0, atol=0)
 
 
+def test_optimizer_hyperparameters_come_back_but_not_the_loading_layouts_own_choices(tmp_path):
+    """lr, betas and weight decay are the checkpoint's (a scheduler moved lr); the parameters a group holds and
+    how the loading optimizer runs (foreach, fused, ...) stay the loader's."""
+    layer, opt = trained_layer([0, 1])
+    opt.param_groups[0].update(lr=0.0123, betas=(0.8, 0.9), weight_decay=0.3, foreach=False)
+    save(tmp_path / "ckpt", layer, [opt], {})
+    fresh = MoELayer(8, 16, MoEConfig(num_experts=2, top_k=1))
+    fresh.experts.select([0, 1])
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1, foreach=True)
+    held = list(fresh_opt.param_groups[0]["params"])
+    load(tmp_path / "ckpt", fresh, [fresh_opt], read_meta(tmp_path / "ckpt"))
+    group = fresh_opt.param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (0.0123, (0.8, 0.9), 0.3)
+    assert group["foreach"] is True and all(a is b for a, b in zip(group["params"], held, strict=True))
+
+
 def test_save_replaces_a_checkpoint_but_not_other_folders(tmp_path):
     layer, opt = trained_layer([0, 1])
     save(tmp_path / "ckpt", layer, [opt], {"step": 1})
