@@ -94,6 +94,16 @@ def median_seconds(runs: Mapping[str, Callable[[], object]], device: torch.devic
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
+def lockstep_seconds(runs: Mapping[str, Callable[[], object]], device: torch.device, repeats: int,
+                     min_calls: int = 1) -> dict[str, float]:
+    """`median_seconds` of `runs` on every rank at once (collective over the world): one call each, timed after the
+    warm-up, sizes the samples (`calls_per_sample` of its time agreed over the ranks, at least `min_calls`), so that
+    every rank makes the same calls; a barrier before each sample; the medians agreed over the ranks."""
+    first = agree(median_seconds(runs, device, 1, dict.fromkeys(runs, 1), dist.barrier), device)
+    counts = {name: max(min_calls, calls_per_sample(t)) for name, t in first.items()}
+    return agree(median_seconds(runs, device, repeats, counts, dist.barrier, warmup=0), device)
+
+
 # ---- compute -------------------------------------------------------------------------------------------------------
 
 
@@ -486,9 +496,7 @@ def _compute_times(shapes: ModelShapes, repeats: int, device: torch.device) -> d
             steps[f"model/{layers}/{batch}"] = model_step(shapes.model, layers, batch, device, shapes.param_dtype)
         if not dist.is_initialized():
             return median_seconds(steps, device, repeats)
-        first = agree(median_seconds(steps, device, 1, dict.fromkeys(steps, 1), dist.barrier), device)
-        counts = {name: calls_per_sample(t) for name, t in first.items()}
-        return median_seconds(steps, device, repeats, counts, dist.barrier, warmup=0)
+        return lockstep_seconds(steps, device, repeats)
 
 
 def _collective_dtype(op: str, shapes: ModelShapes) -> torch.dtype:
@@ -509,13 +517,10 @@ def _fit_collective(op: str, group: dist.ProcessGroup, shapes: ModelShapes, sett
         if extension:
             payloads.append(4 * payloads[-1])
         calls = {str(b): collective_call(op, group, b, device, dtype) for b in payloads[len(times):]}
-        first = median_seconds(calls, device, 1, dict.fromkeys(calls, 1), dist.barrier)  # after 2 warm-up calls
-        counts = {k: calls_per_sample(t) for k, t in agree(first, device).items()}  # the same on every rank
-        times.update(median_seconds(calls, device, settings.repeats, counts, dist.barrier, warmup=0))
-        agreed = agree(times, device)
+        times.update(lockstep_seconds(calls, device, settings.repeats))
         try:
             return fit_link([payload_elements(op, b, n, dtype.itemsize) * dtype.itemsize for b in payloads],
-                            [agreed[str(b)] for b in payloads])
+                            [times[str(b)] for b in payloads])
         except ValueError as err:
             error = err
     raise ConfigError(f"payload_bytes={list(settings.payload_bytes)}: {op} on {n} ranks: {error} up to {payloads[-1]} "
@@ -578,10 +583,7 @@ def dispatch_times(shapes: ModelShapes, settings: ProfileSettings, device: torch
     for n, scope, group in groups:
         if scope == "intra" and cfg.moe.num_experts % n == 0:
             steps[str(n)] = dispatch_step(group, *args)
-    first = agree(median_seconds(steps, device, 1, dict.fromkeys(steps, 1), dist.barrier), device)
-    counts = {name: calls_per_sample(t) for name, t in first.items()}
-    times = agree(median_seconds(steps, device, settings.repeats, counts, dist.barrier, warmup=0), device)
-    return {int(name): t for name, t in times.items()}
+    return {int(name): t for name, t in lockstep_seconds(steps, device, settings.repeats).items()}
 
 
 def fit_dispatch(hw: Hardware, shapes: ModelShapes, times: Mapping[int, float]) -> dict[int, float]:
@@ -650,9 +652,7 @@ def sync_times(shapes: ModelShapes, settings: ProfileSettings, device: torch.dev
         if seconds > SYNC_MAX_S:
             break
     steps["collective"] = lambda: dist.all_reduce(flag, group=node)
-    first = agree(median_seconds(steps, device, 1, dict.fromkeys(steps, 1), dist.barrier), device)
-    counts = {name: max(SYNC_CALLS, calls_per_sample(t)) for name, t in first.items()}
-    return agree(median_seconds(steps, device, settings.repeats, counts, dist.barrier, warmup=0), device)
+    return lockstep_seconds(steps, device, settings.repeats, SYNC_CALLS)
 
 
 def fit_sync(times: Mapping[str, float]) -> dict[str, float]:
